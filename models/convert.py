@@ -1,0 +1,287 @@
+"""Weights between the PyTorch reference and the Keras port, and checkpoint files.
+
+Weights travel as numpy arrays keyed by the reference's ``state_dict`` names (the
+"torch names"); a Keras layer's weights have their own names, related by
+:data:`TORCH_TO_KERAS`. A stack of layers prefixes torch names with ``layers.<i>.``.
+
+Checkpoint formats, chosen by file suffix:
+
+``.pt`` / ``.pth``  a PyTorch ``state_dict`` saved with ``torch.save``
+``.npz``            numpy arrays under torch names
+``.keras``          a Keras model (a ``Sequential`` of ``ProductKeyMemory`` layers)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from pkm_models.config import PKMConfig
+from pkm_models.errors import PKMError
+from pkm_models.weights import Weights, weight_shapes
+
+# torch name -> (keras weight name, transposed?)
+TORCH_TO_KERAS: dict[str, tuple[str, bool]] = {
+    "query_proj.0.weight": ("query_kernel", True),  # nn.Linear is (out, in); Keras is (in, out)
+    "query_proj.0.bias": ("query_bias", False),
+    "query_proj.1.weight": ("bn_gamma", False),
+    "query_proj.1.bias": ("bn_beta", False),
+    "query_proj.1.running_mean": ("bn_moving_mean", False),
+    "query_proj.1.running_var": ("bn_moving_variance", False),
+    "keys": ("keys", False),
+    "values.weight": ("values", False),
+}
+# BatchNorm1d's step counter: only used when momentum=None, which the reference never sets.
+IGNORED_TORCH_NAMES = ("query_proj.1.num_batches_tracked",)
+FORMATS = (".pt", ".pth", ".npz", ".keras")
+
+
+class ConversionError(PKMError, ValueError):
+    """Weights that do not fit the model: missing, unexpected or wrongly shaped tensors."""
+
+
+def check_weights(weights: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
+    """Raise one ConversionError naming every missing, unexpected and misshapen tensor."""
+    problems = []
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected and not k.endswith(IGNORED_TORCH_NAMES)]
+    if missing:
+        problems.append(f"missing {missing}")
+    if unexpected:
+        problems.append(f"unexpected {unexpected}")
+    for k, shape in expected.items():
+        if k in weights and tuple(np.shape(weights[k])) != tuple(shape):
+            problems.append(f"{k}: expected shape {tuple(shape)}, got {tuple(np.shape(weights[k]))}")
+    if problems:
+        raise ConversionError(f"{what}: " + "; ".join(problems))
+
+
+def expected_shapes(config: PKMConfig, layers: int = 1) -> dict[str, tuple[int, ...]]:
+    shapes = weight_shapes(config)
+    if layers == 1:
+        return shapes
+    return {f"layers.{i}.{k}": v for i in range(layers) for k, v in shapes.items()}
+
+
+def split_layers(weights: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """``layers.<i>.<name>`` keys -> one dict per layer; unprefixed keys -> one layer."""
+    pattern = re.compile(r"^layers\.(\d+)\.(.+)$")
+    matches = {k: pattern.match(k) for k in weights}
+    if not any(matches.values()):
+        return [dict(weights)]
+    stray = [k for k, m in matches.items() if m is None]
+    if stray:
+        raise ConversionError(f"a stack's weights must all be named layers.<i>.<name>; found {stray}")
+    count = 1 + max(int(m.group(1)) for m in matches.values())
+    out: list[dict[str, np.ndarray]] = [{} for _ in range(count)]
+    for k, m in matches.items():
+        out[int(m.group(1))][m.group(2)] = weights[k]
+    empty = [i for i, layer in enumerate(out) if not layer]
+    if empty:
+        raise ConversionError(f"stack weights have no tensors for layer(s) {empty}")
+    return out
+
+
+def join_layers(layers: list[Mapping[str, np.ndarray]]) -> Weights:
+    if len(layers) == 1:
+        return dict(layers[0])
+    return {f"layers.{i}.{k}": v for i, layer in enumerate(layers) for k, v in layer.items()}
+
+
+def infer_config(weights: Mapping[str, np.ndarray], knn: int = 32) -> tuple[PKMConfig, int]:
+    """The (config, layer count) that ``weights`` fit. ``knn`` is not stored in weights."""
+    layers = split_layers(weights)
+    first = layers[0]
+    for name in ("query_proj.0.weight", "keys", "values.weight"):
+        if name not in first:
+            raise ConversionError(f"cannot infer the config: no {name!r} among {sorted(first)}")
+    heads, two, n_keys, half = np.shape(first["keys"])
+    size, v_dim = np.shape(first["values.weight"])
+    hk, input_dim = np.shape(first["query_proj.0.weight"])
+    if two != 2 or size != n_keys**2 or hk != heads * 2 * half:
+        raise ConversionError(
+            f"inconsistent shapes: keys {np.shape(first['keys'])} (heads, 2, n_keys, k_dim/2), "
+            f"values.weight {np.shape(first['values.weight'])} (n_keys**2, v_dim), "
+            f"query_proj.0.weight {np.shape(first['query_proj.0.weight'])} (heads*k_dim, input_dim)"
+        )
+    config = PKMConfig(
+        input_dim=int(input_dim),
+        output_dim=int(v_dim),
+        k_dim=int(2 * half),
+        heads=int(heads),
+        knn=knn,
+        n_keys=int(n_keys),
+        query_batchnorm="query_proj.1.weight" in first,
+    )
+    check_weights(weights, expected_shapes(config, len(layers)), "weights")
+    return config, len(layers)
+
+
+def torch_to_keras(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One layer's torch-named weights -> Keras weight names (no copies where possible)."""
+    out = {}
+    for name, array in weights.items():
+        if name in IGNORED_TORCH_NAMES:
+            continue
+        if name not in TORCH_TO_KERAS:
+            raise ConversionError(f"unexpected tensor {name!r}; known: {sorted(TORCH_TO_KERAS)}")
+        keras_name, transpose = TORCH_TO_KERAS[name]
+        out[keras_name] = np.ascontiguousarray(np.asarray(array).T) if transpose else np.asarray(array)
+    return out
+
+
+def keras_to_torch(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One layer's Keras-named weights -> torch names."""
+    back = {k: (t, tr) for t, (k, tr) in TORCH_TO_KERAS.items()}
+    out = {}
+    for name, array in weights.items():
+        if name not in back:
+            raise ConversionError(f"unexpected Keras weight {name!r}; known: {sorted(back)}")
+        torch_name, transpose = back[name]
+        out[torch_name] = np.ascontiguousarray(np.asarray(array).T) if transpose else np.asarray(array)
+    return out
+
+
+# --- PyTorch side ------------------------------------------------------------------------
+def numpy_to_state_dict(weights: Mapping[str, np.ndarray], reference: Mapping) -> dict:
+    """Numpy weights -> a state_dict for a module whose current state_dict is ``reference``.
+
+    Checks names and shapes against it; fills ``num_batches_tracked`` when absent.
+    """
+    import torch
+
+    expected = {k: tuple(v.shape) for k, v in reference.items() if not k.endswith(IGNORED_TORCH_NAMES)}
+    check_weights(weights, expected, "PyTorch weights")
+    out = {}
+    for k, v in reference.items():
+        if k in weights:
+            out[k] = torch.as_tensor(np.asarray(weights[k])).to(v.dtype)
+        else:  # num_batches_tracked
+            out[k] = v.clone()
+    return out
+
+
+def state_dict_to_numpy(state_dict: Mapping) -> Weights:
+    return {
+        k: v.detach().cpu().numpy().astype(np.float32)
+        for k, v in state_dict.items()
+        if not k.endswith(IGNORED_TORCH_NAMES)
+    }
+
+
+# --- Keras side --------------------------------------------------------------------------
+def pkm_layers(model) -> list:
+    """The ProductKeyMemory layers of a Keras layer or model, in order."""
+    from pkm_models.keras_pkm import ProductKeyMemory
+
+    if isinstance(model, ProductKeyMemory):
+        return [model]
+    found = [layer for layer in getattr(model, "layers", []) if isinstance(layer, ProductKeyMemory)]
+    if not found:
+        raise ConversionError(f"{type(model).__name__} holds no ProductKeyMemory layer")
+    return found
+
+
+def set_keras_weights(model, weights: Mapping[str, np.ndarray]) -> None:
+    """Load torch-named numpy weights into a built Keras layer or model."""
+    layers = pkm_layers(model)
+    per_layer = split_layers(weights)
+    if len(per_layer) != len(layers):
+        raise ConversionError(f"weights hold {len(per_layer)} layer(s), the Keras model has {len(layers)}")
+    for layer, torch_named in zip(layers, per_layer, strict=True):
+        if not layer.built:
+            raise ConversionError(f"Keras layer {layer.name!r} is not built: call it on an input first")
+        variables = {v.name: v for v in layer.weights}
+        converted = torch_to_keras(torch_named)
+        check_weights(converted, {k: tuple(v.shape) for k, v in variables.items()}, f"Keras layer {layer.name!r}")
+        for name, array in converted.items():
+            variables[name].assign(array)
+
+
+def get_keras_weights(model) -> Weights:
+    """Torch-named numpy weights of a Keras layer or model."""
+    per_layer = [keras_to_torch({v.name: np.asarray(v.numpy()) for v in layer.weights}) for layer in pkm_layers(model)]
+    return join_layers(per_layer)
+
+
+# --- checkpoint files --------------------------------------------------------------------
+def _format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise ConversionError(f"{path}: unknown checkpoint format {suffix!r}; known: {list(FORMATS)}")
+    return suffix
+
+
+def load_checkpoint(path: str | Path) -> tuple[Weights, PKMConfig | None]:
+    """Torch-named numpy weights from a checkpoint file, and its config when the file has one."""
+    path = Path(path)
+    fmt = _format(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such file")
+    try:
+        if fmt in (".pt", ".pth"):
+            import torch
+
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, Mapping):
+                raise ConversionError(f"{path}: expected a state_dict (a mapping of tensors), got {type(state).__name__}")
+            return state_dict_to_numpy(state), None
+        if fmt == ".npz":
+            with np.load(path) as data:
+                return {k: data[k] for k in data.files}, None
+        import keras
+
+        from pkm_models import keras_pkm  # noqa: F401  (registers ProductKeyMemory)
+
+        model = keras.saving.load_model(path)
+        layers = pkm_layers(model)
+        first = layers[0]
+        config = PKMConfig(
+            input_dim=first.input_dim,
+            **{k: v for k, v in first.get_config().items() if k in PKMConfig.__dataclass_fields__},
+        )
+        return get_keras_weights(model), config
+    except PKMError:
+        raise
+    except Exception as exc:  # a corrupt or foreign file: say which and why
+        raise ConversionError(f"{path}: cannot read as {fmt} checkpoint: {exc}") from exc
+
+
+def save_checkpoint(weights: Mapping[str, np.ndarray], path: str | Path, config: PKMConfig) -> None:
+    path = Path(path)
+    fmt = _format(path)
+    layers = len(split_layers(weights))
+    check_weights(weights, expected_shapes(config, layers), "weights")
+    if fmt in (".pt", ".pth"):
+        import torch
+
+        from pkm_models.torch_pkm import build_torch_model
+
+        model = build_torch_model(config, layers, seed=None)
+        model.load_weights(weights)
+        torch.save(model.state_dict(), path)
+    elif fmt == ".npz":
+        np.savez(path, **weights)
+    else:
+        from pkm_models.keras_pkm import build_keras_model
+
+        model = build_keras_model(config, layers, seed=None)
+        set_keras_weights(model, weights)
+        model.save(path)
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, knn: int | None = None) -> PKMConfig:
+    """Convert a checkpoint between formats; returns the config it was read with.
+
+    ``knn`` is not stored in ``.pt`` / ``.npz`` files: pass it when converting those to
+    ``.keras`` (default 32, the reference's).
+    """
+    weights, config = load_checkpoint(src)
+    inferred, _ = infer_config(weights, knn=knn or (config.knn if config else 32))
+    if config is not None and knn is not None:
+        config = config.replace(knn=knn)
+    save_checkpoint(weights, dst, config or inferred)
+    return config or inferred

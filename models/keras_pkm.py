@@ -1,0 +1,310 @@
+"""The Keras 3 port of the product-key memory layer.
+
+Differences from the seed's TensorFlow port, all of them deliberate:
+
+* weights are created in ``build`` from the input shape (no ``input_dim`` argument);
+* all heads are computed at once (one einsum for the sub-key scores, one ``top_k`` per
+  selection stage), so there is no Python loop over heads;
+* the weighted sum of value rows is selectable (``method``): ``"einsum"`` and
+  ``"reduce_sum"`` gather every selected row first, ``"accumulate"`` adds one weighted
+  row per token at a time and never holds the gathered rows;
+* query batchnorm follows PyTorch's ``BatchNorm1d`` exactly (see ``_batchnorm``), which is
+  what made the seed's port disagree with the reference.
+
+The layer uses ``keras.ops`` only and runs eagerly, under ``tf.function`` and with
+``jit_compile=True``, with dynamic batch and sequence dimensions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+from pkm_models.config import ConfigError, PKMConfig
+
+METHODS = ("einsum", "reduce_sum", "accumulate")
+TAPS = ("query", "scores", "indices", "weights", "output")
+
+
+@keras.saving.register_keras_serializable(package="pkm")
+class ProductKeyMemory(keras.layers.Layer):
+    """Product-key memory layer (Lample et al. 2019), numerically matching XLM's
+    ``HashingMemory``.
+
+    Args:
+        output_dim: size of a value row, and of the output's last dimension.
+        k_dim: query and key size; each half is matched against its own sub-keys.
+        heads: number of memory heads; their reads are summed.
+        knn: value rows read per head.
+        n_keys: sub-keys per half; the memory holds ``n_keys ** 2`` value rows.
+        query_batchnorm: normalise the projected queries like ``torch.nn.BatchNorm1d``.
+        input_dropout, query_dropout, value_dropout: dropout rates (training only).
+        method: how the selected value rows are summed: ``"einsum"``, ``"reduce_sum"``
+            or ``"accumulate"`` (lowest memory). All give the same result.
+        batchnorm_momentum: PyTorch convention: ``running = (1 - m) * running + m * batch``.
+        batchnorm_epsilon: added to the variance, as in PyTorch (default ``1e-5``).
+        seed: seed of the dropout generator.
+
+    Input shape: ``(..., input_dim)``, at least 1-D; ``input_dim`` is read at build time.
+
+    Output shape: ``(..., output_dim)``; a 1-D input gives ``(1, output_dim)``, as the
+    reference does.
+
+    Example:
+
+    >>> layer = ProductKeyMemory(output_dim=8, k_dim=8, heads=2, knn=4, n_keys=8)
+    >>> layer(keras.random.normal((3, 5, 16))).shape
+    (3, 5, 8)
+    """
+
+    def __init__(
+        self,
+        output_dim: int,
+        k_dim: int = 256,
+        heads: int = 4,
+        knn: int = 32,
+        n_keys: int = 512,
+        query_batchnorm: bool = False,
+        input_dropout: float = 0.0,
+        query_dropout: float = 0.0,
+        value_dropout: float = 0.0,
+        method: str = "einsum",
+        batchnorm_momentum: float = 0.1,
+        batchnorm_epsilon: float = 1e-5,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        # input_dim is only known in build(); 1 stands in for it while validating the rest
+        PKMConfig(
+            input_dim=1,
+            output_dim=output_dim,
+            k_dim=k_dim,
+            heads=heads,
+            knn=knn,
+            n_keys=n_keys,
+            query_batchnorm=query_batchnorm,
+            input_dropout=input_dropout,
+            query_dropout=query_dropout,
+            value_dropout=value_dropout,
+        )
+        if method not in METHODS:
+            raise ConfigError(f"ProductKeyMemory.method: unknown method {method!r}; available: {list(METHODS)}")
+        if not 0.0 <= batchnorm_momentum <= 1.0:
+            raise ConfigError(f"ProductKeyMemory.batchnorm_momentum: must be in [0, 1], got {batchnorm_momentum}")
+        if not batchnorm_epsilon > 0:
+            raise ConfigError(f"ProductKeyMemory.batchnorm_epsilon: must be positive, got {batchnorm_epsilon}")
+        self.output_dim = output_dim
+        self.k_dim = k_dim
+        self.heads = heads
+        self.knn = knn
+        self.n_keys = n_keys
+        self.query_batchnorm = query_batchnorm
+        self.input_dropout = input_dropout
+        self.query_dropout = query_dropout
+        self.value_dropout = value_dropout
+        self.method = method
+        self.batchnorm_momentum = batchnorm_momentum
+        self.batchnorm_epsilon = batchnorm_epsilon
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed) if self._has_dropout else None
+
+    @classmethod
+    def from_pkm_config(cls, config: PKMConfig, **kwargs) -> ProductKeyMemory:
+        """A layer with the hyper-parameters of ``config`` (its ``input_dim`` is checked
+        at build time)."""
+        fields = config.to_dict()
+        input_dim = fields.pop("input_dim")
+        layer = cls(**fields, **kwargs)
+        layer._expected_input_dim = input_dim
+        return layer
+
+    @property
+    def _has_dropout(self) -> bool:
+        return any(p > 0 for p in (self.input_dropout, self.query_dropout, self.value_dropout))
+
+    @property
+    def size(self) -> int:
+        return self.n_keys**2
+
+    def build(self, input_shape):
+        input_dim = input_shape[-1]
+        if input_dim is None:
+            raise ConfigError(f"ProductKeyMemory: the last input dimension must be known, got {input_shape}")
+        expected = getattr(self, "_expected_input_dim", None)
+        if expected is not None and expected != input_dim:
+            raise ConfigError(f"ProductKeyMemory: built for input_dim={expected}, got input shape {input_shape}")
+        self.input_dim = int(input_dim)
+        hk = self.heads * self.k_dim
+        bound = 1.0 / math.sqrt(self.input_dim)
+        linear_init = keras.initializers.RandomUniform(-bound, bound)
+        self.query_kernel = self.add_weight(name="query_kernel", shape=(self.input_dim, hk), initializer=linear_init)
+        self.query_bias = self.add_weight(name="query_bias", shape=(hk,), initializer=linear_init)
+        if self.query_batchnorm:
+            self.bn_gamma = self.add_weight(name="bn_gamma", shape=(hk,), initializer="ones")
+            self.bn_beta = self.add_weight(name="bn_beta", shape=(hk,), initializer="zeros")
+            self.bn_moving_mean = self.add_weight(
+                name="bn_moving_mean", shape=(hk,), initializer="zeros", trainable=False
+            )
+            self.bn_moving_variance = self.add_weight(
+                name="bn_moving_variance", shape=(hk,), initializer="ones", trainable=False
+            )
+        half = self.k_dim // 2
+        key_bound = 1.0 / math.sqrt(half)
+        self.keys = self.add_weight(
+            name="keys",
+            shape=(self.heads, 2, self.n_keys, half),
+            initializer=keras.initializers.RandomUniform(-key_bound, key_bound),
+        )
+        self.values = self.add_weight(
+            name="values",
+            shape=(self.size, self.output_dim),
+            initializer=keras.initializers.RandomNormal(stddev=self.output_dim**-0.5),
+        )
+
+    # stages -----------------------------------------------------------------------------
+    def _dropout(self, x, rate, training):
+        if training and rate > 0:
+            return keras.random.dropout(x, rate, seed=self.seed_generator)
+        return x
+
+    def _batchnorm(self, q, training):
+        """``torch.nn.BatchNorm1d`` semantics on (bs, features).
+
+        Training: normalise with the batch mean and the *biased* batch variance, and
+        update the running variance with the *unbiased* one (Bessel's n / (n - 1));
+        running = (1 - momentum) * running + momentum * batch. Inference: the running
+        statistics. Keras' own ``BatchNormalization`` differs on three counts: its momentum
+        weighs the old value (0.99 ~ PyTorch's 0.01), its epsilon defaults to 1e-3, and it
+        updates the moving variance with the biased batch variance.
+        """
+        eps = self.batchnorm_epsilon
+        if training:
+            mean = ops.mean(q, axis=0)  # (features,)
+            var = ops.mean(ops.square(q - mean), axis=0)  # biased, (features,)
+            n = ops.cast(ops.shape(q)[0], q.dtype)
+            unbiased = var * n / ops.maximum(n - 1.0, 1.0)
+            m = self.batchnorm_momentum
+            self.bn_moving_mean.assign((1.0 - m) * self.bn_moving_mean + m * mean)
+            self.bn_moving_variance.assign((1.0 - m) * self.bn_moving_variance + m * unbiased)
+        else:
+            mean, var = self.bn_moving_mean, self.bn_moving_variance
+        return (q - mean) * ops.rsqrt(var + eps) * self.bn_gamma + self.bn_beta
+
+    def _select(self, query):
+        """Product-key top-k for all heads at once.
+
+        query: (bs, heads, k_dim) -> scores (bs, heads, knn) float, indices (bs, heads, knn) int32.
+        """
+        knn, half = self.knn, self.k_dim // 2
+        q = ops.reshape(query, (-1, self.heads, 2, half))  # (bs,heads,2,half)
+        sub_scores = ops.einsum("bhtd,htnd->bhtn", q, self.keys)  # (bs,heads,2,n_keys)
+        sub_s, sub_i = ops.top_k(sub_scores, knn)  # (bs,heads,2,knn)
+        s1, s2 = sub_s[:, :, 0], sub_s[:, :, 1]  # (bs,heads,knn)
+        i1, i2 = sub_i[:, :, 0], sub_i[:, :, 1]  # (bs,heads,knn)
+        # cartesian product of the best candidates of each half
+        all_scores = ops.reshape(s1[..., :, None] + s2[..., None, :], (-1, self.heads, knn * knn))
+        all_indices = ops.reshape(i1[..., :, None] * self.n_keys + i2[..., None, :], (-1, self.heads, knn * knn))
+        scores, best = ops.top_k(all_scores, knn)  # (bs,heads,knn)
+        indices = ops.take_along_axis(all_indices, best, axis=-1)  # (bs,heads,knn)
+        return scores, indices
+
+    def _weighted_sum(self, indices, weights):
+        """sum_j weights[b, j] * values[indices[b, j]]: (bs, n) x (bs, n) -> (bs, v_dim)."""
+        if self.method == "accumulate":
+            n = self.heads * self.knn
+
+            def body(j, acc):
+                row = ops.take(self.values, ops.take(indices, j, axis=1), axis=0)  # (bs,v_dim)
+                return acc + ops.take(weights, j, axis=1)[:, None] * row
+
+            zeros = ops.zeros((ops.shape(indices)[0], self.output_dim), dtype=self.values.dtype)
+            return ops.fori_loop(0, n, body, zeros)
+        rows = ops.take(self.values, indices, axis=0)  # (bs,heads*knn,v_dim)
+        if self.method == "einsum":
+            return ops.einsum("bn,bnd->bd", weights, rows)
+        return ops.sum(rows * weights[..., None], axis=1)  # reduce_sum
+
+    def call(self, inputs, training=None, return_taps=False):
+        x = ops.convert_to_tensor(inputs)
+        prefix = ops.shape(x)[:-1]
+
+        # query: (bs,heads*k_dim), batchnorm over all tokens
+        x = self._dropout(ops.reshape(x, (-1, self.input_dim)), self.input_dropout, training)  # (bs,i_dim)
+        query = ops.matmul(x, self.query_kernel) + self.query_bias  # (bs,heads*k_dim)
+        if self.query_batchnorm:
+            query = self._batchnorm(query, training)
+        query = self._dropout(query, self.query_dropout, training)
+        query = ops.reshape(query, (-1, self.heads, self.k_dim))  # (bs,heads,k_dim)
+
+        # selection and softmax weights
+        scores, indices = self._select(query)  # (bs,heads,knn)
+        weights = ops.softmax(scores, axis=-1)  # (bs,heads,knn)
+
+        # weighted sum of value rows over heads and knn
+        n = self.heads * self.knn
+        output = self._weighted_sum(ops.reshape(indices, (-1, n)), ops.reshape(weights, (-1, n)))  # (bs,v_dim)
+        output = self._dropout(output, self.value_dropout, training)
+        if len(prefix) >= 2:
+            output = ops.reshape(output, (*prefix, self.output_dim))  # (...,v_dim)
+
+        if not return_taps:
+            return output
+        return {
+            "query": ops.reshape(query, (-1, self.k_dim)),
+            "scores": ops.reshape(scores, (-1, self.knn)),
+            "indices": ops.cast(ops.reshape(indices, (-1, self.knn)), "int64"),
+            "weights": ops.reshape(weights, (-1, self.knn)),
+            "output": output,
+        }
+
+    def compute_output_shape(self, input_shape):
+        if len(input_shape) >= 3:
+            return (*input_shape[:-1], self.output_dim)
+        return (input_shape[0] if len(input_shape) == 2 else 1, self.output_dim)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "output_dim": self.output_dim,
+            "k_dim": self.k_dim,
+            "heads": self.heads,
+            "knn": self.knn,
+            "n_keys": self.n_keys,
+            "query_batchnorm": self.query_batchnorm,
+            "input_dropout": self.input_dropout,
+            "query_dropout": self.query_dropout,
+            "value_dropout": self.value_dropout,
+            "method": self.method,
+            "batchnorm_momentum": self.batchnorm_momentum,
+            "batchnorm_epsilon": self.batchnorm_epsilon,
+            "seed": self.seed,
+        }
+
+
+def build_keras_model(
+    config: PKMConfig,
+    layers: int = 1,
+    seed: int | None = 0,
+    method: str = "einsum",
+    input_rank: int = 3,
+) -> keras.Sequential:
+    """A built ``Sequential`` of ``layers`` ProductKeyMemory layers taking
+    ``(batch, ..., input_dim)`` inputs of rank ``input_rank`` with dynamic leading
+    dimensions, loaded with the deterministic weights of ``(config, seed)`` unless
+    ``seed`` is None."""
+    from pkm_models.convert import set_keras_weights
+    from pkm_models.weights import make_weights
+
+    if input_rank < 2:
+        raise ConfigError(f"input_rank must be >= 2 for a Keras model, got {input_rank}")
+    model = keras.Sequential(
+        [keras.Input(shape=(None,) * (input_rank - 2) + (config.input_dim,))]
+        + [ProductKeyMemory.from_pkm_config(config, method=method, name=f"pkm_{i}") for i in range(layers)],
+        name="pkm" if layers == 1 else f"pkm_stack_{layers}",
+    )
+    if seed is not None:
+        set_keras_weights(model, make_weights(config, seed, layers=layers))
+    return model

@@ -1,0 +1,244 @@
+"""The PyTorch reference: XLM's ``HashingMemory`` from the PKM-layer notebook.
+
+Kept recognisably the notebook's code: the same arguments (with the notebook's ``params``
+object replaced by keyword arguments, as the seed port did), the same per-head
+``_get_indices``, the same ``nn.EmbeddingBag`` weighted sum. Two additions, neither of
+which changes the default output:
+
+* ``forward(input, return_taps=True)`` also returns the conformance taps
+  (``query``, ``scores``, ``indices``, ``weights``, ``output``);
+* keys and values are initialised from :func:`pkm_models.weights.make_weights` by
+  :meth:`HashingMemory.from_config` (the notebook seeds sub-keys per head with
+  ``RandomState(2 * head + half)``; here every tensor comes from one seed).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pkm_models.config import PKMConfig
+from pkm_models.weights import make_weights
+
+TAPS = ("query", "scores", "indices", "weights", "output")
+
+
+class HashingMemory(nn.Module):
+    """Product-key memory layer (Lample et al. 2019), as in XLM's notebook.
+
+    Args:
+        input_dim: size of the input's last dimension.
+        output_dim: size of a value row (``v_dim``), and of the output's last dimension.
+        k_dim: query and key size; each half is matched against its own sub-keys.
+        heads: number of memory heads; their reads are summed.
+        knn: value rows read per head.
+        n_keys: sub-keys per half; the memory holds ``n_keys ** 2`` value rows.
+        query_batchnorm: apply ``BatchNorm1d`` to the projected queries.
+        input_dropout, query_dropout, value_dropout: dropout rates (training only).
+
+    Input shape: ``(..., input_dim)``. Output shape: ``(..., output_dim)``.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        k_dim: int = 256,
+        heads: int = 4,
+        knn: int = 32,
+        n_keys: int = 512,
+        query_batchnorm: bool = False,
+        input_dropout: float = 0.0,
+        query_dropout: float = 0.0,
+        value_dropout: float = 0.0,
+    ):
+        super().__init__()
+        # validated once, in one place, with the project's error messages
+        self.config = PKMConfig(
+            input_dim=input_dim,
+            output_dim=output_dim,
+            k_dim=k_dim,
+            heads=heads,
+            knn=knn,
+            n_keys=n_keys,
+            query_batchnorm=query_batchnorm,
+            input_dropout=input_dropout,
+            query_dropout=query_dropout,
+            value_dropout=value_dropout,
+        )
+
+        # global parameters
+        self.input_dim = input_dim
+        self.output_dim = output_dim
+        self.size = n_keys**2
+        self.k_dim = k_dim
+        self.v_dim = output_dim
+        self.heads = heads
+        self.knn = knn
+        self.n_keys = n_keys
+        self.input_dropout = input_dropout
+        self.query_dropout = query_dropout
+        self.value_dropout = value_dropout
+
+        # keys / values (initialised by load_weights or from_config)
+        self.keys = nn.Parameter(torch.empty(heads, 2, n_keys, k_dim // 2))
+        self.values = nn.EmbeddingBag(self.size, self.v_dim, mode="sum")
+
+        # query network
+        self.query_proj = nn.Sequential(
+            *filter(
+                None,
+                [
+                    nn.Linear(self.input_dim, self.heads * self.k_dim, bias=True),
+                    nn.BatchNorm1d(self.heads * self.k_dim) if query_batchnorm else None,
+                ],
+            )
+        )
+
+    @classmethod
+    def from_config(cls, config: PKMConfig, seed: int | None = 0) -> HashingMemory:
+        """A layer with the deterministic weights of ``(config, seed)``.
+
+        ``seed=None`` leaves the weights uninitialised (for loading a checkpoint).
+        """
+        layer = cls(**config.to_dict())
+        if seed is not None:
+            layer.load_weights(make_weights(config, seed))
+        return layer
+
+    def load_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Load numpy weights keyed by ``state_dict`` name (checked by name and shape)."""
+        from pkm_models.convert import numpy_to_state_dict
+
+        self.load_state_dict(numpy_to_state_dict(weights, self.state_dict()))
+
+    def _get_indices(self, query, subkeys):
+        """
+        Generate scores and indices for a specific head.
+        """
+        assert query.dim() == 2 and query.size(1) == self.k_dim
+        bs = query.size(0)
+        knn = self.knn
+        half = self.k_dim // 2
+        n_keys = len(subkeys[0])
+
+        # split query for product quantization
+        q1 = query[:, :half]  # (bs,half)
+        q2 = query[:, half:]  # (bs,half)
+
+        # compute indices with associated scores
+        scores1 = F.linear(q1, subkeys[0], bias=None)  # (bs,n_keys)
+        scores2 = F.linear(q2, subkeys[1], bias=None)  # (bs,n_keys)
+        scores1, indices1 = scores1.topk(knn, dim=1)  # (bs,knn)
+        scores2, indices2 = scores2.topk(knn, dim=1)  # (bs,knn)
+
+        # cartesian product on best candidate keys
+        all_scores = (
+            scores1.view(bs, knn, 1).expand(bs, knn, knn) + scores2.view(bs, 1, knn).expand(bs, knn, knn)
+        ).view(bs, -1)  # (bs,knn**2)
+        all_indices = (
+            indices1.view(bs, knn, 1).expand(bs, knn, knn) * n_keys
+            + indices2.view(bs, 1, knn).expand(bs, knn, knn)
+        ).view(bs, -1)  # (bs,knn**2)
+
+        # select best scores with associated indices
+        scores, best_indices = torch.topk(all_scores, k=knn, dim=1)  # (bs,knn)
+        indices = all_indices.gather(1, best_indices)  # (bs,knn)
+
+        assert scores.shape == indices.shape == (bs, knn)
+        return scores, indices
+
+    def get_indices(self, query):
+        """
+        Generate scores and indices.
+        """
+        assert query.dim() == 2 and query.size(1) == self.k_dim
+        query = query.view(-1, self.heads, self.k_dim)
+        bs = len(query)
+        outputs = [self._get_indices(query[:, i], self.keys[i]) for i in range(self.heads)]
+        s = torch.cat([s.view(bs, 1, self.knn) for s, _ in outputs], 1)  # (bs,heads,knn)
+        i = torch.cat([i.view(bs, 1, self.knn) for _, i in outputs], 1)  # (bs,heads,knn)
+        return s.view(-1, self.knn), i.view(-1, self.knn)
+
+    def forward(self, input, return_taps: bool = False):
+        """
+        Read from the memory.
+
+        With ``return_taps=True`` returns a dict of the conformance taps instead of the
+        output alone: query (bs*heads,k_dim), scores / indices / weights (bs*heads,knn)
+        and output (...,v_dim).
+        """
+        # input dimensions
+        if input.shape[-1] != self.input_dim:
+            raise ValueError(f"HashingMemory: expected input (..., {self.input_dim}), got {tuple(input.shape)}")
+        prefix_shape = input.shape[:-1]
+        bs = math.prod(prefix_shape)
+
+        # compute query
+        input = F.dropout(input, p=self.input_dropout, training=self.training)  # (...,i_dim)
+        query = self.query_proj(input.contiguous().view(-1, self.input_dim))  # (bs,heads*k_dim)
+        query = query.view(bs * self.heads, self.k_dim)  # (bs*heads,k_dim)
+        query = F.dropout(query, p=self.query_dropout, training=self.training)  # (bs*heads,k_dim)
+        assert query.shape == (bs * self.heads, self.k_dim)
+
+        # retrieve indices and scores
+        scores, indices = self.get_indices(query)  # (bs*heads,knn)
+        weights = F.softmax(scores.float(), dim=-1).type_as(scores)  # (bs*heads,knn)
+
+        # merge heads / knn (since we sum heads)
+        flat_indices = indices.view(bs, self.heads * self.knn)  # (bs,heads*knn)
+        flat_weights = weights.view(bs, self.heads * self.knn)  # (bs,heads*knn)
+
+        # weighted sum of values
+        output = self.values(flat_indices, per_sample_weights=flat_weights)  # (bs,v_dim)
+        output = F.dropout(output, p=self.value_dropout, training=self.training)  # (bs,v_dim)
+
+        # reshape output
+        if len(prefix_shape) >= 2:
+            output = output.view(prefix_shape + (self.v_dim,))  # (...,v_dim)
+
+        if return_taps:
+            return {"query": query, "scores": scores, "indices": indices, "weights": weights, "output": output}
+        return output
+
+
+class PKMStack(nn.Module):
+    """``layers`` HashingMemory layers applied in sequence (the seed's benchmark net).
+
+    ``state_dict`` names are ``layers.<i>.<HashingMemory name>``. With
+    ``return_taps=True`` the taps are those of the last layer.
+    """
+
+    def __init__(self, config: PKMConfig, layers: int):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(HashingMemory(**config.to_dict()) for _ in range(layers))
+
+    @classmethod
+    def from_config(cls, config: PKMConfig, layers: int, seed: int | None = 0) -> PKMStack:
+        stack = cls(config, layers)
+        if seed is not None:
+            stack.load_weights(make_weights(config, seed, layers=layers))
+        return stack
+
+    def load_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        from pkm_models.convert import numpy_to_state_dict
+
+        self.load_state_dict(numpy_to_state_dict(weights, self.state_dict()))
+
+    def forward(self, input, return_taps: bool = False):
+        for layer in self.layers[:-1]:
+            input = layer(input)
+        return self.layers[-1](input, return_taps=return_taps)
+
+
+def build_torch_model(config: PKMConfig, layers: int = 1, seed: int | None = 0) -> nn.Module:
+    """A single ``HashingMemory`` for ``layers == 1``, else a ``PKMStack``."""
+    if layers == 1:
+        return HashingMemory.from_config(config, seed)
+    return PKMStack.from_config(config, layers, seed)
