@@ -53,8 +53,7 @@ class PKMConfig:
             )
         if self.knn > self.n_keys:
             raise ConfigError(
-                f"PKMConfig.knn: cannot select {self.knn} of only n_keys={self.n_keys} sub-keys; "
-                f"use knn <= n_keys"
+                f"PKMConfig.knn: cannot select {self.knn} of only n_keys={self.n_keys} sub-keys; use knn <= n_keys"
             )
         for name in ("input_dropout", "query_dropout", "value_dropout"):
             p = getattr(self, name)

@@ -227,7 +227,9 @@ def load_checkpoint(path: str | Path) -> tuple[Weights, PKMConfig | None]:
 
             state = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(state, Mapping):
-                raise ConversionError(f"{path}: expected a state_dict (a mapping of tensors), got {type(state).__name__}")
+                raise ConversionError(
+                    f"{path}: expected a state_dict (a mapping of tensors), got {type(state).__name__}"
+                )
             return state_dict_to_numpy(state), None
         if fmt == ".npz":
             with np.load(path) as data:

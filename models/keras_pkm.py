@@ -28,6 +28,13 @@ METHODS = ("einsum", "reduce_sum", "accumulate")
 TAPS = ("query", "scores", "indices", "weights", "output")
 
 
+def _check_stackable(config: PKMConfig, layers: int) -> None:
+    if layers < 1:
+        raise ConfigError(f"layers must be >= 1, got {layers}")
+    if layers > 1 and config.input_dim != config.output_dim:
+        raise ConfigError(f"stacked layers need input_dim == output_dim, got {config.input_dim} -> {config.output_dim}")
+
+
 @keras.saving.register_keras_serializable(package="pkm")
 class ProductKeyMemory(keras.layers.Layer):
     """Product-key memory layer (Lample et al. 2019), numerically matching XLM's
@@ -300,6 +307,7 @@ def build_keras_model(
 
     if input_rank < 2:
         raise ConfigError(f"input_rank must be >= 2 for a Keras model, got {input_rank}")
+    _check_stackable(config, layers)
     model = keras.Sequential(
         [keras.Input(shape=(None,) * (input_rank - 2) + (config.input_dim,))]
         + [ProductKeyMemory.from_pkm_config(config, method=method, name=f"pkm_{i}") for i in range(layers)],

@@ -13,10 +13,16 @@ import numpy as np
 
 
 def _boundary_gap(sorted_desc: np.ndarray, k: int) -> np.ndarray:
-    """Smallest gap between adjacent scores among the top k+1 (inf when there is no k+1-th).
+    """Gap between the k-th and (k+1)-th score (inf when there is no (k+1)-th): a slot can
+    swap in or out across it."""
+    if sorted_desc.shape[-1] <= k:
+        return np.full(sorted_desc.shape[:-1], np.inf)
+    return sorted_desc[..., k - 1] - sorted_desc[..., k]
 
-    A gap inside the top k can reorder the selection; the gap at k can swap a slot in or out.
-    """
+
+def _order_gap(sorted_desc: np.ndarray, k: int) -> np.ndarray:
+    """Smallest gap between adjacent scores among the top k+1: the selected slots can swap
+    places (reordering the ``indices`` tap) or swap in and out across it."""
     top = sorted_desc[..., : k + 1]
     if top.shape[-1] < 2:
         return np.full(top.shape[:-1], np.inf)
@@ -32,10 +38,11 @@ def selection_margins(query: np.ndarray, keys: np.ndarray, knn: int) -> np.ndarr
         knn: rows selected per head.
 
     Returns:
-        (bs*heads,) float64: the smallest gap between adjacent candidate scores at or above
-        the k-th boundary of the three selections (each half's sub-keys, then the product).
+        (bs*heads,) float64: the smallest of the gaps at the k-th boundary of each half's
+        sub-key selection and the gaps between adjacent scores among the top k+1 of the
+        final (product) selection.
     """
-    heads, _, n_keys, half = keys.shape
+    heads, _, _, half = keys.shape
     q = np.asarray(query, np.float64).reshape(-1, heads, 2, half)  # (bs,heads,2,half)
     sub = np.einsum("bhtd,htnd->bhtn", q, np.asarray(keys, np.float64))  # (bs,heads,2,n_keys)
     sub_sorted = -np.sort(-sub, axis=-1)  # descending
@@ -43,5 +50,5 @@ def selection_margins(query: np.ndarray, keys: np.ndarray, knn: int) -> np.ndarr
     best1, best2 = sub_sorted[:, :, 0, :knn], sub_sorted[:, :, 1, :knn]  # (bs,heads,knn)
     product = (best1[..., :, None] + best2[..., None, :]).reshape(*best1.shape[:2], -1)  # (bs,heads,knn*knn)
     product_sorted = -np.sort(-product, axis=-1)
-    margin = np.minimum(margin, _boundary_gap(product_sorted, knn))
+    margin = np.minimum(margin, _order_gap(product_sorted, knn))
     return margin.reshape(-1)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pkm_models.config import PKMConfig
+from pkm_models.config import ConfigError, PKMConfig
 from pkm_models.weights import make_weights
 
 TAPS = ("query", "scores", "indices", "weights", "output")
@@ -142,8 +142,7 @@ class HashingMemory(nn.Module):
             scores1.view(bs, knn, 1).expand(bs, knn, knn) + scores2.view(bs, 1, knn).expand(bs, knn, knn)
         ).view(bs, -1)  # (bs,knn**2)
         all_indices = (
-            indices1.view(bs, knn, 1).expand(bs, knn, knn) * n_keys
-            + indices2.view(bs, 1, knn).expand(bs, knn, knn)
+            indices1.view(bs, knn, 1).expand(bs, knn, knn) * n_keys + indices2.view(bs, 1, knn).expand(bs, knn, knn)
         ).view(bs, -1)  # (bs,knn**2)
 
         # select best scores with associated indices
@@ -200,7 +199,7 @@ class HashingMemory(nn.Module):
 
         # reshape output
         if len(prefix_shape) >= 2:
-            output = output.view(prefix_shape + (self.v_dim,))  # (...,v_dim)
+            output = output.view(prefix_shape + (self.v_dim,))  # (...,v_dim)  # noqa: RUF005
 
         if return_taps:
             return {"query": query, "scores": scores, "indices": indices, "weights": weights, "output": output}
@@ -216,6 +215,11 @@ class PKMStack(nn.Module):
 
     def __init__(self, config: PKMConfig, layers: int):
         super().__init__()
+        if layers < 1 or (layers > 1 and config.input_dim != config.output_dim):
+            raise ConfigError(
+                f"PKMStack: need layers >= 1 and input_dim == output_dim to stack, got {layers} layer(s) "
+                f"of {config.input_dim} -> {config.output_dim}"
+            )
         self.config = config
         self.layers = nn.ModuleList(HashingMemory(**config.to_dict()) for _ in range(layers))
 
