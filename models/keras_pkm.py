@@ -267,11 +267,6 @@ class ProductKeyMemory(keras.layers.Layer):
             "output": output,
         }
 
-    def compute_output_shape(self, input_shape):
-        if len(input_shape) >= 3:
-            return (*input_shape[:-1], self.output_dim)
-        return (input_shape[0] if len(input_shape) == 2 else 1, self.output_dim)
-
     def get_config(self):
         return {
             **super().get_config(),

@@ -2,8 +2,10 @@
 
 Kept recognisably the notebook's code: the same arguments (with the notebook's ``params``
 object replaced by keyword arguments, as the seed port did), the same per-head
-``_get_indices``, the same ``nn.EmbeddingBag`` weighted sum. Two additions, neither of
-which changes the default output:
+``_get_indices``, the same ``nn.EmbeddingBag`` weighted sum. Shape arithmetic uses
+``size()`` and ``math.prod`` where the notebook used ``len()`` and ``np.prod``, so that the
+exporters keep batch and sequence dynamic; a wrong-sized input raises ``ValueError``
+instead of failing an assert. Two additions, neither of which changes the default output:
 
 * ``forward(input, return_taps=True)`` also returns the conformance taps
   (``query``, ``scores``, ``indices``, ``weights``, ``output``);
@@ -158,7 +160,7 @@ class HashingMemory(nn.Module):
         """
         assert query.dim() == 2 and query.size(1) == self.k_dim
         query = query.view(-1, self.heads, self.k_dim)
-        bs = len(query)
+        bs = query.size(0)  # the notebook's len(query): len() fixes the size in torch.export
         outputs = [self._get_indices(query[:, i], self.keys[i]) for i in range(self.heads)]
         s = torch.cat([s.view(bs, 1, self.knn) for s, _ in outputs], 1)  # (bs,heads,knn)
         i = torch.cat([i.view(bs, 1, self.knn) for _, i in outputs], 1)  # (bs,heads,knn)

@@ -1,0 +1,93 @@
+"""ONNX exports of both implementations: one registry of named exporters.
+
+Every exporter writes ``<out_dir>/<name>.onnx`` from a :class:`ModelSpec` with a
+``(batch, sequence, input_dim)`` float32 input named ``input`` whose batch and sequence
+axes are dynamic, and either
+
+* the deployment variant: one output, ``output``; or
+* the tapped variant: the DESIGN.md taps ``query``, ``scores``, ``indices``,
+  ``weights``, ``output`` (of the last layer), in that order.
+
+Adding an exporter is a function in one of the family modules and a line in
+:data:`EXPORTERS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+from conformance.export.onnx_files import ExportReport, check_model, describe
+from pkm_models.config import PKMConfig, Preset
+from pkm_models.errors import PKMError
+
+DEFAULT_OPSET = 18
+SUPPORTED_OPSETS = range(17, 21)
+TAPS = ("query", "scores", "indices", "weights", "output")
+
+
+class ExportError(PKMError):
+    """An export that cannot be made, or one that was made wrong."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What to export: ``layers`` PKM layers of ``config`` with the weights of ``seed``."""
+
+    name: str
+    config: PKMConfig
+    layers: int = 1
+    seed: int = 0
+
+    @classmethod
+    def from_preset(cls, preset: Preset, seed: int = 0) -> ModelSpec:
+        return cls(name=preset.name, config=preset.config, layers=preset.layers, seed=seed)
+
+    def output_names(self, tapped: bool) -> list[str]:
+        return list(TAPS) if tapped else ["output"]
+
+
+Exporter = Callable[[ModelSpec, Path, int, bool], None]
+
+
+def _registry() -> dict[str, Exporter]:
+    from conformance.export import tf_exporters, torch_exporters
+
+    return {
+        "torch-dynamo": torch_exporters.export_dynamo,
+        "torch-script": torch_exporters.export_torchscript,
+        "torch-fast": torch_exporters.export_fast,
+        "tf2onnx": tf_exporters.export_tf2onnx,
+        "keras": tf_exporters.export_keras,
+    }
+
+
+EXPORTER_NAMES = ("torch-dynamo", "torch-script", "torch-fast", "tf2onnx", "keras")
+
+
+def check_exporter_names(names: list[str]) -> None:
+    unknown = [n for n in names if n not in EXPORTER_NAMES]
+    if unknown:
+        raise ExportError(f"unknown exporter(s) {unknown}; available: {list(EXPORTER_NAMES)}")
+
+
+def export(
+    spec: ModelSpec, exporter: str, out_dir: Path, opset: int = DEFAULT_OPSET, tapped: bool = False
+) -> ExportReport:
+    """Write ``out_dir/<exporter>.onnx``, check it (onnx.checker full check with shape
+    inference) and return its report."""
+    check_exporter_names([exporter])
+    if opset not in SUPPORTED_OPSETS:
+        raise ExportError(f"opset {opset} is not supported; choose one of {list(SUPPORTED_OPSETS)}")
+    out_dir = Path(out_dir)
+    path = out_dir / f"{exporter}.onnx"
+    _registry()[exporter](spec, path, opset, tapped)
+    check_model(path)
+    report = describe(path, exporter)
+    expected = spec.output_names(tapped)
+    if report.inputs != ["input"] or report.outputs != expected:
+        raise ExportError(
+            f"{exporter}: expected inputs ['input'] and outputs {expected}, got {report.inputs} and {report.outputs}"
+        )
+    return report

@@ -1,0 +1,182 @@
+"""Writing, checking and describing ONNX files, large ones included.
+
+A model whose initializers exceed :data:`EXTERNAL_DATA_THRESHOLD` is saved with its
+tensors in one external-data file beside it (``<name>.onnx.data``), which keeps every
+export under protobuf's 2 GB limit.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of initializers
+# Ops that run slowly in ONNX Runtime or that TensorRT rejects
+SLOW_OPS = {
+    "Loop": "a loop over the bags (slow in ONNX Runtime, unsupported by TensorRT)",
+    "If": "control flow (unsupported by TensorRT in most positions)",
+    "Scan": "a loop (slow in ONNX Runtime)",
+}
+SEQUENCE_PREFIX = "Sequence"
+
+
+@contextlib.contextmanager
+def quiet_exporters():
+    """The exporters print progress to stdout and log warnings about optional packages;
+    keep the terminal for the toolkit's own output. Errors still raise."""
+    loggers = [logging.getLogger(n) for n in ("tf2onnx", "torch.onnx", "onnxscript", "torch.export", "torch._dynamo")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            total += int(info.get("length", 0))
+        else:
+            total += (
+                int(np.prod(t.dims, dtype=np.int64))
+                * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+            )
+    return total
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Save, with external data in ``<path>.data`` when the weights are large."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    if initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(
+            model,
+            path,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+            size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, path)
+
+
+def check_model(path: Path) -> None:
+    """onnx.checker (full check, including shape inference) on a saved file."""
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from all_nodes(attr.g)
+            for g in attr.graphs:
+                yield from all_nodes(g)
+
+
+@dataclasses.dataclass
+class ExportReport:
+    exporter: str
+    path: Path
+    opset: int
+    op_histogram: dict[str, int]
+    parameters: int
+    file_bytes: int
+    inputs: list[str]
+    outputs: list[str]
+    warnings: list[str]
+
+    def render(self) -> str:
+        size = self.file_bytes / 2**20
+        ops = ", ".join(f"{op} {n}" for op, n in sorted(self.op_histogram.items(), key=lambda kv: (-kv[1], kv[0])))
+        lines = [
+            f"{self.exporter}: {self.path} (opset {self.opset}, {self.parameters:,} parameters, {size:,.1f} MB)",
+            f"  inputs {self.inputs} -> outputs {self.outputs}",
+            f"  ops: {ops}",
+        ]
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def describe(path: Path, exporter: str) -> ExportReport:
+    """Op-type histogram, parameter count, size on disk and slow-op warnings of a file."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    histogram = collections.Counter(node.op_type for node in all_nodes(model.graph))
+    parameters = sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer)
+    data = path.with_name(path.name + ".data")
+    file_bytes = os.path.getsize(path) + (os.path.getsize(data) if data.exists() else 0)
+    warnings = [f"{n} x {op}: {SLOW_OPS[op]}" for op, n in sorted(histogram.items()) if op in SLOW_OPS]
+    warnings += [
+        f"{n} x {op}: sequence ops (unsupported by TensorRT)"
+        for op, n in sorted(histogram.items())
+        if op.startswith(SEQUENCE_PREFIX)
+    ]
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return ExportReport(
+        exporter=exporter,
+        path=path,
+        opset=opset,
+        op_histogram=dict(histogram),
+        parameters=parameters,
+        file_bytes=file_bytes,
+        inputs=[i.name for i in model.graph.input],
+        outputs=[o.name for o in model.graph.output],
+        warnings=warnings,
+    )
+
+
+def replace_inputs_with_initializers(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> None:
+    """Turn graph inputs into initializers holding ``arrays`` (by input name)."""
+    graph = model.graph
+    names = {i.name for i in graph.input}
+    missing = sorted(set(arrays) - names)
+    if missing:
+        raise ValueError(f"no graph inputs named {missing}; inputs: {sorted(names)}")
+    keep = [i for i in graph.input if i.name not in arrays]
+    del graph.input[:]
+    graph.input.extend(keep)
+    for name, array in arrays.items():
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+
+
+def rename_values(model: onnx.ModelProto, mapping: dict[str, str]) -> None:
+    """Rename graph values (inputs, outputs, initializers, node edges) in place."""
+    graph = model.graph
+    for node in all_nodes(graph):
+        node.input[:] = [mapping.get(n, n) for n in node.input]
+        node.output[:] = [mapping.get(n, n) for n in node.output]
+    for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+        value.name = mapping.get(value.name, value.name)
+
+
+def order_outputs(model: onnx.ModelProto, names: list[str]) -> None:
+    """Keep exactly the graph outputs ``names``, in that order."""
+    by_name = {o.name: o for o in model.graph.output}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise ValueError(f"graph has no outputs {missing}; it has {sorted(by_name)}")
+    ordered = [by_name[n] for n in names]
+    del model.graph.output[:]
+    model.graph.output.extend(ordered)

@@ -1,0 +1,109 @@
+"""Keras port -> ONNX: through tf2onnx, and through Keras' own ``model.export``."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from conformance.export import TAPS, ExportError, ModelSpec
+from conformance.export.onnx_files import (
+    order_outputs,
+    quiet_exporters,
+    rename_values,
+    replace_inputs_with_initializers,
+    save_model,
+)
+from pkm_models.convert import pkm_layers, set_keras_weights
+from pkm_models.weights import make_weights, weight_shapes
+
+TF2ONNX_MAX_OPSET = 18
+
+
+def _check_opset(exporter: str, opset: int) -> None:
+    if opset > TF2ONNX_MAX_OPSET:
+        raise ExportError(f"{exporter}: tf2onnx 1.17 supports opsets up to {TF2ONNX_MAX_OPSET}, got {opset}")
+
+
+# Keras' own export captures every weight as a graph constant; tf2onnx then holds several
+# copies of each. At the xlm size (805 MB of values) that exhausted 24 GB.
+KERAS_EXPORT_MAX_BYTES = 256 << 20
+
+
+def export_tf2onnx(spec: ModelSpec, path: Path, opset: int, tapped: bool) -> None:
+    """tf2onnx on a ``tf.function`` that takes the weights as inputs.
+
+    Converting with the weights captured as constants makes tf2onnx hold several copies
+    of the value table (it exhausted 24 GB at the xlm size). Here every weight is a graph
+    input during conversion (``Layer.stateless_call``), and becomes an initializer, with
+    external data when large, afterwards.
+    """
+    import tensorflow as tf
+    import tf2onnx
+
+    _check_opset("tf2onnx", opset)
+    from pkm_models.keras_pkm import build_keras_model
+
+    model = build_keras_model(spec.config, spec.layers, spec.seed)
+    layers = pkm_layers(model)
+    groups = [(list(layer.trainable_variables), list(layer.non_trainable_variables)) for layer in layers]
+    variables = [(layer, v) for layer, (tv, ntv) in zip(layers, groups, strict=True) for v in (*tv, *ntv)]
+    signature = [tf.TensorSpec((None, None, spec.config.input_dim), tf.float32, name="input")]
+    signature += [tf.TensorSpec(v.shape, v.dtype, name=f"w{i}") for i, (_, v) in enumerate(variables)]
+
+    def forward(input, *weights):
+        x, it = input, iter(weights)
+        for i, (layer, (tv, ntv)) in enumerate(zip(layers, groups, strict=True)):
+            trainable, non_trainable = [next(it) for _ in tv], [next(it) for _ in ntv]
+            last = i == len(layers) - 1
+            x, _ = layer.stateless_call(trainable, non_trainable, x, return_taps=tapped and last)
+        return dict(x) if tapped else {"output": x}
+
+    with quiet_exporters():
+        proto, _ = tf2onnx.convert.from_function(
+            tf.function(forward, input_signature=signature), input_signature=signature, opset=opset
+        )
+    replace_inputs_with_initializers(proto, {f"w{i}": np.asarray(v.numpy()) for i, (_, v) in enumerate(variables)})
+    rename_values(proto, {f"w{i}": f"{layer.name}/{v.name}" for i, (layer, v) in enumerate(variables)})
+    order_outputs(proto, list(TAPS) if tapped else ["output"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(proto, path)
+
+
+def export_keras(spec: ModelSpec, path: Path, opset: int, tapped: bool) -> None:
+    """Keras 3's ``model.export(path, format="onnx")`` on a functional model."""
+    import keras
+
+    from pkm_models.keras_pkm import ProductKeyMemory
+
+    _check_opset("keras", opset)
+    weight_bytes = spec.layers * sum(int(np.prod(s)) * 4 for s in weight_shapes(spec.config).values())
+    if weight_bytes > KERAS_EXPORT_MAX_BYTES:
+        raise ExportError(
+            f"keras: model.export captures all {weight_bytes / 2**20:,.0f} MB of weights as graph constants and "
+            f"tf2onnx copies them several times (24 GB were not enough at the xlm size); this exporter is limited "
+            f"to {KERAS_EXPORT_MAX_BYTES >> 20} MB. Use the tf2onnx exporter for large models."
+        )
+    inputs = keras.Input((None, spec.config.input_dim), name="input")
+    x = inputs
+    layers = [ProductKeyMemory.from_pkm_config(spec.config, name=f"pkm_{i}") for i in range(spec.layers)]
+    for layer in layers[:-1]:
+        x = layer(x)
+    if tapped:
+        taps = layers[-1](x, return_taps=True)
+        outputs = [taps[name] for name in TAPS]
+    else:
+        outputs = [layers[-1](x)]
+    model = keras.Model(inputs, outputs)
+    set_keras_weights(model, make_weights(spec.config, spec.seed, layers=spec.layers))
+    model(np.zeros((2, 3, spec.config.input_dim), np.float32))  # export needs a called model
+    with tempfile.TemporaryDirectory() as tmp, quiet_exporters():
+        raw = Path(tmp) / "keras.onnx"
+        model.export(str(raw), format="onnx", verbose=False, opset_version=opset)
+        proto = onnx.load(str(raw))
+    names = list(TAPS) if tapped else ["output"]
+    rename_values(proto, {o.name: n for o, n in zip(proto.graph.output, names, strict=True)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(proto, path)

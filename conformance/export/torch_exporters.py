@@ -1,0 +1,110 @@
+"""PyTorch -> ONNX: the two stock exporters on the reference, and the loop-free export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from conformance.export import TAPS, ModelSpec
+from conformance.export.onnx_files import EXTERNAL_DATA_THRESHOLD, quiet_exporters, save_model
+from pkm_models.torch_fast import fast_module
+from pkm_models.torch_pkm import build_torch_model
+
+
+class _Deployment(nn.Module):
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, input):
+        return self.module(input)
+
+
+class _Tapped(nn.Module):
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, input):
+        taps = self.module(input, return_taps=True)
+        return tuple(taps[name] for name in TAPS)
+
+
+def _wrapped(spec: ModelSpec, tapped: bool, fast: bool) -> nn.Module:
+    module = build_torch_model(spec.config, spec.layers, spec.seed).eval()
+    if fast:
+        module = fast_module(module)
+    return (_Tapped if tapped else _Deployment)(module).eval()
+
+
+def _example(spec: ModelSpec) -> torch.Tensor:
+    # batch and sequence sizes distinct from each other and from 1, so neither is specialised
+    return torch.zeros(2, 3, spec.config.input_dim)
+
+
+def _weight_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _dynamic_axes(spec: ModelSpec, tapped: bool) -> dict[str, dict[int, str]]:
+    axes = {"input": {0: "batch", 1: "sequence"}, "output": {0: "batch", 1: "sequence"}}
+    if tapped:
+        axes.update({name: {0: "rows"} for name in TAPS if name != "output"})
+    return axes
+
+
+def _export_dynamo(module: nn.Module, spec: ModelSpec, path: Path, opset: int, tapped: bool) -> None:
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    with quiet_exporters():
+        program = torch.onnx.export(
+            module,
+            (_example(spec),),
+            dynamo=True,
+            input_names=["input"],
+            output_names=spec.output_names(tapped),
+            dynamic_shapes={"input": {0: batch, 1: sequence}},
+            opset_version=opset,
+            optimize=True,
+            verbose=False,
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path), external_data=_weight_bytes(module) > EXTERNAL_DATA_THRESHOLD)
+
+
+def export_dynamo(spec: ModelSpec, path: Path, opset: int, tapped: bool) -> None:
+    """``torch.onnx.export(dynamo=True)`` of the reference (EmbeddingBag -> Loop)."""
+    _export_dynamo(_wrapped(spec, tapped, fast=False), spec, path, opset, tapped)
+
+
+def export_fast(spec: ModelSpec, path: Path, opset: int, tapped: bool) -> None:
+    """The loop-free forward (:mod:`pkm_models.torch_fast`) through the dynamo exporter."""
+    _export_dynamo(_wrapped(spec, tapped, fast=True), spec, path, opset, tapped)
+
+
+def export_torchscript(spec: ModelSpec, path: Path, opset: int, tapped: bool) -> None:
+    """The TorchScript (tracing) exporter, ``dynamo=False``, on the reference."""
+    module = _wrapped(spec, tapped, fast=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    large = _weight_bytes(module) > EXTERNAL_DATA_THRESHOLD
+    target = path.with_name(path.stem + ".tmp") / path.name if large else path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with quiet_exporters():
+        torch.onnx.export(
+            module,
+            (_example(spec),),
+            str(target),
+            dynamo=False,
+            input_names=["input"],
+            output_names=spec.output_names(tapped),
+            dynamic_axes=_dynamic_axes(spec, tapped),
+            opset_version=opset,
+        )
+    if large:  # the exporter writes one file per tensor: gather them into one data file
+        model = onnx.load(str(target))
+        save_model(model, path)
+        for f in target.parent.iterdir():
+            f.unlink()
+        target.parent.rmdir()

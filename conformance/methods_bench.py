@@ -1,0 +1,102 @@
+"""Time and peak memory of the Keras port's weighted-sum methods.
+
+    python -m conformance.methods_bench [--preset xlm] [--shape 4,128,768] [--runs 10]
+
+Each (method, mode) runs in its own process. Peak memory is the rise of the process's
+resident-set high-water mark over what it held once the weights were loaded, through the
+warm-up pass (tracing, compilation) and the timed passes (Linux: the mark is reset through
+/proc/self/clear_refs). Allocators keep freed memory, so it is the first pass that counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODES = ("eager", "function", "xla")
+
+
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _measure(preset: str, shape: tuple[int, ...], method: str, mode: str, runs: int) -> dict:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import gc
+
+    import numpy as np
+    import tensorflow as tf
+
+    from pkm_models import get_preset
+    from pkm_models.keras_pkm import build_keras_model
+    from pkm_models.weights import make_input
+
+    config = get_preset(preset).config
+    model = build_keras_model(config, method=method)
+    layer = model.layers[0]
+    x = tf.constant(make_input(shape, seed=0))
+    fn = layer if mode == "eager" else tf.function(layer, jit_compile=(mode == "xla"))
+    gc.collect()
+    base = _rss_mb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    np.asarray(fn(x))  # warm-up (and tracing / compilation), counted in the peak
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        np.asarray(fn(x))
+        times.append(time.perf_counter() - t0)
+    return {
+        "method": method,
+        "mode": mode,
+        "median_ms": 1e3 * statistics.median(times),
+        "peak_extra_mb": _rss_mb("VmHWM") - base,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m conformance.methods_bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="xlm")
+    parser.add_argument("--shape", default=None, help="input shape, e.g. 4,128,768 (default: the preset's)")
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--one", nargs=2, metavar=("METHOD", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    from pkm_models import get_preset
+    from pkm_models.keras_pkm import METHODS
+
+    shape = tuple(int(s) for s in args.shape.split(",")) if args.shape else get_preset(args.preset).input_shape
+    if args.one:
+        print(json.dumps(_measure(args.preset, shape, *args.one, args.runs)))
+        return 0
+    rows = []
+    for method in METHODS:
+        for mode in MODES:
+            cmd = [sys.executable, "-m", "conformance.methods_bench", "--preset", args.preset]
+            cmd += ["--shape", ",".join(map(str, shape)), "--runs", str(args.runs), "--one", method, mode]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode:
+                print(f"{method} {mode}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+                continue
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(
+                f"{method:>10} {mode:>8}: {row['median_ms']:8.1f} ms  peak +{row['peak_extra_mb']:7.0f} MB", flush=True
+            )
+    print(f"\npreset {args.preset}, input {shape}, median of {args.runs} runs")
+    print("| method | mode | median (ms) | peak extra memory (MB) |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['mode']} | {r['median_ms']:.1f} | {r['peak_extra_mb']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

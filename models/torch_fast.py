@@ -1,0 +1,90 @@
+"""A loop-free forward of the reference, for export.
+
+``nn.EmbeddingBag(per_sample_weights=...)`` becomes an ONNX ``Loop`` over the bags in
+both stock exporters, and the reference's per-head Python loop becomes one ``TopK`` chain
+per head. :class:`FastHashingMemory` computes the same function with plain tensor ops:
+one batched matmul for every head's sub-key scores, one ``TopK`` per selection stage
+for all heads, and the weighted sum as ``Gather`` followed by a batched ``MatMul``. It
+shares its parameters with the reference module it wraps (no copy), runs in inference
+mode only, and its numerical identity with the reference is tested
+(``tests/models/test_torch_fast.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pkm_models.torch_pkm import HashingMemory, PKMStack
+
+
+class FastHashingMemory(nn.Module):
+    """Inference-mode ``HashingMemory`` forward without loops. Same taps, same outputs."""
+
+    def __init__(self, reference: HashingMemory):
+        super().__init__()
+        self.reference = reference
+        c = reference.config
+        self.heads, self.k_dim, self.knn, self.n_keys, self.v_dim = c.heads, c.k_dim, c.knn, c.n_keys, c.v_dim
+        self.input_dim = c.input_dim
+
+    def forward(self, input: torch.Tensor, return_taps: bool = False):
+        ref = self.reference
+        heads, k_dim, knn, half = self.heads, self.k_dim, self.knn, self.k_dim // 2
+        prefix_shape = input.shape[:-1]
+
+        # query: (bs,heads*k_dim), batchnorm with running statistics
+        query = ref.query_proj(input.reshape(-1, self.input_dim))  # (bs,heads*k_dim)
+
+        # sub-key scores of every head and half in one batched matmul
+        q = query.reshape(-1, heads * 2, half).transpose(0, 1)  # (heads*2,bs,half)
+        subkeys = ref.keys.reshape(heads * 2, self.n_keys, half).transpose(1, 2)  # (heads*2,half,n_keys)
+        sub_scores = torch.matmul(q, subkeys)  # (heads*2,bs,n_keys)
+        sub_s, sub_i = sub_scores.topk(knn, dim=-1)  # (heads*2,bs,knn)
+        sub_s = sub_s.reshape(heads, 2, -1, knn).permute(2, 0, 1, 3)  # (bs,heads,2,knn)
+        sub_i = sub_i.reshape(heads, 2, -1, knn).permute(2, 0, 1, 3)  # (bs,heads,2,knn)
+
+        # cartesian product of each half's candidates, then the final top-k
+        all_scores = (sub_s[:, :, 0, :, None] + sub_s[:, :, 1, None, :]).reshape(-1, heads, knn * knn)
+        all_indices = (sub_i[:, :, 0, :, None] * self.n_keys + sub_i[:, :, 1, None, :]).reshape(-1, heads, knn * knn)
+        scores, best = all_scores.topk(knn, dim=-1)  # (bs,heads,knn)
+        indices = all_indices.gather(-1, best)  # (bs,heads,knn)
+        weights = F.softmax(scores, dim=-1)  # (bs,heads,knn)
+
+        # weighted sum of the selected value rows: Gather + batched MatMul
+        flat_indices = indices.reshape(-1, heads * knn)  # (bs,heads*knn)
+        rows = F.embedding(flat_indices, ref.values.weight)  # (bs,heads*knn,v_dim)
+        output = torch.matmul(weights.reshape(-1, 1, heads * knn), rows).squeeze(1)  # (bs,v_dim)
+        if len(prefix_shape) >= 2:
+            output = output.reshape(*prefix_shape, self.v_dim)  # (...,v_dim)
+
+        if return_taps:
+            return {
+                "query": query.reshape(-1, k_dim),
+                "scores": scores.reshape(-1, knn),
+                "indices": indices.reshape(-1, knn),
+                "weights": weights.reshape(-1, knn),
+                "output": output,
+            }
+        return output
+
+
+class FastPKMStack(nn.Module):
+    def __init__(self, reference: PKMStack):
+        super().__init__()
+        self.layers = nn.ModuleList(FastHashingMemory(layer) for layer in reference.layers)
+
+    def forward(self, input: torch.Tensor, return_taps: bool = False):
+        for layer in self.layers[:-1]:
+            input = layer(input)
+        return self.layers[-1](input, return_taps=return_taps)
+
+
+def fast_module(reference: nn.Module) -> nn.Module:
+    """The loop-free twin of a ``HashingMemory`` or ``PKMStack`` (sharing its parameters)."""
+    if isinstance(reference, HashingMemory):
+        return FastHashingMemory(reference).eval()
+    if isinstance(reference, PKMStack):
+        return FastPKMStack(reference).eval()
+    raise TypeError(f"expected HashingMemory or PKMStack, got {type(reference).__name__}")

@@ -1,0 +1,79 @@
+"""Every exporter: checker-clean, dynamic batch and sequence, same function as the native models."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from conformance.export import EXPORTER_NAMES, TAPS, ExportError, ModelSpec, export
+from pkm_models import get_preset
+from pkm_models.torch_pkm import build_torch_model
+from pkm_models.weights import make_input
+from tests.models.helpers import assert_taps_match
+
+SPEC = ModelSpec.from_preset(get_preset("tiny"), seed=3)
+# batch 1, and a sequence length never seen at export time (the example input is (2, 3))
+SHAPES = [(1, 1), (2, 3), (4, 17)]
+
+
+def _session(path):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return build_torch_model(SPEC.config, SPEC.layers, SPEC.seed).eval()
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+@pytest.mark.parametrize("exporter", EXPORTER_NAMES)
+def test_tapped_export_matches_the_reference(tmp_path, reference, exporter, opset):
+    report = export(SPEC, exporter, tmp_path, opset=opset, tapped=True)
+    assert report.opset == opset and report.outputs == list(TAPS)
+    model = onnx.load(str(report.path))
+    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert isinstance(dims[0], str) and isinstance(dims[1], str) and dims[2] == SPEC.config.input_dim
+    session = _session(report.path)
+    weights = dict(reference.state_dict())
+    for shape in SHAPES:
+        x = make_input((*shape, SPEC.config.input_dim), seed=sum(shape))
+        got = dict(zip(TAPS, session.run(None, {"input": x}), strict=True))
+        with torch.no_grad():
+            ref = {k: v.numpy() for k, v in reference(torch.from_numpy(x), return_taps=True).items()}
+        assert got["output"].shape == (*shape, SPEC.config.output_dim)
+        assert_taps_match(ref, got, {k: v.numpy() for k, v in weights.items()}, SPEC.config, atol=1e-5)
+
+
+@pytest.mark.parametrize("exporter", EXPORTER_NAMES)
+def test_deployment_export_has_one_output(tmp_path, reference, exporter):
+    report = export(SPEC, exporter, tmp_path, tapped=False)
+    assert report.outputs == ["output"]
+    x = make_input((3, 5, SPEC.config.input_dim), seed=1)
+    (got,) = _session(report.path).run(None, {"input": x})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, reference(torch.from_numpy(x)).numpy(), atol=1e-5)
+
+
+def test_only_the_fast_export_is_loop_free(tmp_path):
+    slow_ops = {"Loop", "If", "Scan"}
+    for exporter in ("torch-fast", "torch-dynamo", "torch-script"):
+        report = export(SPEC, exporter, tmp_path)
+        ops = set(report.op_histogram)
+        found = ops & slow_ops | {op for op in ops if op.startswith("Sequence")}
+        if exporter == "torch-fast":
+            assert not found and not report.warnings
+        else:
+            assert "Loop" in found and any("Loop" in w for w in report.warnings)
+
+
+def test_bad_requests(tmp_path):
+    with pytest.raises(ExportError, match=r"unknown exporter\(s\) \['onnx-magic'\]; available: \['torch-dynamo'"):
+        export(SPEC, "onnx-magic", tmp_path)
+    with pytest.raises(ExportError, match="opset 9 is not supported"):
+        export(SPEC, "torch-fast", tmp_path, opset=9)
+    with pytest.raises(ExportError, match=r"tf2onnx 1\.17 supports opsets up to 18, got 20"):
+        export(SPEC, "tf2onnx", tmp_path, opset=20)
