@@ -52,6 +52,168 @@ def _run_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- shared options -----------------------------------------------------------------------
+def _add_store_options(p) -> None:
+    p.add_argument("--golden-dir", default=None, help="golden store (default: ./golden)")
+    p.add_argument("--cases-dir", default=None, help="case files (default: ./conformance/cases)")
+
+
+def _load(args: argparse.Namespace):
+    """The golden store, the selected cases and the tolerance policy."""
+    from pathlib import Path
+
+    from conformance.cases import default_cases_dir, load_cases
+    from conformance.golden import GoldenStore
+    from conformance.paths import PATH_NAMES
+    from conformance.tolerances import load_policy
+
+    store = GoldenStore(Path(args.golden_dir) if args.golden_dir else None)
+    cases_dir = Path(args.cases_dir) if args.cases_dir else default_cases_dir()
+    cases = load_cases(cases_dir, args.cases)
+    known = [p.stem for p in cases_dir.glob("*.toml")]
+    policy = load_policy(store.root / "tolerances.toml", PATH_NAMES, known)
+    return store, cases, policy
+
+
+# --- run -----------------------------------------------------------------------------------
+def _add_run(sub) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run every execution path on every case and compare with the golden tensors",
+        description="Run the selected execution paths on the selected cases, compare every tap with the "
+        "golden under golden/tolerances.toml, and report. Exit 0: every available path conforms; "
+        "1: some path fails or errors; 2: bad usage or bad data.",
+        epilog="example: python -m conformance run --case tiny --path 'ort-cpu*' --report-dir reports/",
+    )
+    p.add_argument(
+        "--case", action="append", dest="cases", metavar="NAME", help="case to run (repeatable; default all)"
+    )
+    p.add_argument(
+        "--path", action="append", dest="paths", metavar="GLOB", help="paths to run (repeatable; default all)"
+    )
+    p.add_argument(
+        "--require", action="append", metavar="GLOB", help="paths that must be available (unavailable = failure)"
+    )
+    p.add_argument("--report-dir", default=None, help="write report.json, junit.xml and report.md here")
+    p.add_argument("--verbose", action="store_true", help="per-tap rows, third-party logs")
+    _add_store_options(p)
+    p.set_defaults(func=_run_run)
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from conformance.paths import select_paths
+    from conformance.report import table, write_reports
+    from conformance.runner import run_conformance
+
+    paths = select_paths(args.paths)
+    if args.require:
+        select_paths(args.require)  # every --require glob must name a path
+    store, cases, policy = _load(args)
+    result = run_conformance(
+        cases, paths, store, policy, require=args.require, progress=lambda m: print(m, file=sys.stderr, flush=True)
+    )
+    print(table(result, verbose=args.verbose))
+    if args.report_dir:
+        for path in write_reports(result, args.report_dir):
+            print(f"wrote {path}")
+    return EXIT_OK if result.ok else EXIT_FAIL
+
+
+# --- golden --------------------------------------------------------------------------------
+def _add_golden(sub) -> None:
+    p = sub.add_parser("golden", help="regenerate or verify the golden tensors")
+    gsub = p.add_subparsers(dest="golden_command", required=True, metavar="ACTION")
+    r = gsub.add_parser(
+        "regenerate",
+        help="recompute goldens from the PyTorch reference (atomic; shows the drift)",
+        description="Recompute each case's golden from the PyTorch reference on CPU in float32. Prints the "
+        "drift against the stored golden per tap and keeps the old golden when it drifted beyond tolerance, "
+        "unless --accept-drift. Writes beside the old golden and swaps atomically.",
+        epilog="example: python -m conformance golden regenerate --case tiny",
+    )
+    r.add_argument("--case", action="append", dest="cases", metavar="NAME", help="case (repeatable; default all)")
+    r.add_argument("--accept-drift", action="store_true", help="replace goldens even if they drifted beyond tolerance")
+    _add_store_options(r)
+    r.set_defaults(func=_run_regenerate)
+    v = gsub.add_parser(
+        "verify",
+        help="check every golden file against the sha256 in its case.json",
+        epilog="example: python -m conformance golden verify",
+    )
+    v.add_argument("--case", action="append", dest="cases", metavar="NAME", help="case (repeatable; default all)")
+    _add_store_options(v)
+    v.set_defaults(func=_run_verify)
+
+
+def _run_regenerate(args: argparse.Namespace) -> int:
+    from conformance.runner import DriftError, regenerate
+
+    store, cases, policy = _load(args)
+    refused = []
+    with store.lock():
+        for leftover in store.cleanup_leftovers():
+            print(f"removed {leftover} left by an interrupted regeneration", file=sys.stderr)
+        for case in cases:
+            try:
+                regenerate(case, store, policy, accept_drift=args.accept_drift, progress=print)
+            except DriftError as exc:
+                print(f"refused: {exc}", file=sys.stderr)
+                refused.append(case.name)
+    return EXIT_FAIL if refused else EXIT_OK
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from conformance.golden import GoldenError
+
+    store, cases, _ = _load(args)
+    problems = 0
+    for case in cases:
+        try:
+            meta = store.verify(case.name)
+            print(f"{case.name}: ok ({len(meta['sha256'])} files)")
+        except GoldenError as exc:
+            problems += 1
+            print(f"{case.name}: {exc}", file=sys.stderr)
+    if problems:
+        print(f"{problems} corrupt or missing golden(s)", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+# --- listings ------------------------------------------------------------------------------
+def _add_listings(sub) -> None:
+    p = sub.add_parser("paths", help="list every execution path, and why it cannot run here if it cannot")
+    p.set_defaults(func=_run_paths)
+    c = sub.add_parser("cases", help="list the cases")
+    c.add_argument("--cases-dir", default=None, help="case files (default: ./conformance/cases)")
+    c.set_defaults(func=_run_cases)
+
+
+def _run_paths(args: argparse.Namespace) -> int:
+    from conformance.paths import PATHS, PathUnavailable
+
+    probe = None
+    width = max(len(p.name) for p in PATHS)
+    for path in PATHS:
+        try:
+            path.check(probe)
+            print(f"{path.name:<{width}}  available")
+        except PathUnavailable as exc:
+            print(f"{path.name:<{width}}  unavailable: {exc}")
+    return EXIT_OK
+
+
+def _run_cases(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from conformance.cases import default_cases_dir, load_cases
+
+    for case in load_cases(Path(args.cases_dir) if args.cases_dir else default_cases_dir()):
+        shape = "x".join(map(str, case.input_shape))
+        print(f"{case.name:<10} input {shape:<12} {case.description}")
+    return EXIT_OK
+
+
 # --- export -------------------------------------------------------------------------------
 def _add_export(sub) -> None:
     from conformance.export import DEFAULT_OPSET, EXPORTER_NAMES
@@ -120,8 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
+    _add_golden(sub)
     _add_export(sub)
     _add_convert(sub)
+    _add_listings(sub)
     return parser
 
 

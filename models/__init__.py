@@ -4,7 +4,7 @@ Imported as ``pkm_models``. The framework modules (``torch_pkm``, ``keras_pkm``)
 separate so that using one framework never imports the other.
 """
 
-from pkm_models.config import PRESETS, ConfigError, PKMConfig, Preset, get_preset
+from pkm_models.config import PRESETS, TAPS, ConfigError, PKMConfig, Preset, get_preset
 from pkm_models.weights import make_weights
 
-__all__ = ["PRESETS", "ConfigError", "PKMConfig", "Preset", "get_preset", "make_weights"]
+__all__ = ["PRESETS", "TAPS", "ConfigError", "PKMConfig", "Preset", "get_preset", "make_weights"]

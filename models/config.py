@@ -11,6 +11,10 @@ from typing import Any
 
 from pkm_models.errors import PKMError
 
+# The named tensors every implementation and export can return, in pipeline order:
+# query (bs*heads, k_dim), scores / indices / weights (bs*heads, knn), output (..., v_dim).
+TAPS = ("query", "scores", "indices", "weights", "output")
+
 
 class ConfigError(PKMError, ValueError):
     """A config field is missing, unknown, of the wrong type or out of range."""

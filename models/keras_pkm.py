@@ -25,7 +25,6 @@ from keras import ops
 from pkm_models.config import ConfigError, PKMConfig
 
 METHODS = ("einsum", "reduce_sum", "accumulate")
-TAPS = ("query", "scores", "indices", "weights", "output")
 
 
 def _check_stackable(config: PKMConfig, layers: int) -> None:

@@ -27,8 +27,6 @@ from torch.nn import functional as F
 from pkm_models.config import ConfigError, PKMConfig
 from pkm_models.weights import make_weights
 
-TAPS = ("query", "scores", "indices", "weights", "output")
-
 
 class HashingMemory(nn.Module):
     """Product-key memory layer (Lample et al. 2019), as in XLM's notebook.

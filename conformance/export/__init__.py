@@ -14,38 +14,25 @@ Adding an exporter is a function in one of the family modules and a line in
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
 from conformance.export.onnx_files import ExportReport, check_model, describe
-from pkm_models.config import PKMConfig, Preset
+from conformance.spec import ModelSpec
+from pkm_models.config import TAPS
 from pkm_models.errors import PKMError
 
 DEFAULT_OPSET = 18
 SUPPORTED_OPSETS = range(17, 21)
-TAPS = ("query", "scores", "indices", "weights", "output")
+__all__ = ["DEFAULT_OPSET", "EXPORTER_NAMES", "TAPS", "ExportError", "ExportUnsupported", "ModelSpec", "export"]
 
 
 class ExportError(PKMError):
     """An export that cannot be made, or one that was made wrong."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """What to export: ``layers`` PKM layers of ``config`` with the weights of ``seed``."""
-
-    name: str
-    config: PKMConfig
-    layers: int = 1
-    seed: int = 0
-
-    @classmethod
-    def from_preset(cls, preset: Preset, seed: int = 0) -> ModelSpec:
-        return cls(name=preset.name, config=preset.config, layers=preset.layers, seed=seed)
-
-    def output_names(self, tapped: bool) -> list[str]:
-        return list(TAPS) if tapped else ["output"]
+class ExportUnsupported(ExportError):
+    """An exporter that cannot handle this model at all (for example, its size)."""
 
 
 Exporter = Callable[[ModelSpec, Path, int, bool], None]

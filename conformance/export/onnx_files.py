@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -147,18 +148,45 @@ def describe(path: Path, exporter: str) -> ExportReport:
     )
 
 
-def replace_inputs_with_initializers(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> None:
-    """Turn graph inputs into initializers holding ``arrays`` (by input name)."""
+def replace_inputs_with_initializers(
+    model: onnx.ModelProto, arrays: Iterable[tuple[str, np.ndarray]], path: Path, total_bytes: int
+) -> None:
+    """Turn graph inputs into initializers holding ``arrays`` (pairs of input name and
+    array, consumed one at a time) and save the model to ``path``.
+
+    Large weights are written straight into ``<path>.data`` and referenced as external
+    data, so no second in-memory copy of them is ever made (a model of several GB is
+    saved with a few MB of extra memory).
+    """
     graph = model.graph
-    names = {i.name for i in graph.input}
-    missing = sorted(set(arrays) - names)
-    if missing:
-        raise ValueError(f"no graph inputs named {missing}; inputs: {sorted(names)}")
-    keep = [i for i in graph.input if i.name not in arrays]
+    inputs = {i.name for i in graph.input}
+    external = total_bytes > EXTERNAL_DATA_THRESHOLD
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    replaced = set()
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(open(data, "wb")) if external else None
+        for name, array in arrays:
+            if name not in inputs:
+                raise ValueError(f"no graph input named {name!r}; inputs: {sorted(inputs)}")
+            array = np.ascontiguousarray(array)
+            if sink is None:
+                graph.initializer.append(numpy_helper.from_array(array, name))
+            else:
+                tensor = onnx.TensorProto(name=name, dims=array.shape)
+                tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+                offset = sink.tell()
+                array.tofile(sink)
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", data.name), ("offset", offset), ("length", array.nbytes)):
+                    tensor.external_data.add(key=key, value=str(value))
+                graph.initializer.append(tensor)
+            replaced.add(name)
+    keep = [i for i in graph.input if i.name not in replaced]
     del graph.input[:]
     graph.input.extend(keep)
-    for name, array in arrays.items():
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+    onnx.save_model(model, path)
 
 
 def rename_values(model: onnx.ModelProto, mapping: dict[str, str]) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from conformance.export import TAPS, ExportError, ModelSpec
+from conformance.export import TAPS, ExportError, ExportUnsupported, ModelSpec
 from conformance.export.onnx_files import (
     order_outputs,
     quiet_exporters,
@@ -16,8 +17,7 @@ from conformance.export.onnx_files import (
     replace_inputs_with_initializers,
     save_model,
 )
-from pkm_models.convert import pkm_layers, set_keras_weights
-from pkm_models.weights import make_weights, weight_shapes
+from pkm_models.convert import pkm_layers, set_keras_weights, split_layers, torch_to_keras
 
 TF2ONNX_MAX_OPSET = 18
 
@@ -37,16 +37,27 @@ def export_tf2onnx(spec: ModelSpec, path: Path, opset: int, tapped: bool) -> Non
 
     Converting with the weights captured as constants makes tf2onnx hold several copies
     of the value table (it exhausted 24 GB at the xlm size). Here every weight is a graph
-    input during conversion (``Layer.stateless_call``), and becomes an initializer, with
-    external data when large, afterwards.
+    input during conversion (``Layer.stateless_call``); the weights are written into the
+    file as initializers afterwards (as external data when large), one at a time.
     """
+    _check_opset("tf2onnx", opset)
+    proto, keras_names = _convert_structure(spec, opset, tapped)
+    gc.collect()  # the traced Keras model and its variables are gone: make room for the weights
+    order_outputs(proto, list(TAPS) if tapped else ["output"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    replace_inputs_with_initializers(proto, _keras_named_arrays(spec, keras_names), path, spec.weight_bytes)
+
+
+def _convert_structure(spec: ModelSpec, opset: int, tapped: bool):
+    """The ONNX graph with every weight as an input named ``<layer>/<weight>``, and those
+    (layer, weight) names in input order."""
     import tensorflow as tf
     import tf2onnx
 
-    _check_opset("tf2onnx", opset)
     from pkm_models.keras_pkm import build_keras_model
 
-    model = build_keras_model(spec.config, spec.layers, spec.seed)
+    # Only the structure is traced: Keras' own initial values stand in for the weights.
+    model = build_keras_model(spec.config, spec.layers, seed=None)
     layers = pkm_layers(model)
     groups = [(list(layer.trainable_variables), list(layer.non_trainable_variables)) for layer in layers]
     variables = [(layer, v) for layer, (tv, ntv) in zip(layers, groups, strict=True) for v in (*tv, *ntv)]
@@ -65,11 +76,18 @@ def export_tf2onnx(spec: ModelSpec, path: Path, opset: int, tapped: bool) -> Non
         proto, _ = tf2onnx.convert.from_function(
             tf.function(forward, input_signature=signature), input_signature=signature, opset=opset
         )
-    replace_inputs_with_initializers(proto, {f"w{i}": np.asarray(v.numpy()) for i, (_, v) in enumerate(variables)})
     rename_values(proto, {f"w{i}": f"{layer.name}/{v.name}" for i, (layer, v) in enumerate(variables)})
-    order_outputs(proto, list(TAPS) if tapped else ["output"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_model(proto, path)
+    return proto, [(layer.name, v.name) for layer, v in variables]
+
+
+def _keras_named_arrays(spec: ModelSpec, keras_names):
+    """(initializer name, array) for each Keras weight, converted from the torch-named
+    weights layer by layer."""
+    per_layer = [torch_to_keras(w) for w in split_layers(spec.weights())]
+    layer_index = {}
+    for layer_name, weight_name in keras_names:
+        index = layer_index.setdefault(layer_name, len(layer_index))
+        yield f"{layer_name}/{weight_name}", per_layer[index].pop(weight_name)
 
 
 def export_keras(spec: ModelSpec, path: Path, opset: int, tapped: bool) -> None:
@@ -79,9 +97,9 @@ def export_keras(spec: ModelSpec, path: Path, opset: int, tapped: bool) -> None:
     from pkm_models.keras_pkm import ProductKeyMemory
 
     _check_opset("keras", opset)
-    weight_bytes = spec.layers * sum(int(np.prod(s)) * 4 for s in weight_shapes(spec.config).values())
+    weight_bytes = spec.weight_bytes
     if weight_bytes > KERAS_EXPORT_MAX_BYTES:
-        raise ExportError(
+        raise ExportUnsupported(
             f"keras: model.export captures all {weight_bytes / 2**20:,.0f} MB of weights as graph constants and "
             f"tf2onnx copies them several times (24 GB were not enough at the xlm size); this exporter is limited "
             f"to {KERAS_EXPORT_MAX_BYTES >> 20} MB. Use the tf2onnx exporter for large models."
@@ -97,7 +115,7 @@ def export_keras(spec: ModelSpec, path: Path, opset: int, tapped: bool) -> None:
     else:
         outputs = [layers[-1](x)]
     model = keras.Model(inputs, outputs)
-    set_keras_weights(model, make_weights(spec.config, spec.seed, layers=spec.layers))
+    set_keras_weights(model, spec.weights())
     model(np.zeros((2, 3, spec.config.input_dim), np.float32))  # export needs a called model
     with tempfile.TemporaryDirectory() as tmp, quiet_exporters():
         raw = Path(tmp) / "keras.onnx"

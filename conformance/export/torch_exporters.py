@@ -11,7 +11,6 @@ from torch import nn
 from conformance.export import TAPS, ModelSpec
 from conformance.export.onnx_files import EXTERNAL_DATA_THRESHOLD, quiet_exporters, save_model
 from pkm_models.torch_fast import fast_module
-from pkm_models.torch_pkm import build_torch_model
 
 
 class _Deployment(nn.Module):
@@ -34,7 +33,7 @@ class _Tapped(nn.Module):
 
 
 def _wrapped(spec: ModelSpec, tapped: bool, fast: bool) -> nn.Module:
-    module = build_torch_model(spec.config, spec.layers, spec.seed).eval()
+    module = spec.torch_model()
     if fast:
         module = fast_module(module)
     return (_Tapped if tapped else _Deployment)(module).eval()

@@ -1,0 +1,91 @@
+"""The one interface every execution path implements, and the per-case context it runs in."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from conformance.cases import Case
+from pkm_models.errors import PKMError
+
+
+class PathUnavailable(PKMError):
+    """Raised by a path that cannot run here; the message is the real reason."""
+
+
+class CaseContext:
+    """What the paths of one case share, built on first use and dropped with the case:
+    the weights, the native models, and the tapped ONNX exports."""
+
+    def __init__(self, case: Case, weights: dict[str, np.ndarray]):
+        self.case = case
+        self.weights = weights
+        self._exports: dict[str, Path | Exception] = {}
+        self._dir: Path | None = None
+
+    @cached_property
+    def torch_model(self):
+        from pkm_models.torch_pkm import build_torch_model
+
+        model = build_torch_model(self.case.config, self.case.spec.layers, seed=None)
+        model.load_weights(self.weights)
+        return model.eval()
+
+    @cached_property
+    def keras_model(self):
+        from pkm_models.convert import set_keras_weights
+        from pkm_models.keras_pkm import build_keras_model
+
+        model = build_keras_model(self.case.config, self.case.spec.layers, seed=None)
+        set_keras_weights(model, self.weights)
+        return model
+
+    def export(self, exporter: str) -> Path:
+        """The tapped export of this case by ``exporter`` (made once per case)."""
+        from conformance.export import export
+
+        if exporter not in self._exports:
+            if self._dir is None:
+                self._dir = Path(tempfile.mkdtemp(prefix=f"pkm-{self.case.name}-"))
+            try:
+                self._exports[exporter] = export(self.case.spec, exporter, self._dir, tapped=True).path
+            except Exception as exc:  # remembered: every path on this export reports it
+                self._exports[exporter] = exc
+        result = self._exports[exporter]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def close(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+        self.__dict__.pop("torch_model", None)
+        self.__dict__.pop("keras_model", None)
+
+
+Runner = Callable[[np.ndarray], dict[str, np.ndarray]]
+
+
+class ExecutionPath:
+    """One way of running the model. Subclasses set ``name`` and implement ``check``
+    (raise PathUnavailable with the reason when the path cannot run here) and
+    ``prepare``: everything that is not inference (exporting, loading a session,
+    compiling, moving weights to a device), returning a function from an input to the
+    five taps as numpy arrays. Only that function is timed."""
+
+    name: str = ""
+    family: str = ""
+
+    def check(self, case: Case | None) -> None:
+        """Raise PathUnavailable if this path cannot run ``case`` (any case if None) here."""
+
+    def prepare(self, context: CaseContext) -> Runner:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"

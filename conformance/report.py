@@ -1,0 +1,169 @@
+"""Reports of a conformance run: the terminal table, report.json, junit.xml, report.md.
+
+Files are written to a temporary name in the report folder and renamed into place, so a
+full disk or a killed run never leaves a partial report.json behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from conformance.runner import PathResult, RunResult
+from pkm_models.errors import PKMError
+
+
+class ReportError(PKMError):
+    """The report folder cannot be written."""
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2e}"
+
+
+def table(result: RunResult, verbose: bool = False) -> str:
+    header = ("case", "path", "status", "worst tap", "max abs", "max rel", "time (s)")
+    rows: list[tuple[str, ...]] = []
+    for case in result.cases:
+        for p in case.paths:
+            worst = p.worst
+            rows.append(
+                (
+                    case.name,
+                    p.name,
+                    p.status,
+                    worst.name if worst else "-",
+                    _fmt(worst.max_abs if worst else None),
+                    _fmt(worst.max_rel if worst else None),
+                    "-" if p.seconds is None else f"{p.seconds:.3f}",
+                )
+            )
+            if verbose:
+                for t in p.tensors:
+                    amb = f" ({t.ambiguous_rows} ambiguous)" if t.ambiguous_rows else ""
+                    rows.append(("", f"  {t.name}", t.status + amb, "", _fmt(t.max_abs), _fmt(t.max_rel), ""))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    notes = [
+        f"{case.name} {p.name}: {p.status}: {p.reason}"
+        for case in result.cases
+        for p in case.paths
+        if p.status in ("fail", "error") or (verbose and p.reason)
+    ]
+    counts: dict[str, int] = {}
+    for case in result.cases:
+        for p in case.paths:
+            counts[p.status] = counts.get(p.status, 0) + 1
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    blocks = [*lines, "", *notes, *([""] if notes else []), f"{'OK' if result.ok else 'FAILED'}: {summary}"]
+    return "\n".join(blocks)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def junit(result: RunResult) -> bytes:
+    suites = ET.Element("testsuites", name="pkm-conformance")
+    for case in result.cases:
+        failures = sum(p.status == "fail" for p in case.paths)
+        errors = sum(p.status == "error" for p in case.paths)
+        skipped = sum(p.status == "unavailable" for p in case.paths)
+        suite = ET.SubElement(
+            suites,
+            "testsuite",
+            name=case.name,
+            tests=str(len(case.paths)),
+            failures=str(failures),
+            errors=str(errors),
+            skipped=str(skipped),
+        )
+        for p in case.paths:
+            tc = ET.SubElement(suite, "testcase", classname=case.name, name=p.name, time=f"{p.seconds or 0:.3f}")
+            if p.status == "fail":
+                ET.SubElement(tc, "failure", message=p.reason[:500]).text = p.reason
+            elif p.status == "error":
+                ET.SubElement(tc, "error", message=p.reason[:500]).text = p.reason
+            elif p.status == "unavailable":
+                ET.SubElement(tc, "skipped", message=p.reason[:500])
+    return ET.tostring(suites, encoding="utf-8", xml_declaration=True)
+
+
+def _histogram(path: Path, case: str, p: PathResult, tap: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    errors = p.errors[tap]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    positive = errors[errors > 0]
+    if positive.size:
+        bins = np.logspace(np.log10(positive.min()), np.log10(positive.max()) + 1e-9, 40)
+        ax.hist(positive, bins=bins)
+        ax.set_xscale("log")
+    tol = next(t for t in p.tensors if t.name == tap)
+    if tol.atol:
+        ax.axvline(tol.atol, color="red", linestyle="--", label=f"atol {tol.atol:g}")
+        ax.legend()
+    ax.set_title(f"{case} / {p.name} / {tap}: |obtained - golden|")
+    ax.set_xlabel("absolute error")
+    ax.set_ylabel("elements")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def markdown(result: RunResult, folder: Path) -> bytes:
+    lines = [f"# Conformance report: {'OK' if result.ok else 'FAILED'}", ""]
+    env = result.environment
+    lines += [f"- {k}: {v}" for k, v in env.get("versions", {}).items()]
+    lines += [f"- providers: {env.get('providers')}", f"- cpu: {env.get('cpu')}", f"- gpu: {env.get('gpu')}", ""]
+    lines += ["| case | path | status | first divergence | reason |", "|---|---|---|---|---|"]
+    for case in result.cases:
+        for p in case.paths:
+            reason = p.reason.replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {case.name} | {p.name} | {p.status} | {p.first_divergence or ''} | {reason} |")
+    plots = []
+    for case in result.cases:
+        for p in case.paths:
+            for tap in p.errors:
+                safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in f"{case.name}-{p.name}-{tap}")
+                png = folder / f"{safe}.png"
+                _histogram(png, case.name, p, tap)
+                plots.append(f"### {case.name} / {p.name} / {tap}\n\n![error histogram]({png.name})\n")
+    if plots:
+        lines += ["", "## Error histograms of failing tensors", "", *plots]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def write_reports(result: RunResult, folder: Path) -> list[Path]:
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name, data in (
+            ("report.json", (json.dumps(result.to_json(), indent=2) + "\n").encode()),
+            ("junit.xml", junit(result)),
+            ("report.md", markdown(result, folder)),
+        ):
+            _atomic_write(folder / name, data)
+            written.append(folder / name)
+        return written
+    except OSError as exc:
+        raise ReportError(f"cannot write the report to {folder}: {exc.strerror or exc}") from exc

@@ -1,0 +1,85 @@
+"""What a model is, for export and for conformance: config, layer count and weights.
+
+Weights come from ``make_weights(config, seed)``, optionally with sub-keys duplicated to
+force exact score ties (the ``near-tie`` case), or from a stored ``weights.npz``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from pkm_models.config import ConfigError, PKMConfig, Preset
+from pkm_models.convert import check_weights, expected_shapes
+from pkm_models.weights import Weights, make_weights
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """``layers`` PKM layers of ``config`` with the weights of ``seed``.
+
+    ``duplicate_subkeys``: in every head and half, sub-key ``2i + 1`` is made a copy of
+    sub-key ``2i`` for ``i < duplicate_subkeys``, so that candidate scores tie exactly.
+    ``weights_file``: a ``.npz`` of torch-named weights used instead of the generated ones.
+    """
+
+    name: str
+    config: PKMConfig
+    layers: int = 1
+    seed: int = 0
+    duplicate_subkeys: int = 0
+    weights_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.duplicate_subkeys < 0 or 2 * self.duplicate_subkeys > self.config.n_keys:
+            raise ConfigError(
+                f"{self.name}: duplicate_subkeys must be in [0, n_keys/2 = {self.config.n_keys // 2}], "
+                f"got {self.duplicate_subkeys}"
+            )
+
+    @classmethod
+    def from_preset(cls, preset: Preset, seed: int = 0) -> ModelSpec:
+        return cls(name=preset.name, config=preset.config, layers=preset.layers, seed=seed)
+
+    def output_names(self, tapped: bool) -> list[str]:
+        from conformance.export import TAPS
+
+        return list(TAPS) if tapped else ["output"]
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.layers * sum(4 * int(np.prod(s)) for s in expected_shapes(self.config).values())
+
+    def generated_weights(self) -> Weights:
+        weights = make_weights(self.config, self.seed, layers=self.layers)
+        if self.duplicate_subkeys:
+            for name, array in weights.items():
+                if name == "keys" or name.endswith(".keys"):
+                    for i in range(self.duplicate_subkeys):
+                        array[:, :, 2 * i + 1] = array[:, :, 2 * i]  # (heads,2,n_keys,half)
+        return weights
+
+    def weights(self) -> Weights:
+        if self.weights_file is None:
+            return self.generated_weights()
+        with np.load(self.weights_file) as data:
+            weights = {k: data[k] for k in data.files}
+        check_weights(weights, expected_shapes(self.config, self.layers), str(self.weights_file))
+        return weights
+
+    def torch_model(self):
+        from pkm_models.torch_pkm import build_torch_model
+
+        model = build_torch_model(self.config, self.layers, seed=None)
+        model.load_weights(self.weights())
+        return model.eval()
+
+    def keras_model(self, method: str = "einsum"):
+        from pkm_models.convert import set_keras_weights
+        from pkm_models.keras_pkm import build_keras_model
+
+        model = build_keras_model(self.config, self.layers, seed=None, method=method)
+        set_keras_weights(model, self.weights())
+        return model

@@ -1,0 +1,164 @@
+"""Per-tensor tolerances from ``golden/tolerances.toml``.
+
+::
+
+    [default]                       # required: atol, rtol; statistic = "max" | "mean"
+    atol = 1e-5
+    rtol = 1e-4
+
+    [tap.query]                     # per tap
+    atol = 2e-5
+
+    [path."tf-xla-*"]               # per path (a glob over path names; [ and ] are literal)
+    atol = 5e-5
+
+    [path."ort-*".tap.output]       # per path and tap
+    atol = 1e-5
+
+    [case.xlm]                      # per case
+    atol = 3e-5
+
+    [case.xlm.tap.query]            # per case and tap
+    atol = 5e-5
+
+Later entries in this order are more specific and win: default, tap, path, path+tap,
+case, case+tap. Each entry may set any of atol, rtol and statistic. ``statistic = "max"``
+(the default) requires every element to satisfy ``|got - expected| <= atol + rtol *
+|expected|``; ``"mean"`` requires the mean absolute error to be at most atol. The
+integer ``indices`` tap always compares exactly, except in rows whose selection is
+ambiguous (a top-k margin below the ``scores`` atol, see ``conformance.compare``).
+Unknown keys, taps, cases and path globs that match no path are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from pkm_models.config import TAPS
+from pkm_models.errors import PKMError
+
+STATISTICS = ("max", "mean")
+FIELDS = ("atol", "rtol", "statistic")
+
+
+def path_matches(name: str, glob: str) -> bool:
+    """Shell-style match of a path name, with ``[`` and ``]`` literal (path names such as
+    ``ort-cpu[torch-fast]`` contain them): ``*`` and ``?`` are the wildcards."""
+    literal = "".join("[[]" if c == "[" else "[]]" if c == "]" else c for c in glob)
+    return fnmatch.fnmatchcase(name, literal)
+
+
+class ToleranceError(PKMError):
+    """A tolerance file that is missing, not TOML, or names something that does not exist."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+    statistic: str = "max"
+
+
+@dataclasses.dataclass
+class TolerancePolicy:
+    default: Tolerance
+    tap: dict[str, dict[str, Any]]
+    path: dict[str, dict[str, Any]]  # glob -> fields, with optional "tap" sub-table
+    case: dict[str, dict[str, Any]]  # name -> fields, with optional "tap" sub-table
+    source: str = "<built-in>"
+
+    def resolve(self, case: str, path: str, tap: str) -> Tolerance:
+        fields = dataclasses.asdict(self.default)
+        fields.update(_fields(self.tap.get(tap, {})))
+        for glob, entry in self.path.items():  # file order; later matching globs win
+            if path_matches(path, glob):
+                fields.update(_fields(entry))
+                fields.update(_fields(entry.get("tap", {}).get(tap, {})))
+        entry = self.case.get(case, {})
+        fields.update(_fields(entry))
+        fields.update(_fields(entry.get("tap", {}).get(tap, {})))
+        return Tolerance(**fields)
+
+
+def _fields(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if k in FIELDS}
+
+
+def _check_fields(entry: Any, where: str, allow_tap: bool) -> None:
+    if not isinstance(entry, dict):
+        raise ToleranceError(f"{where}: expected a table, got {entry!r}")
+    known = (*FIELDS, "tap") if allow_tap else FIELDS
+    unknown = sorted(set(entry) - set(known))
+    if unknown:
+        raise ToleranceError(f"{where}: unknown key(s) {unknown}; known: {list(known)}")
+    for key in ("atol", "rtol"):
+        if key in entry:
+            value = entry[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ToleranceError(f"{where}.{key}: expected a non-negative number, got {value!r}")
+    if "statistic" in entry and entry["statistic"] not in STATISTICS:
+        raise ToleranceError(f"{where}.statistic: expected one of {list(STATISTICS)}, got {entry['statistic']!r}")
+    if "tap" in entry:
+        _check_taps(entry["tap"], f"{where}.tap")
+
+
+def _check_taps(table: Any, where: str) -> None:
+    if not isinstance(table, dict):
+        raise ToleranceError(f"{where}: expected a table of taps")
+    unknown = sorted(set(table) - set(TAPS))
+    if unknown:
+        raise ToleranceError(f"{where}: unknown tap(s) {unknown}; known: {list(TAPS)}")
+    for tap, entry in table.items():
+        _check_fields(entry, f"{where}.{tap}", allow_tap=False)
+
+
+def parse_policy(
+    data: dict[str, Any], source: str, known_paths: Iterable[str], known_cases: Iterable[str]
+) -> TolerancePolicy:
+    where = source
+    unknown = sorted(set(data) - {"default", "tap", "path", "case"})
+    if unknown:
+        raise ToleranceError(f"{where}: unknown table(s) {unknown}; known: ['default', 'tap', 'path', 'case']")
+    if "default" not in data:
+        raise ToleranceError(f"{where}: a [default] table with atol and rtol is required")
+    _check_fields(data["default"], f"{where}: default", allow_tap=False)
+    missing = [k for k in ("atol", "rtol") if k not in data["default"]]
+    if missing:
+        raise ToleranceError(f"{where}: default: missing {missing}")
+    _check_taps(data.get("tap", {}), f"{where}: tap")
+    known_paths = sorted(known_paths)
+    for glob, entry in data.get("path", {}).items():
+        if not any(path_matches(p, glob) for p in known_paths):
+            raise ToleranceError(f"{where}: path {glob!r} matches no execution path; known: {known_paths}")
+        _check_fields(entry, f"{where}: path.{glob}", allow_tap=True)
+    known_cases = sorted(known_cases)
+    for name, entry in data.get("case", {}).items():
+        if name not in known_cases:
+            raise ToleranceError(f"{where}: unknown case {name!r}; known: {known_cases}")
+        _check_fields(entry, f"{where}: case.{name}", allow_tap=True)
+    return TolerancePolicy(
+        default=Tolerance(**_fields(data["default"])),
+        tap=data.get("tap", {}),
+        path=data.get("path", {}),
+        case=data.get("case", {}),
+        source=source,
+    )
+
+
+def load_policy(path: Path, known_paths: Iterable[str], known_cases: Iterable[str]) -> TolerancePolicy:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ToleranceError(f"{path}: no tolerance file") from None
+    except OSError as exc:
+        raise ToleranceError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ToleranceError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_policy(data, str(path), known_paths, known_cases)
