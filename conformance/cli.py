@@ -17,10 +17,27 @@ from pkm_models.errors import PKMError
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
-def _quiet_third_party() -> None:
-    """TensorFlow and friends log to stderr at import; keep the terminal for our output."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+def _quiet_third_party(verbose: bool) -> None:
+    """TensorFlow logs to stderr from C++ at import and at device set-up, before any
+    Python setting applies: unless ``verbose``, start it with stderr pointed at /dev/null."""
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    if verbose:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow as tf
+
+        tf.constant(0)  # device discovery logs here
+    except Exception:  # a broken TensorFlow shows itself later, on the paths that need it
+        pass
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 # --- convert ------------------------------------------------------------------------------
@@ -291,9 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _quiet_third_party()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("run", "golden", "export", "convert", "bench"):
+        _quiet_third_party(getattr(args, "verbose", False))
     try:
         return args.func(args)
     except PKMError as exc:

@@ -29,7 +29,7 @@ class TorchPath(ExecutionPath):
 
         def run(x: np.ndarray) -> dict[str, np.ndarray]:
             with torch.inference_mode():
-                taps = fn(torch.from_numpy(x).to(self.device), return_taps=True)
+                taps = fn(torch.tensor(x, device=self.device), return_taps=True)
                 if self.device == "cuda":
                     torch.cuda.synchronize()
             return {k: v.cpu().numpy() for k, v in taps.items()}

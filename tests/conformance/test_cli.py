@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from conformance.cli import main
@@ -30,3 +32,82 @@ def test_no_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_:
         main([])
     assert exit_.value.code == 2
+
+
+# --- run, golden, paths, cases --------------------------------------------------------------
+def test_run_writes_reports_and_exits_0(project, tmp_path, capsys):
+    import json
+    import xml.etree.ElementTree as ET
+
+    reports = tmp_path / "reports"
+    args = ["run", "--case", "tiny", "--path", "torch-eager-cpu", "--path", "ort-cpu[torch-fast]", "--path", "*cuda*"]
+    assert main([*args, *project.cli_args(), "--report-dir", str(reports), "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^tiny\s+torch-eager-cpu\s+pass", out, re.M) and "OK:" in out and "  output" in out
+    report = json.loads((reports / "report.json").read_text())
+    assert report["ok"] is True
+    assert {"versions", "providers", "cpu", "gpu"} <= set(report["environment"])
+    path = report["cases"][0]["paths"][0]
+    assert {"name", "status", "reason", "first_divergence", "tensors"} <= set(path)
+    assert {"name", "status", "max_abs", "max_rel", "atol", "rtol", "mismatches", "ambiguous_rows"} <= set(
+        path["tensors"][0]
+    )
+    suite = ET.parse(reports / "junit.xml").getroot()[0]
+    paths = report["cases"][0]["paths"]
+    assert suite.get("tests") == str(len(paths)) == "9"  # 2 named + 7 matching *cuda*
+    assert int(suite.get("skipped")) == sum(p["status"] == "unavailable" for p in paths) == 7
+    assert (reports / "report.md").read_text().startswith("# Conformance report: OK")
+
+
+def test_failing_run_exits_1_with_histogram(project, tmp_path, capsys):
+    from tests.conformance.helpers import rewrite_tap
+
+    rewrite_tap(project, "tiny", 4, lambda a: a + 1e-3)
+    reports = tmp_path / "r"
+    args = ["run", "--case", "tiny", "--path", "torch-eager-cpu", *project.cli_args(), "--report-dir", str(reports)]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "tiny torch-eager-cpu: fail: output:" in out
+    md = (reports / "report.md").read_text()
+    assert "![error histogram](tiny-torch-eager-cpu-output.png)" in md
+    assert (reports / "tiny-torch-eager-cpu-output.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--case", "nope"], "unknown case(s) ['nope']; available: ['tiny', 'tiny-bn', 'tiny-tie']"),
+        (["--path", "jax-*"], "--path 'jax-*' matches no execution path; known: ['torch-eager-cpu'"),
+    ],
+)
+def test_run_usage_errors_exit_2(project, capsys, args, message):
+    assert main(["run", *args, *project.cli_args()]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_data_exits_2(project, capsys):
+    (project.golden_dir / "tolerances.toml").write_text("[default]\natol = -1\nrtol = 0\n")
+    assert main(["run", "--case", "tiny", "--path", "torch-eager-cpu", *project.cli_args()]) == 2
+    assert "tolerances.toml: default.atol: expected a non-negative number, got -1" in capsys.readouterr().err
+
+
+def test_golden_verify_and_regenerate(project, capsys):
+    assert main(["golden", "verify", *project.cli_args()]) == 0
+    assert "tiny: ok" in capsys.readouterr().out
+    assert main(["golden", "regenerate", "--case", "tiny", *project.cli_args()]) == 0
+    out = capsys.readouterr().out
+    assert "tiny: drift output   max abs 0" in out and "wrote" in out
+    pb = project.store.case_dir("tiny") / "test_data_set_0" / "output_0.pb"
+    pb.write_bytes(pb.read_bytes()[:10])
+    assert main(["golden", "verify", *project.cli_args()]) == 2
+    assert "output_0.pb: sha256" in capsys.readouterr().err
+
+
+def test_paths_and_cases_listings(capsys):
+    assert main(["paths"]) == 0
+    out = capsys.readouterr().out
+    assert "torch-eager-cpu" in out and "available" in out
+    assert "ort-cuda[torch-fast]" in out and "unavailable: CUDAExecutionProvider cannot load" in out
+    assert main(["cases"]) == 0
+    assert "near-tie" in capsys.readouterr().out

@@ -1,0 +1,198 @@
+"""Proof that the conformance run can fail, and fails at the right place."""
+
+import numpy as np
+import pytest
+
+from conformance.compare import compare_taps
+from conformance.golden import GoldenError
+from conformance.paths import CaseContext, ExecutionPath, select_paths
+from conformance.runner import run_conformance, run_path
+from conformance.tolerances import parse_policy
+from tests.conformance.helpers import rewrite_tap
+
+FAST = ["torch-eager-cpu", "tf-function-cpu", "ort-cpu[torch-fast]"]
+
+
+def run(project, cases=("tiny",), paths=FAST, policy=None, **kwargs):
+    return run_conformance(
+        project.cases(*cases), select_paths(list(paths)), project.store, policy or project.policy(), **kwargs
+    )
+
+
+def statuses(result):
+    return {(c.name, p.name): p.status for c in result.cases for p in c.paths}
+
+
+def test_clean_run_passes_and_gpu_paths_say_why_not(project):
+    result = run(project, cases=("tiny", "tiny-bn"), paths=[*FAST, "*cuda*", "*gpu*", "ort-tensorrt*"])
+    s = statuses(result)
+    assert all(s[("tiny", p)] == "pass" for p in FAST)
+    assert result.ok
+    unavailable = [p for c in result.cases for p in c.paths if p.status == "unavailable"]
+    assert unavailable and all(p.reason for p in unavailable)
+    ort_cuda = next(p for p in unavailable if p.name == "ort-cuda[torch-fast]")
+    assert "CUDAExecutionProvider" in ort_cuda.reason  # the real reason, not a guess
+    assert not any(p.tensors for p in unavailable)  # no CPU results under a GPU name
+
+
+def test_require_turns_unavailable_into_failure(project):
+    result = run(project, paths=["torch-eager-cuda"], require=["torch-*-cuda"])
+    (path,) = result.cases[0].paths
+    assert path.status == "fail" and "required but unavailable" in path.reason
+    assert not result.ok
+
+
+@pytest.mark.parametrize(("index", "tap"), [(0, "query"), (1, "scores"), (3, "weights"), (4, "output")])
+def test_a_corrupted_golden_tensor_fails_at_its_tap(project, index, tap):
+    def nudge(a):
+        a = a.copy()
+        a.flat[3] += 1e-3
+        return a
+
+    rewrite_tap(project, "tiny", index, nudge)
+    project.store.verify("tiny")  # the hashes are consistent: only the comparison can tell
+    result = run(project, paths=FAST)
+    for p in result.cases[0].paths:
+        assert p.status == "fail", p.name
+        assert p.first_divergence == tap
+        bad = next(t for t in p.tensors if t.name == tap)
+        assert bad.mismatches == 1 and bad.max_abs == pytest.approx(1e-3, rel=1e-2)
+        assert "1 of" in bad.message and "differ beyond atol" in bad.message
+
+
+def test_a_wrong_slot_fails_at_indices(project):
+    def swap(a):
+        a = a.copy()
+        a[0, 0] = (a[0, 0] + 1) % 64
+        return a
+
+    rewrite_tap(project, "tiny", 2, swap)
+    result = run(project, paths=["torch-eager-cpu"])
+    p = result.cases[0].paths[0]
+    assert p.status == "fail" and p.first_divergence == "indices"
+    assert "without a near-tie" in p.reason
+
+
+def test_a_tightened_tolerance_fails_the_right_tensor(project):
+    policy = parse_policy(
+        {"default": {"atol": 1e-5, "rtol": 1e-4}, "path": {"tf-*": {"tap": {"scores": {"atol": 0.0, "rtol": 0.0}}}}},
+        "t",
+        [p.name for p in select_paths(None)],
+        ["tiny", "tiny-bn", "tiny-tie"],
+    )
+    result = run(project, cases=("tiny-bn",), paths=["torch-eager-cpu", "tf-function-cpu"], policy=policy)
+    s = {p.name: p for p in result.cases[0].paths}
+    assert s["torch-eager-cpu"].status == "pass"  # bit-identical to its own golden
+    tf = s["tf-function-cpu"]
+    assert tf.status == "fail" and tf.first_divergence == "scores"
+    assert [t.name for t in tf.tensors if not t] == ["scores"]
+
+
+class StubPath(ExecutionPath):
+    """Returns the golden taps after ``edit``: a path whose results we choose."""
+
+    name = "torch-eager-cpu"
+
+    def __init__(self, golden, edit):
+        self.golden, self.edit = golden, edit
+
+    def prepare(self, context):
+        return lambda x: self.edit({k: v.copy() for k, v in self.golden.taps.items()})
+
+
+def _run_stub(project, case_name, edit):
+    case = project.cases(case_name)[0]
+    golden = project.store.read(case_name)
+    context = CaseContext(case, golden.weights)
+    return run_path(StubPath(golden, edit), context, golden, project.policy(), required=False), golden
+
+
+def test_nan_or_inf_fails(project):
+    def poison(taps):
+        taps["weights"][1, 2] = np.nan
+        taps["output"][0, 0, 0] = np.inf
+        return taps
+
+    result, _ = _run_stub(project, "tiny", poison)
+    assert result.status == "fail" and result.first_divergence == "weights"
+    assert "1 NaN and 0 Inf" in result.reason
+    output = next(t for t in result.tensors if t.name == "output")
+    assert not output and "0 NaN and 1 Inf" in output.message
+
+
+def test_shape_and_dtype_mismatches_name_both(project):
+    def reshape(taps):
+        taps["query"] = taps["query"][:-1]
+        taps["indices"] = taps["indices"].astype(np.int32)
+        return taps
+
+    result, golden = _run_stub(project, "tiny", reshape)
+    q = next(t for t in result.tensors if t.name == "query")
+    rows, k = golden.taps["query"].shape
+    assert q.message == f"expected float32[{rows}, {k}], got float32[{rows - 1}, {k}]"
+    i = next(t for t in result.tensors if t.name == "indices")
+    assert "expected int64" in i.message and "got int32" in i.message
+
+
+def test_a_tie_chosen_the_other_way_is_ambiguous_not_failed(project):
+    """tiny-tie duplicates every sub-key: picking the twin of a selected slot is right."""
+    case = project.cases("tiny-tie")[0]
+    golden = project.store.read("tiny-tie")
+    values = golden.weights["values.weight"]
+    n_keys, heads, knn = case.config.n_keys, case.config.heads, case.config.knn
+
+    def twin(taps):
+        idx = taps["indices"]
+        hi, lo = idx // n_keys, idx % n_keys
+        taps["indices"] = hi * n_keys + (lo ^ 1)  # the duplicated sub-key's slot: same score
+        w = taps["weights"].reshape(-1, heads * knn).astype(np.float64)
+        rows = values[taps["indices"].reshape(-1, heads * knn)]
+        taps["output"] = np.einsum("bn,bnd->bd", w, rows).astype(np.float32).reshape(taps["output"].shape)
+        return taps
+
+    result, _ = _run_stub(project, "tiny-tie", twin)
+    assert result.status == "pass", result.reason
+    indices = next(t for t in result.tensors if t.name == "indices")
+    assert indices.ambiguous_rows > 0 and "selected differently" in indices.message
+    output = next(t for t in result.tensors if t.name == "output")
+    assert output.ambiguous_rows > 0
+
+    def twin_with_wrong_output(taps):
+        taps = twin(taps)
+        taps["output"] = taps["output"] + 1e-2  # a different selection, and a wrong sum of it
+        return taps
+
+    result, _ = _run_stub(project, "tiny-tie", twin_with_wrong_output)
+    assert result.status == "fail" and result.first_divergence == "output"
+    assert "weighted sum of the rows they selected" in result.reason
+
+
+def test_comparison_is_truthy_and_names_first_divergence(project):
+    golden = project.store.read("tiny")
+    case = project.cases("tiny")[0]
+    taps = {k: v.copy() for k, v in golden.taps.items()}
+    kwargs = dict(
+        config=case.config,
+        keys=golden.weights["keys"],
+        values=golden.weights["values.weight"],
+        policy=project.policy(),
+        case="tiny",
+        path="torch-eager-cpu",
+    )
+    assert compare_taps(taps, golden.taps, **kwargs)
+    taps["weights"] = taps["weights"] * 1.01
+    bad = compare_taps(taps, golden.taps, **kwargs)
+    assert not bad and bad.first_divergence == "weights" and "weights" in bad.errors
+
+
+def test_missing_or_stale_golden_is_bad_data(project):
+    import shutil
+
+    shutil.rmtree(project.store.case_dir("tiny-bn"))
+    with pytest.raises(GoldenError, match="no golden for case 'tiny-bn'"):
+        run(project, cases=("tiny", "tiny-bn"))
+    (project.cases_dir / "tiny.toml").write_text(
+        (project.cases_dir / "tiny.toml").read_text().replace("seed = 1", "seed = 2")
+    )
+    with pytest.raises(GoldenError, match="the case changed since its golden was made"):
+        run(project, cases=("tiny",))
