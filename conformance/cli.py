@@ -241,10 +241,15 @@ def _add_export(sub) -> None:
         description="Export a PKM model to ONNX. Writes OUT/<exporter>.onnx (plus <exporter>.onnx.data for "
         "models over 1 GB of weights), checks each file with onnx.checker (full check) and prints a report: "
         "op types, parameters, size, and warnings for ops that are slow or that TensorRT rejects.",
-        epilog="example: python -m conformance export --preset xlm --exporter torch-fast --out exports/",
+        epilog="examples:\n  python -m conformance export --preset xlm --exporter torch-fast --out exports/\n"
+        "  python -m conformance export --case tiny-bn --tapped --out exports/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--preset", required=True, help="model preset: tiny, small, xlm, seed-bench")
-    p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--preset", help="model preset: tiny, small, xlm, seed-bench")
+    which.add_argument("--case", help="a conformance case (its config and weights)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed for --preset (default 0)")
+    p.add_argument("--cases-dir", default=None, help="case files (default: ./conformance/cases)")
     p.add_argument(
         "--exporter",
         action="append",
@@ -264,7 +269,13 @@ def _run_export(args: argparse.Namespace) -> int:
     from conformance.export import EXPORTER_NAMES, ModelSpec, check_exporter_names, export
     from pkm_models import get_preset
 
-    spec = ModelSpec.from_preset(get_preset(args.preset), seed=args.seed)
+    if args.case:
+        from conformance.cases import default_cases_dir, load_cases
+
+        cases_dir = Path(args.cases_dir) if args.cases_dir else default_cases_dir()
+        spec = load_cases(cases_dir, [args.case])[0].spec
+    else:
+        spec = ModelSpec.from_preset(get_preset(args.preset), seed=args.seed)
     names = args.exporters or list(EXPORTER_NAMES)
     check_exporter_names(names)
     out = Path(args.out)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from conformance.export import TAPS, ExportError, ExportUnsupported, ModelSpec
+from conformance.export import TAPS, ExportUnsupported, ModelSpec
 from conformance.export.onnx_files import (
     order_outputs,
     quiet_exporters,
@@ -24,7 +24,7 @@ TF2ONNX_MAX_OPSET = 18
 
 def _check_opset(exporter: str, opset: int) -> None:
     if opset > TF2ONNX_MAX_OPSET:
-        raise ExportError(f"{exporter}: tf2onnx 1.17 supports opsets up to {TF2ONNX_MAX_OPSET}, got {opset}")
+        raise ExportUnsupported(f"{exporter}: tf2onnx 1.17 supports opsets up to {TF2ONNX_MAX_OPSET}, got {opset}")
 
 
 # Keras' own export captures every weight as a graph constant; tf2onnx then holds several

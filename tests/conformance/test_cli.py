@@ -111,3 +111,42 @@ def test_paths_and_cases_listings(capsys):
     assert "ort-cuda[torch-fast]" in out and "unavailable: CUDAExecutionProvider cannot load" in out
     assert main(["cases"]) == 0
     assert "near-tie" in capsys.readouterr().out
+
+
+# --- export --------------------------------------------------------------------------------
+def test_export_one_failing_exporter_does_not_stop_the_others(tmp_path, capsys):
+    args = ["export", "--preset", "tiny", "--exporter", "torch-fast", "--exporter", "tf2onnx", "--opset", "20"]
+    assert main([*args, "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr()
+    assert "tf2onnx: FAILED: ExportUnsupported: tf2onnx: tf2onnx 1.17 supports opsets up to 18, got 20" in out.out
+    assert "torch-fast: " in out.out and "ops: " in out.out
+    assert (tmp_path / "torch-fast.onnx").is_file() and not (tmp_path / "tf2onnx.onnx").exists()
+    assert "1 of 2 exporter(s) failed: ['tf2onnx']" in out.err
+
+
+def test_export_a_case_tapped(tmp_path, capsys):
+    import onnx
+
+    assert main(["export", "--case", "tiny-bn", "--exporter", "torch-script", "--tapped", "--out", str(tmp_path)]) == 0
+    model = onnx.load(str(tmp_path / "torch-script.onnx"))
+    assert [o.name for o in model.graph.output] == ["query", "scores", "indices", "weights", "output"]
+    assert "warning: 1 x Loop" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--preset", "tiny", "--exporter", "onnx-magic"],
+            "unknown exporter(s) ['onnx-magic']; available: ['torch-dynamo'",
+        ),
+        (["--preset", "huge"], "unknown preset 'huge'; available:"),
+        (["--case", "nope"], "unknown case(s) ['nope']; available:"),
+        (["--preset", "tiny", "--out", "/proc/forbidden"], "cannot write to output folder /proc/forbidden"),
+    ],
+)
+def test_export_usage_errors(tmp_path, capsys, args, message):
+    full = ["export", *args] if "--out" in args else ["export", *args, "--out", str(tmp_path)]
+    assert main(full) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
