@@ -231,6 +231,66 @@ def _run_cases(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- bench --------------------------------------------------------------------------------
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="time every execution path, each in its own process",
+        description="Benchmark the execution paths. Presets: seed (the seed README's 6-layer net, input "
+        "(16, 256, 768), 100 runs; meant for a GPU), cpu (one XLM-default layer, input (4, 128, 768), 20 runs), "
+        "tiny (seconds). Prints a table and, with --report-dir, writes bench.json, bench.md and bench.png.",
+        epilog="example: python -m conformance bench --preset cpu --path 'ort-cpu*' --path torch-eager-cpu",
+    )
+    p.add_argument("--preset", default="cpu", help="seed, cpu or tiny (default cpu)")
+    p.add_argument("--path", action="append", dest="paths", metavar="GLOB", help="paths (repeatable; default all)")
+    p.add_argument("--runs", type=int, default=None, help="timed runs per path (default: the preset's)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: the preset's)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per path (default 1800)")
+    p.add_argument("--report-dir", default=None, help="write bench.json, bench.md and bench.png here")
+    p.set_defaults(func=_run_bench)
+
+
+def _progress_bar(done: int, total: int, name: str) -> None:
+    width = 30
+    filled = width * done // max(total, 1)
+    bar = "#" * filled + "." * (width - filled)
+    line = f"[{bar}] {done}/{total} {name}"
+    if sys.stderr.isatty():
+        print(f"\r{line:<100}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+    elif name:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from conformance.bench import get_bench_preset, run_bench, select_bench_paths
+    from conformance.bench import report as bench_report
+
+    preset = get_bench_preset(args.preset)
+    paths = select_bench_paths(args.paths)
+    if args.report_dir:
+        _check_writable(args.report_dir)
+    bench = run_bench(preset, paths, runs=args.runs, warmup=args.warmup, timeout=args.timeout, progress=_progress_bar)
+    print(bench_report.terminal(bench))
+    if args.report_dir:
+        for path in bench_report.write(bench, args.report_dir):
+            print(f"wrote {path}")
+    failed = [r["name"] for r in bench["paths"] if r.get("status") == "error"]
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+def _check_writable(folder) -> None:
+    from pathlib import Path
+
+    out = Path(folder)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise PKMError(f"cannot write to output folder {out}: {exc.strerror or exc}") from exc
+
+
 # --- export -------------------------------------------------------------------------------
 def _add_export(sub) -> None:
     from conformance.export import DEFAULT_OPSET, EXPORTER_NAMES
@@ -279,13 +339,7 @@ def _run_export(args: argparse.Namespace) -> int:
     names = args.exporters or list(EXPORTER_NAMES)
     check_exporter_names(names)
     out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise PKMError(f"cannot write to output folder {out}: {exc.strerror or exc}") from exc
+    _check_writable(out)
     failed = []
     for i, name in enumerate(names, start=1):
         print(f"[{i}/{len(names)}] {name} ...", flush=True)
@@ -312,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub)
     _add_golden(sub)
+    _add_bench(sub)
     _add_export(sub)
     _add_convert(sub)
     _add_listings(sub)

@@ -20,13 +20,16 @@ class PathUnavailable(PKMError):
 
 class CaseContext:
     """What the paths of one case share, built on first use and dropped with the case:
-    the weights, the native models, and the tapped ONNX exports."""
+    the weights, the native models, and the tapped ONNX exports (in ``export_dir`` when
+    given, where an existing export is reused, else in a temporary folder)."""
 
-    def __init__(self, case: Case, weights: dict[str, np.ndarray]):
+    def __init__(self, case: Case, weights: dict[str, np.ndarray], export_dir: Path | None = None):
         self.case = case
         self.weights = weights
         self._exports: dict[str, Path | Exception] = {}
-        self._dir: Path | None = None
+        self._keras: dict[str, object] = {}
+        self._dir = export_dir
+        self._own_dir = export_dir is None
 
     @cached_property
     def torch_model(self):
@@ -36,14 +39,16 @@ class CaseContext:
         model.load_weights(self.weights)
         return model.eval()
 
-    @cached_property
-    def keras_model(self):
+    def keras_model_with(self, method: str = "einsum"):
+        """The Keras port with this weighted-sum method (one model per method)."""
         from pkm_models.convert import set_keras_weights
         from pkm_models.keras_pkm import build_keras_model
 
-        model = build_keras_model(self.case.config, self.case.spec.layers, seed=None)
-        set_keras_weights(model, self.weights)
-        return model
+        if method not in self._keras:
+            model = build_keras_model(self.case.config, self.case.spec.layers, seed=None, method=method)
+            set_keras_weights(model, self.weights)
+            self._keras[method] = model
+        return self._keras[method]
 
     def export(self, exporter: str) -> Path:
         """The tapped export of this case by ``exporter`` (made once per case)."""
@@ -52,8 +57,12 @@ class CaseContext:
         if exporter not in self._exports:
             if self._dir is None:
                 self._dir = Path(tempfile.mkdtemp(prefix=f"pkm-{self.case.name}-"))
+            existing = self._dir / f"{exporter}.onnx"
             try:
-                self._exports[exporter] = export(self.case.spec, exporter, self._dir, tapped=True).path
+                if not self._own_dir and existing.is_file():
+                    self._exports[exporter] = existing
+                else:
+                    self._exports[exporter] = export(self.case.spec, exporter, self._dir, tapped=True).path
             except Exception as exc:  # remembered: every path on this export reports it
                 self._exports[exporter] = exc
         result = self._exports[exporter]
@@ -62,10 +71,10 @@ class CaseContext:
         return result
 
     def close(self) -> None:
-        if self._dir is not None:
+        if self._dir is not None and self._own_dir:
             shutil.rmtree(self._dir, ignore_errors=True)
         self.__dict__.pop("torch_model", None)
-        self.__dict__.pop("keras_model", None)
+        self._keras.clear()
 
 
 Runner = Callable[[np.ndarray], dict[str, np.ndarray]]

@@ -1,0 +1,195 @@
+"""``python -m conformance bench``: the speed of every execution path, each in its own process.
+
+Presets (of the benchmark, not of the model):
+
+=========  =====================================================  ============  ======
+preset     model                                                  input         runs
+=========  =====================================================  ============  ======
+``seed``   the seed README's net: 6 XLM-default layers, 768->768  (16,256,768)  100
+``cpu``    one XLM-default layer, 768 -> 768                      (4,128,768)   20
+``tiny``   the tiny preset                                        (3,5,16)      5
+=========  =====================================================  ============  ======
+
+Every path runs in a fresh process (``conformance.bench.worker``): one path's memory does
+not count against the next, and a crash is that path's result. A worker prepares the path
+(export, session, compilation: untimed), runs the warm-up passes, then times each pass;
+CUDA paths synchronise before the clock stops. The parent measures the machine's memory
+bandwidth (a large copy) and reports, for each path, the bandwidth its value-row reads
+achieve as a fraction of it: PKM is memory-bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from conformance.bench.seed_baseline import SeedBaselinePath
+from conformance.paths import PATHS, ExecutionPath
+from conformance.paths.tf_paths import TFPath
+from conformance.tolerances import path_matches
+from pkm_models.config import get_preset
+from pkm_models.errors import PKMError
+
+
+class BenchError(PKMError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchPreset:
+    name: str
+    model: str  # a model preset
+    input_shape: tuple[int, ...]
+    runs: int
+    warmup: int
+    description: str
+
+    @property
+    def tokens(self) -> int:
+        n = 1
+        for d in self.input_shape[:-1]:
+            n *= d
+        return n
+
+    def value_bytes(self) -> int:
+        """Bytes of value rows one forward pass reads: tokens x heads x knn x v_dim x 4 per layer."""
+        preset = get_preset(self.model)
+        c = preset.config
+        return self.tokens * c.heads * c.knn * c.v_dim * 4 * preset.layers
+
+
+BENCH_PRESETS = {
+    p.name: p
+    for p in (
+        BenchPreset("seed", "seed-bench", (16, 256, 768), 100, 5, "the seed README's benchmark (meant for a GPU)"),
+        BenchPreset("cpu", "xlm", (4, 128, 768), 20, 3, "one XLM-default layer; minutes on 2 CPU cores"),
+        BenchPreset("tiny", "tiny", (3, 5, 16), 5, 1, "seconds; for tests"),
+    )
+}
+
+# Benchmark-only paths: the Keras port's other weighted-sum methods and the seed baseline.
+BENCH_PATHS: list[ExecutionPath] = [
+    *PATHS,
+    TFPath("function", "cpu", method="reduce_sum"),
+    TFPath("function", "cpu", method="accumulate"),
+    TFPath("xla", "cpu", method="accumulate"),
+    SeedBaselinePath("eager"),
+    SeedBaselinePath("function"),
+    SeedBaselinePath("xla"),
+]
+BENCH_PATH_NAMES = [p.name for p in BENCH_PATHS]
+
+
+def get_bench_preset(name: str) -> BenchPreset:
+    try:
+        return BENCH_PRESETS[name]
+    except KeyError:
+        raise BenchError(f"unknown bench preset {name!r}; available: {sorted(BENCH_PRESETS)}") from None
+
+
+def select_bench_paths(globs: list[str] | None) -> list[ExecutionPath]:
+    if not globs:
+        return [p for p in BENCH_PATHS if not p.name.startswith("onnx-reference")]
+    for glob in globs:
+        if not any(path_matches(name, glob) for name in BENCH_PATH_NAMES):
+            raise BenchError(f"--path {glob!r} matches no path; known: {BENCH_PATH_NAMES}")
+    return [p for p in BENCH_PATHS if any(path_matches(p.name, g) for g in globs)]
+
+
+def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 7) -> float:
+    """Copy bandwidth of this machine's memory: (read + write bytes) / time of a large copy."""
+    import numpy as np
+
+    a = np.ones(megabytes * 2**20 // 4, np.float32)
+    b = np.empty_like(a)
+    np.copyto(b, a)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(b, a)
+        times.append(time.perf_counter() - t0)
+    return 2 * a.nbytes / statistics.median(times) / 1e9
+
+
+def _signal_name(returncode: int) -> str:
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+def run_worker(preset: BenchPreset, path: str, runs: int, warmup: int, export_dir: Path, timeout: float) -> dict:
+    """One path in a fresh process; its crash or time-out is its result."""
+    request = {"preset": preset.name, "path": path, "runs": runs, "warmup": warmup, "export_dir": str(export_dir)}
+    cmd = [sys.executable, "-m", "conformance.bench.worker", json.dumps(request)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        return {"name": path, "status": "error", "reason": f"timed out after {timeout:.0f} s"}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+    if done.returncode < 0:
+        why = f"the process died of {_signal_name(done.returncode)}"
+        if done.returncode == -signal.SIGKILL:
+            why += " (out of memory?)"
+    else:
+        why = f"the process exited with {done.returncode}"
+    return {"name": path, "status": "error", "reason": f"{why}: {tail}" if tail else why}
+
+
+def run_bench(
+    preset: BenchPreset,
+    paths: list[ExecutionPath],
+    runs: int | None = None,
+    warmup: int | None = None,
+    timeout: float = 1800,
+    progress=None,
+) -> dict:
+    runs = preset.runs if runs is None else runs
+    warmup = preset.warmup if warmup is None else warmup
+    if runs < 1 or warmup < 0:
+        raise BenchError(f"--runs must be >= 1 and --warmup >= 0, got {runs} and {warmup}")
+    from conformance.runner import environment
+
+    bandwidth = memory_bandwidth_gbs()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="pkm-bench-") as export_dir:
+        for i, path in enumerate(paths):
+            if progress:
+                progress(i, len(paths), path.name)
+            results.append(run_worker(preset, path.name, runs, warmup, Path(export_dir), timeout))
+        if progress:
+            progress(len(paths), len(paths), "")
+    value_bytes = preset.value_bytes()
+    eager = {r["device"]: r["median_s"] for r in results if r.get("status") == "ok" and r.get("eager_reference")}
+    for r in results:
+        if r.get("status") != "ok":
+            continue
+        r["tokens_per_s"] = preset.tokens / r["median_s"]
+        r["value_gb_per_s"] = value_bytes / r["median_s"] / 1e9
+        r["fraction_of_memory_bandwidth"] = r["value_gb_per_s"] / bandwidth
+        base = eager.get(r["device"])
+        r["ratio_to_torch_eager"] = base / r["median_s"] if base else None
+        r[f"time_{preset.runs}_runs_s"] = r["median_s"] * preset.runs
+    return {
+        "preset": preset.name,
+        "model": preset.model,
+        "input_shape": list(preset.input_shape),
+        "runs": runs,
+        "warmup": warmup,
+        "value_bytes_per_pass": value_bytes,
+        "memory_bandwidth_gb_per_s": bandwidth,
+        "machine": environment(),
+        "paths": results,
+    }

@@ -1,0 +1,114 @@
+"""bench.json, bench.md (a table shaped like the seed README's) and bench.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conformance.report import ReportError, _atomic_write
+
+
+def _row(r: dict, runs: int) -> list[str]:
+    if r.get("status") != "ok":
+        return [r["name"], r.get("status", "error"), "", "", "", "", "", "", "", r.get("reason", "")[:140]]
+    ratio = r.get("ratio_to_torch_eager")
+    return [
+        r["name"],
+        "ok",
+        f"{r['median_s'] * runs:.2f} s",
+        f"{r['median_s'] * 1e3:.1f}",
+        f"{r['p10_s'] * 1e3:.1f} / {r['p90_s'] * 1e3:.1f}",
+        f"{r['tokens_per_s']:,.0f}",
+        f"{r['peak_host_mb']:,.0f}" + (f" / {r['peak_device_mb']:,.0f}" if r.get("peak_device_mb") else ""),
+        "-" if ratio is None else f"{ratio:.2f}x",
+        f"{100 * r['fraction_of_memory_bandwidth']:.1f}%",
+        "",
+    ]
+
+
+HEADER = [
+    "path",
+    "status",
+    "time ({runs} runs)",
+    "median (ms)",
+    "p10 / p90 (ms)",
+    "tokens/s",
+    "peak host / device MB",
+    "vs torch eager",
+    "of memory bandwidth",
+    "reason",
+]
+
+
+def table(bench: dict) -> list[list[str]]:
+    runs = bench["runs"]
+    header = [h.format(runs=runs) for h in HEADER]
+    return [header, *(_row(r, runs) for r in bench["paths"])]
+
+
+def terminal(bench: dict) -> str:
+    rows = table(bench)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(
+        [
+            f"bench preset {bench['preset']}: model {bench['model']}, input {tuple(bench['input_shape'])}, "
+            f"{bench['runs']} timed runs after {bench['warmup']} warm-up; memory copy bandwidth "
+            f"{bench['memory_bandwidth_gb_per_s']:.1f} GB/s; value rows per pass "
+            f"{bench['value_bytes_per_pass'] / 1e9:.3f} GB",
+            *lines,
+        ]
+    )
+
+
+def markdown(bench: dict) -> str:
+    m = bench["machine"]
+    rows = table(bench)
+    out = [
+        f"# Benchmark: preset `{bench['preset']}`",
+        "",
+        f"Model `{bench['model']}`, input {tuple(bench['input_shape'])}, median of {bench['runs']} runs after "
+        f"{bench['warmup']} warm-up, each path in its own process. Machine: {m.get('cpu')} ({m.get('cpu_count')} "
+        f"CPUs), GPU: {m.get('gpu')}; memory copy bandwidth {bench['memory_bandwidth_gb_per_s']:.1f} GB/s. "
+        f"Versions: {', '.join(f'{k} {v}' for k, v in m.get('versions', {}).items())}.",
+        "",
+        "| " + " | ".join(rows[0]) + " |",
+        "|" + "---|" * len(rows[0]),
+        *("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows[1:]),
+        "",
+        "![median time per pass](bench.png)",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def chart(bench: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in bench["paths"] if r.get("status") == "ok"]
+    ok.sort(key=lambda r: r["median_s"])
+    fig, ax = plt.subplots(figsize=(8, 0.35 * max(len(ok), 3) + 1))
+    names = [r["name"] for r in ok]
+    ax.barh(names, [r["median_s"] * 1e3 for r in ok], xerr=None, color="#4c72b0")
+    ax.invert_yaxis()
+    ax.set_xlabel("median time per forward pass (ms)")
+    ax.set_title(f"preset {bench['preset']}: input {tuple(bench['input_shape'])}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write(bench: dict, folder: Path) -> list[Path]:
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic_write(folder / "bench.json", (json.dumps(bench, indent=2) + "\n").encode())
+        _atomic_write(folder / "bench.md", markdown(bench).encode())
+        chart(bench, folder / "bench.png")
+    except OSError as exc:
+        raise ReportError(f"cannot write the benchmark report to {folder}: {exc.strerror or exc}") from exc
+    return [folder / "bench.json", folder / "bench.md", folder / "bench.png"]

@@ -1,0 +1,95 @@
+"""One benchmarked path, in its own process: ``python -m conformance.bench.worker REQUEST``.
+
+Prints one JSON line: the path's timings and peak memory, or why it could not run.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _peak_rss_mb() -> float:
+    """This process's resident-set high-water mark. (getrusage's ru_maxrss would include the
+    parent's, inherited across fork and exec.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(request: dict) -> dict:
+    from conformance.bench import BENCH_PATHS, get_bench_preset
+    from conformance.cases import Case
+    from conformance.export import ExportUnsupported
+    from conformance.paths import CaseContext, PathUnavailable
+    from conformance.spec import ModelSpec
+    from pkm_models.config import get_preset
+    from pkm_models.weights import make_input
+
+    bench = get_bench_preset(request["preset"])
+    path = next(p for p in BENCH_PATHS if p.name == request["path"])
+    spec = ModelSpec.from_preset(get_preset(bench.model))
+    case = Case(bench.name, bench.description, spec, bench.input_shape, 0, False, Path("<bench>"))
+    device = "cuda" if any(s in path.name for s in ("cuda", "gpu", "tensorrt")) else "cpu"
+    result = {"name": path.name, "device": device, "eager_reference": path.name == f"torch-eager-{device}"}
+    try:
+        path.check(case)
+        context = CaseContext(case, spec.weights(), export_dir=Path(request["export_dir"]))
+        fn = path.prepare(context)
+    except (PathUnavailable, ExportUnsupported) as exc:
+        return {**result, "status": "unavailable", "reason": str(exc)}
+    x = make_input(bench.input_shape, seed=0)
+    for _ in range(request["warmup"]):
+        fn(x)
+    times = []
+    for _ in range(request["runs"]):
+        t0 = time.perf_counter()
+        fn(x)  # returns host numpy arrays: device paths have synchronised
+        times.append(time.perf_counter() - t0)
+    peak_device = None
+    if device == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            peak_device = torch.cuda.max_memory_allocated() / 2**20
+    return {
+        **result,
+        "status": "ok",
+        "reason": "",
+        "median_s": statistics.median(times),
+        "p10_s": _percentile(times, 0.1),
+        "p90_s": _percentile(times, 0.9),
+        "runs": len(times),
+        "peak_host_mb": _peak_rss_mb(),
+        "peak_device_mb": peak_device,
+    }
+
+
+def main() -> int:
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    request = json.loads(sys.argv[1])
+    try:
+        result = measure(request)
+    except Exception as exc:
+        result = {"name": request["path"], "status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
