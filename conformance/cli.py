@@ -299,7 +299,7 @@ def _add_export(sub) -> None:
         "export",
         help="export a preset to ONNX with every exporter (or the ones named)",
         description="Export a PKM model to ONNX. Writes OUT/<exporter>.onnx (plus <exporter>.onnx.data for "
-        "models over 1 GB of weights), checks each file with onnx.checker (full check) and prints a report: "
+        "models over 256 MB of weights), checks each file with onnx.checker (full check) and prints a report: "
         "op types, parameters, size, and warnings for ops that are slow or that TensorRT rejects.",
         epilog="examples:\n  python -m conformance export --preset xlm --exporter torch-fast --out exports/\n"
         "  python -m conformance export --case tiny-bn --tapped --out exports/",

@@ -4,7 +4,8 @@
 both stock exporters, and the reference's per-head Python loop becomes one ``TopK`` chain
 per head. :class:`FastHashingMemory` computes the same function with plain tensor ops:
 one batched matmul for every head's sub-key scores, one ``TopK`` per selection stage
-for all heads, and the weighted sum as ``Gather`` followed by a batched ``MatMul``. It
+for all heads, and the weighted sum as ``Gather`` followed by a batched ``MatMul``, in
+chunks of slots. It
 shares its parameters with the reference module it wraps (no copy), runs in inference
 mode only, and its numerical identity with the reference is tested
 (``tests/models/test_torch_fast.py``).
@@ -20,11 +21,18 @@ from pkm_models.torch_pkm import HashingMemory, PKMStack
 
 
 class FastHashingMemory(nn.Module):
-    """Inference-mode ``HashingMemory`` forward without loops. Same taps, same outputs."""
+    """Inference-mode ``HashingMemory`` forward without loops. Same taps, same outputs.
 
-    def __init__(self, reference: HashingMemory):
+    ``chunk``: value rows are gathered and summed ``chunk`` slots at a time (unrolled at
+    export), so the gathered block is ``chunk / (heads * knn)`` of the full one: 12 MB
+    instead of 201 MB at 512 tokens, and faster in ONNX Runtime (docs/export.md).
+    ``None`` gathers every slot at once.
+    """
+
+    def __init__(self, reference: HashingMemory, chunk: int | None = 8):
         super().__init__()
         self.reference = reference
+        self.chunk = chunk
         c = reference.config
         self.heads, self.k_dim, self.knn, self.n_keys, self.v_dim = c.heads, c.k_dim, c.knn, c.n_keys, c.v_dim
         self.input_dim = c.input_dim
@@ -52,10 +60,18 @@ class FastHashingMemory(nn.Module):
         indices = all_indices.gather(-1, best)  # (bs,heads,knn)
         weights = F.softmax(scores, dim=-1)  # (bs,heads,knn)
 
-        # weighted sum of the selected value rows: Gather + batched MatMul
-        flat_indices = indices.reshape(-1, heads * knn)  # (bs,heads*knn)
-        rows = F.embedding(flat_indices, ref.values.weight)  # (bs,heads*knn,v_dim)
-        output = torch.matmul(weights.reshape(-1, 1, heads * knn), rows).squeeze(1)  # (bs,v_dim)
+        # weighted sum of the selected value rows: Gather + batched MatMul, in chunks of
+        # slots so that each gathered block stays in cache
+        n = heads * knn
+        flat_indices = indices.reshape(-1, n)  # (bs,heads*knn)
+        flat_weights = weights.reshape(-1, 1, n)  # (bs,1,heads*knn)
+        chunk = self.chunk or n
+        output = None
+        for start in range(0, n, chunk):
+            rows = F.embedding(flat_indices[:, start : start + chunk], ref.values.weight)  # (bs,chunk,v_dim)
+            part = torch.matmul(flat_weights[:, :, start : start + chunk], rows)  # (bs,1,v_dim)
+            output = part if output is None else output + part
+        output = output.squeeze(1)  # (bs,v_dim)
         if len(prefix_shape) >= 2:
             output = output.reshape(*prefix_shape, self.v_dim)  # (...,v_dim)
 
@@ -71,9 +87,9 @@ class FastHashingMemory(nn.Module):
 
 
 class FastPKMStack(nn.Module):
-    def __init__(self, reference: PKMStack):
+    def __init__(self, reference: PKMStack, chunk: int | None = 8):
         super().__init__()
-        self.layers = nn.ModuleList(FastHashingMemory(layer) for layer in reference.layers)
+        self.layers = nn.ModuleList(FastHashingMemory(layer, chunk) for layer in reference.layers)
 
     def forward(self, input: torch.Tensor, return_taps: bool = False):
         for layer in self.layers[:-1]:
