@@ -204,18 +204,23 @@ class ProductKeyMemory(keras.layers.Layer):
 
         query: (bs, heads, k_dim) -> scores (bs, heads, knn) float, indices (bs, heads, knn) int32.
         """
-        knn, half = self.knn, self.k_dim // 2
-        q = ops.reshape(query, (-1, self.heads, 2, half))  # (bs,heads,2,half)
-        sub_scores = ops.einsum("bhtd,htnd->bhtn", q, self.keys)  # (bs,heads,2,n_keys)
-        sub_s, sub_i = ops.top_k(sub_scores, knn)  # (bs,heads,2,knn)
+        knn, half, heads = self.knn, self.k_dim // 2, self.heads
+        # every head's and half's sub-key scores in one batched matmul, heads first
+        q = ops.transpose(ops.reshape(query, (-1, heads * 2, half)), (1, 0, 2))  # (heads*2,bs,half)
+        keys = ops.reshape(self.keys, (heads * 2, self.n_keys, half))  # (heads*2,n_keys,half)
+        sub_scores = ops.matmul(q, ops.transpose(keys, (0, 2, 1)))  # (heads*2,bs,n_keys)
+        # top_k on 2-D tensors: XLA's CPU backend sorts whole rows for higher ranks (5x slower)
+        sub_s, sub_i = ops.top_k(ops.reshape(sub_scores, (-1, self.n_keys)), knn)  # (heads*2*bs,knn)
+        sub_s = ops.transpose(ops.reshape(sub_s, (heads, 2, -1, knn)), (2, 0, 1, 3))  # (bs,heads,2,knn)
+        sub_i = ops.transpose(ops.reshape(sub_i, (heads, 2, -1, knn)), (2, 0, 1, 3))  # (bs,heads,2,knn)
         s1, s2 = sub_s[:, :, 0], sub_s[:, :, 1]  # (bs,heads,knn)
         i1, i2 = sub_i[:, :, 0], sub_i[:, :, 1]  # (bs,heads,knn)
         # cartesian product of the best candidates of each half
-        all_scores = ops.reshape(s1[..., :, None] + s2[..., None, :], (-1, self.heads, knn * knn))
-        all_indices = ops.reshape(i1[..., :, None] * self.n_keys + i2[..., None, :], (-1, self.heads, knn * knn))
-        scores, best = ops.top_k(all_scores, knn)  # (bs,heads,knn)
-        indices = ops.take_along_axis(all_indices, best, axis=-1)  # (bs,heads,knn)
-        return scores, indices
+        all_scores = ops.reshape(s1[..., :, None] + s2[..., None, :], (-1, knn * knn))  # (bs*heads,knn*knn)
+        all_indices = ops.reshape(i1[..., :, None] * self.n_keys + i2[..., None, :], (-1, knn * knn))
+        scores, best = ops.top_k(all_scores, knn)  # (bs*heads,knn)
+        indices = ops.take_along_axis(all_indices, best, axis=-1)  # (bs*heads,knn)
+        return ops.reshape(scores, (-1, heads, knn)), ops.reshape(indices, (-1, heads, knn))
 
     def _weighted_sum(self, indices, weights):
         """sum_j weights[b, j] * values[indices[b, j]]: (bs, n) x (bs, n) -> (bs, v_dim)."""

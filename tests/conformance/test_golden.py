@@ -116,3 +116,35 @@ def test_tensor_files_are_tensor_protos(project):
     t = onnx.TensorProto()
     t.ParseFromString((project.store.case_dir("tiny") / DATA_SET / "output_2.pb").read_bytes())
     assert t.name == "indices" and numpy_helper.to_array(t).dtype == np.int64
+
+
+@pytest.mark.parametrize("delay", [0.5, 1.5, 3.0, 4.5])
+def test_killed_regeneration_leaves_a_whole_golden(project, delay):
+    """SIGKILL a regeneration at different moments: afterwards the golden verifies and is
+    exactly the old one or exactly the new one, never a mix; the next regeneration removes
+    the staging folder the kill left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conformance.cli import main
+
+    rewrite_tap(project, "tiny", 4, lambda a: a + 1e-3)  # forces a rewrite of the tensors
+    folder = project.store.case_dir("tiny")
+    old = _digests(folder)
+    cmd = [sys.executable, "-m", "conformance", "golden", "regenerate", "--case", "tiny", "--accept-drift"]
+    proc = subprocess.Popen([*cmd, *project.cli_args()], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(delay)
+    killed = proc.poll() is None
+    if killed:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    project.store.verify("tiny")
+    after = _digests(folder)
+    assert main(["golden", "regenerate", "--case", "tiny", "--accept-drift", *project.cli_args()]) == 0
+    new = _digests(folder)
+    assert new != old
+    assert after in (old, new)
+    assert not list(project.golden_dir.glob(".staging-*"))

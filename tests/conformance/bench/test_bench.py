@@ -1,0 +1,91 @@
+"""The bench command on the tiny preset: schema, isolation, and failures as results."""
+
+import json
+import sys
+
+import pytest
+
+from conformance.bench import (
+    BENCH_PRESETS,
+    BenchError,
+    get_bench_preset,
+    run_bench,
+    run_worker,
+    select_bench_paths,
+)
+from conformance.cli import main
+
+TINY = get_bench_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    paths = select_bench_paths(["torch-eager-cpu", "ort-cpu[torch-fast]", "tf-seed-baseline-function-cpu", "*cuda*"])
+    return run_bench(TINY, paths, runs=3, warmup=1)
+
+
+def test_schema(bench):
+    assert bench["preset"] == "tiny" and bench["runs"] == 3
+    assert {"cpu", "gpu", "versions"} <= set(bench["machine"])
+    assert bench["memory_bandwidth_gb_per_s"] > 0.5
+    by_name = {p["name"]: p for p in bench["paths"]}
+    eager = by_name["torch-eager-cpu"]
+    keys = {"name", "status", "reason", "median_s", "p10_s", "p90_s", "runs", "tokens_per_s", "peak_host_mb"}
+    assert keys | {"peak_device_mb", "ratio_to_torch_eager"} <= set(eager)
+    assert eager["status"] == "ok" and eager["ratio_to_torch_eager"] == 1.0
+    assert eager["p10_s"] <= eager["median_s"] <= eager["p90_s"]
+    assert eager["tokens_per_s"] == pytest.approx(15 / eager["median_s"])
+    assert 0 < eager["fraction_of_memory_bandwidth"] < 1
+    assert by_name["ort-cpu[torch-fast]"]["status"] == "ok"
+    assert by_name["tf-seed-baseline-function-cpu"]["status"] == "ok"
+    cuda = by_name["ort-cuda[torch-fast]"]
+    assert cuda["status"] == "unavailable" and "CUDAExecutionProvider" in cuda["reason"]
+
+
+def test_reports(bench, tmp_path):
+    from conformance.bench import report
+
+    files = report.write(bench, tmp_path)
+    assert [f.name for f in files] == ["bench.json", "bench.md", "bench.png"]
+    assert json.loads((tmp_path / "bench.json").read_text())["preset"] == "tiny"
+    md = (tmp_path / "bench.md").read_text()
+    assert "| torch-eager-cpu | ok | " in md and "time (5 runs)" not in md  # the preset's run count is 5, ran 3
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_a_crashing_path_is_that_paths_error(tmp_path, monkeypatch):
+    script = tmp_path / "crash.sh"
+    script.write_text("#!/bin/sh\necho 'about to crash' >&2\nkill -SEGV $$\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(script))
+    result = run_worker(TINY, "torch-eager-cpu", 1, 0, tmp_path, timeout=60)
+    assert result["status"] == "error"
+    assert "died of SIGSEGV" in result["reason"] and "about to crash" in result["reason"]
+
+
+def test_a_hung_path_times_out(tmp_path, monkeypatch):
+    script = tmp_path / "hang.sh"
+    script.write_text("#!/bin/sh\nsleep 30\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(script))
+    result = run_worker(TINY, "torch-eager-cpu", 1, 0, tmp_path, timeout=1)
+    assert result == {"name": "torch-eager-cpu", "status": "error", "reason": "timed out after 1 s"}
+
+
+def test_presets_and_selection():
+    assert set(BENCH_PRESETS) == {"seed", "cpu", "tiny"}
+    seed = get_bench_preset("seed")
+    assert (seed.input_shape, seed.runs) == ((16, 256, 768), 100)
+    assert seed.value_bytes() == 6 * 4096 * 4 * 32 * 768 * 4  # 1.6 GB per layer, 6 layers
+    with pytest.raises(BenchError, match=r"unknown bench preset 'gpu'; available: \['cpu', 'seed', 'tiny'\]"):
+        get_bench_preset("gpu")
+    with pytest.raises(BenchError, match=r"--path 'jax\*' matches no path"):
+        select_bench_paths(["jax*"])
+    assert not any(p.name.startswith("onnx-reference") for p in select_bench_paths(None))
+
+
+def test_cli_usage_errors(capsys):
+    assert main(["bench", "--preset", "gpu"]) == 2
+    assert "unknown bench preset 'gpu'" in capsys.readouterr().err
+    assert main(["bench", "--preset", "tiny", "--runs", "0", "--path", "torch-eager-cpu"]) == 2
+    assert "--runs must be >= 1" in capsys.readouterr().err
