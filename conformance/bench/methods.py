@@ -1,6 +1,6 @@
 """Time and peak memory of the Keras port's weighted-sum methods.
 
-    python -m conformance.methods_bench [--preset xlm] [--shape 4,128,768] [--runs 10]
+    python -m conformance.bench.methods [--preset xlm] [--shape 4,128,768] [--runs 10]
 
 Each (method, mode) runs in its own process. Peak memory is the rise of the process's
 resident-set high-water mark over what it held once the weights were loaded, through the
@@ -63,7 +63,7 @@ def _measure(preset: str, shape: tuple[int, ...], method: str, mode: str, runs: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m conformance.methods_bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m conformance.bench.methods", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="xlm")
     parser.add_argument("--shape", default=None, help="input shape, e.g. 4,128,768 (default: the preset's)")
     parser.add_argument("--runs", type=int, default=10)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for method in METHODS:
         for mode in MODES:
-            cmd = [sys.executable, "-m", "conformance.methods_bench", "--preset", args.preset]
+            cmd = [sys.executable, "-m", "conformance.bench.methods", "--preset", args.preset]
             cmd += ["--shape", ",".join(map(str, shape)), "--runs", str(args.runs), "--one", method, mode]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode:
