@@ -125,6 +125,8 @@ def _run_run(args: argparse.Namespace) -> int:
     paths = select_paths(args.paths)
     if args.require:
         select_paths(args.require)  # every --require glob must name a path
+    if args.report_dir:
+        _check_writable(args.report_dir)  # before minutes of work, not after
     store, cases, policy = _load(args)
     result = run_conformance(
         cases, paths, store, policy, require=args.require, progress=lambda m: print(m, file=sys.stderr, flush=True)
@@ -138,7 +140,11 @@ def _run_run(args: argparse.Namespace) -> int:
 
 # --- golden --------------------------------------------------------------------------------
 def _add_golden(sub) -> None:
-    p = sub.add_parser("golden", help="regenerate or verify the golden tensors")
+    p = sub.add_parser(
+        "golden",
+        help="regenerate or verify the golden tensors",
+        epilog="examples: python -m conformance golden regenerate --case tiny; python -m conformance golden verify",
+    )
     gsub = p.add_subparsers(dest="golden_command", required=True, metavar="ACTION")
     r = gsub.add_parser(
         "regenerate",
@@ -199,9 +205,13 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 # --- listings ------------------------------------------------------------------------------
 def _add_listings(sub) -> None:
-    p = sub.add_parser("paths", help="list every execution path, and why it cannot run here if it cannot")
+    p = sub.add_parser(
+        "paths",
+        help="list every execution path, and why it cannot run here if it cannot",
+        epilog="example: python -m conformance paths",
+    )
     p.set_defaults(func=_run_paths)
-    c = sub.add_parser("cases", help="list the cases")
+    c = sub.add_parser("cases", help="list the cases", epilog="example: python -m conformance cases")
     c.add_argument("--cases-dir", default=None, help="case files (default: ./conformance/cases)")
     c.set_defaults(func=_run_cases)
 

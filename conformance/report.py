@@ -153,17 +153,30 @@ def markdown(result: RunResult, folder: Path) -> bytes:
 
 
 def write_reports(result: RunResult, folder: Path) -> list[Path]:
+    """report.json, junit.xml and report.md (with its PNGs): all written to temporary
+    names first and renamed only when every one is complete, so a full disk leaves no
+    partial or mismatched report behind."""
     folder = Path(folder)
+    staged: list[tuple[str, Path]] = []
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        written = []
-        for name, data in (
-            ("report.json", (json.dumps(result.to_json(), indent=2) + "\n").encode()),
-            ("junit.xml", junit(result)),
-            ("report.md", markdown(result, folder)),
-        ):
-            _atomic_write(folder / name, data)
-            written.append(folder / name)
-        return written
+        payloads = {
+            "report.json": (json.dumps(result.to_json(), indent=2) + "\n").encode(),
+            "junit.xml": junit(result),
+            "report.md": markdown(result, folder),
+        }
+        for name, data in payloads.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
+            staged.append((name, Path(tmp)))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for name, tmp in staged:
+            os.replace(tmp, folder / name)
+        return [folder / name for name in payloads]
     except OSError as exc:
         raise ReportError(f"cannot write the report to {folder}: {exc.strerror or exc}") from exc
+    finally:
+        for _, tmp in staged:
+            tmp.unlink(missing_ok=True)

@@ -85,9 +85,11 @@ class HashingMemory(nn.Module):
         self.query_dropout = query_dropout
         self.value_dropout = value_dropout
 
-        # keys / values (initialised by load_weights or from_config)
-        self.keys = nn.Parameter(torch.empty(heads, 2, n_keys, k_dim // 2))
+        # initialize keys / values (as the notebook does; from_config loads make_weights instead)
+        half = k_dim // 2
+        self.keys = nn.Parameter(torch.empty(heads, 2, n_keys, half).uniform_(-(half**-0.5), half**-0.5))
         self.values = nn.EmbeddingBag(self.size, self.v_dim, mode="sum")
+        nn.init.normal_(self.values.weight, mean=0, std=self.v_dim**-0.5)
 
         # query network
         self.query_proj = nn.Sequential(
@@ -104,7 +106,7 @@ class HashingMemory(nn.Module):
     def from_config(cls, config: PKMConfig, seed: int | None = 0) -> HashingMemory:
         """A layer with the deterministic weights of ``(config, seed)``.
 
-        ``seed=None`` leaves the weights uninitialised (for loading a checkpoint).
+        ``seed=None`` keeps the random initialisation of ``__init__`` (for loading a checkpoint).
         """
         layer = cls(**config.to_dict())
         if seed is not None:

@@ -150,3 +150,58 @@ def test_export_usage_errors(tmp_path, capsys, args, message):
     assert main(full) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_read_only_report_folder_is_a_clear_error_and_leaves_nothing(project, tmp_path, capsys):
+    import os
+
+    if os.geteuid() == 0:  # root ignores permission bits: use a path under a file instead
+        blocker = tmp_path / "a-file"
+        blocker.write_text("")
+        folder = blocker / "reports"
+    else:
+        folder = tmp_path / "ro"
+        folder.mkdir(mode=0o500)
+    args = ["run", "--case", "tiny", "--path", "torch-eager-cpu", *project.cli_args(), "--report-dir", str(folder)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write to output folder") and "Traceback" not in err
+    assert not (folder / "report.json").exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["run"],
+        ["golden"],
+        ["golden", "regenerate"],
+        ["golden", "verify"],
+        ["export"],
+        ["convert"],
+        ["bench"],
+        ["paths"],
+        ["cases"],
+    ],
+)
+def test_every_command_has_help_with_an_example(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    assert "example" in capsys.readouterr().out
+
+
+def test_disk_full_while_writing_leaves_no_report(project, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from conformance import report
+
+    def full(result):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "junit", full)
+    folder = tmp_path / "reports"
+    args = ["run", "--case", "tiny", "--path", "torch-eager-cpu", *project.cli_args(), "--report-dir", str(folder)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the report to" in err and "No space left on device" in err
+    assert not [p for p in folder.iterdir() if p.suffix in (".json", ".xml", ".md") or p.name.startswith(".")]

@@ -59,3 +59,15 @@ def test_bad_seed():
 def test_make_input_is_deterministic():
     np.testing.assert_array_equal(make_input((2, 3), 5), make_input((2, 3), 5))
     assert make_input((2, 3), 5).dtype == np.float32
+
+
+def test_a_layer_built_directly_is_initialised_like_the_notebook():
+    import torch
+
+    from pkm_models.torch_pkm import HashingMemory
+
+    torch.manual_seed(0)
+    layer = HashingMemory(input_dim=32, output_dim=64, k_dim=16, heads=2, knn=4, n_keys=16)
+    keys = layer.keys.detach().numpy()
+    assert np.isfinite(keys).all() and 0.9 / np.sqrt(8) < np.abs(keys).max() <= 1 / np.sqrt(8)
+    assert np.std(layer.values.weight.detach().numpy()) == pytest.approx(64**-0.5, rel=0.05)
