@@ -70,6 +70,10 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 # --- shared options -----------------------------------------------------------------------
+def _add_case_option(p) -> None:
+    p.add_argument("--case", action="append", dest="cases", metavar="NAME", help="case (repeatable; default all)")
+
+
 def _add_store_options(p) -> None:
     p.add_argument("--golden-dir", default=None, help="golden store (default: ./golden)")
     p.add_argument("--cases-dir", default=None, help="case files (default: ./conformance/cases)")
@@ -102,9 +106,7 @@ def _add_run(sub) -> None:
         "1: some path fails or errors; 2: bad usage or bad data.",
         epilog="example: python -m conformance run --case tiny --path 'ort-cpu*' --report-dir reports/",
     )
-    p.add_argument(
-        "--case", action="append", dest="cases", metavar="NAME", help="case to run (repeatable; default all)"
-    )
+    _add_case_option(p)
     p.add_argument(
         "--path", action="append", dest="paths", metavar="GLOB", help="paths to run (repeatable; default all)"
     )
@@ -154,7 +156,7 @@ def _add_golden(sub) -> None:
         "unless --accept-drift. Writes beside the old golden and swaps atomically.",
         epilog="example: python -m conformance golden regenerate --case tiny",
     )
-    r.add_argument("--case", action="append", dest="cases", metavar="NAME", help="case (repeatable; default all)")
+    _add_case_option(r)
     r.add_argument("--accept-drift", action="store_true", help="replace goldens even if they drifted beyond tolerance")
     _add_store_options(r)
     r.set_defaults(func=_run_regenerate)
@@ -163,7 +165,7 @@ def _add_golden(sub) -> None:
         help="check every golden file against the sha256 in its case.json",
         epilog="example: python -m conformance golden verify",
     )
-    v.add_argument("--case", action="append", dest="cases", metavar="NAME", help="case (repeatable; default all)")
+    _add_case_option(v)
     _add_store_options(v)
     v.set_defaults(func=_run_verify)
 

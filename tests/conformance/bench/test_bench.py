@@ -53,21 +53,23 @@ def test_reports(bench, tmp_path):
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
 
-def test_a_crashing_path_is_that_paths_error(tmp_path, monkeypatch):
-    script = tmp_path / "crash.sh"
-    script.write_text("#!/bin/sh\necho 'about to crash' >&2\nkill -SEGV $$\n")
+def _fake_interpreter(tmp_path, monkeypatch, body: str) -> None:
+    """Make the workers run ``body`` (a shell script) instead of Python."""
+    script = tmp_path / "worker.sh"
+    script.write_text("#!/bin/sh\n" + body + "\n")
     script.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(script))
+
+
+def test_a_crashing_path_is_that_paths_error(tmp_path, monkeypatch):
+    _fake_interpreter(tmp_path, monkeypatch, "echo 'about to crash' >&2\nkill -SEGV $$")
     result = run_worker(TINY, "torch-eager-cpu", 1, 0, tmp_path, timeout=60)
     assert result["status"] == "error"
     assert "died of SIGSEGV" in result["reason"] and "about to crash" in result["reason"]
 
 
 def test_a_hung_path_times_out(tmp_path, monkeypatch):
-    script = tmp_path / "hang.sh"
-    script.write_text("#!/bin/sh\nsleep 30\n")
-    script.chmod(0o755)
-    monkeypatch.setattr(sys, "executable", str(script))
+    _fake_interpreter(tmp_path, monkeypatch, "sleep 30")
     result = run_worker(TINY, "torch-eager-cpu", 1, 0, tmp_path, timeout=1)
     assert result == {"name": "torch-eager-cpu", "status": "error", "reason": "timed out after 1 s"}
 
