@@ -114,6 +114,17 @@ def _add_run(sub) -> None:
         "--require", action="append", metavar="GLOB", help="paths that must be available (unavailable = failure)"
     )
     p.add_argument("--report-dir", default=None, help="write report.json, junit.xml and report.md here")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the paths in this process: faster, but a path that crashes takes the run with it",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="path processes at a time (default 2; their times then share the machine: use bench for speed)",
+    )
     p.add_argument("--verbose", action="store_true", help="per-tap rows, third-party logs")
     _add_store_options(p)
     p.set_defaults(func=_run_run)
@@ -124,6 +135,8 @@ def _run_run(args: argparse.Namespace) -> int:
     from conformance.report import table, write_reports
     from conformance.runner import run_conformance
 
+    if args.jobs < 1:
+        raise PKMError(f"--jobs must be at least 1, got {args.jobs}")
     paths = select_paths(args.paths)
     if args.require:
         select_paths(args.require)  # every --require glob must name a path
@@ -131,7 +144,14 @@ def _run_run(args: argparse.Namespace) -> int:
         _check_writable(args.report_dir)  # before minutes of work, not after
     store, cases, policy = _load(args)
     result = run_conformance(
-        cases, paths, store, policy, require=args.require, progress=lambda m: print(m, file=sys.stderr, flush=True)
+        cases,
+        paths,
+        store,
+        policy,
+        require=args.require,
+        progress=lambda m: print(m, file=sys.stderr, flush=True),
+        isolate=not args.in_process,
+        jobs=args.jobs,
     )
     print(table(result, verbose=args.verbose))
     if args.report_dir:

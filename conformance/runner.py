@@ -3,6 +3,8 @@ goldens."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import gc
 import platform
@@ -19,6 +21,7 @@ from conformance.cases import Case
 from conformance.compare import Comparison, TensorResult, compare_taps
 from conformance.export import ExportUnsupported
 from conformance.golden import GoldenError, GoldenStore
+from conformance.isolation import run_json_worker
 from conformance.paths import CaseContext, ExecutionPath, PathUnavailable
 from conformance.tolerances import TolerancePolicy, path_matches
 from pkm_models.config import TAPS
@@ -140,33 +143,76 @@ def run_path(path: ExecutionPath, context: CaseContext, golden, policy: Toleranc
         return PathResult(path.name, "unavailable", reason=str(exc))
     except Exception as exc:
         return PathResult(path.name, "error", reason=f"{type(exc).__name__}: {exc}".strip())
-    weights = context.weights
-    keys_name = "keys" if case.spec.layers == 1 else f"layers.{case.spec.layers - 1}.keys"
-    values_name = "values.weight" if case.spec.layers == 1 else f"layers.{case.spec.layers - 1}.values.weight"
+    return _compare(path.name, case, got, golden, context.weights, policy, seconds)
+
+
+def _compare(path_name: str, case: Case, got, golden, weights, policy, seconds) -> PathResult:
+    layer = "" if case.spec.layers == 1 else f"layers.{case.spec.layers - 1}."
     comparison: Comparison = compare_taps(
         got,
         golden.taps,
         config=case.config,
-        keys=weights[keys_name],
-        values=weights[values_name],
+        keys=weights[layer + "keys"],
+        values=weights[layer + "values.weight"],
         policy=policy,
         case=case.name,
-        path=path.name,
+        path=path_name,
     )
-    status = "pass" if comparison.ok else "fail"
     reason = ""
     if not comparison.ok:
         bad = next(t for t in comparison.tensors if not t)
         reason = f"{bad.name}: {bad.message}"
     return PathResult(
-        path.name,
-        status,
+        path_name,
+        "pass" if comparison.ok else "fail",
         reason=reason,
         first_divergence=comparison.first_divergence,
         tensors=comparison.tensors,
         seconds=seconds,
         errors=comparison.errors,
     )
+
+
+def run_path_isolated(
+    path: ExecutionPath,
+    context: CaseContext,
+    golden,
+    policy: TolerancePolicy,
+    required: bool,
+    timeout: float,
+    golden_dir: Path,
+) -> PathResult:
+    """``run_path`` in a fresh process (``conformance.paths.worker``), sharing the
+    context's export folder."""
+    case = context.case
+    try:
+        path.check(case)
+    except PathUnavailable as exc:
+        if required:
+            return PathResult(path.name, "fail", reason=f"required but unavailable: {exc}")
+        return PathResult(path.name, "unavailable", reason=str(exc))
+    with tempfile.TemporaryDirectory(prefix="pkm-taps-") as tmp:
+        out = Path(tmp) / "taps.npz"
+        request = {
+            "cases_dir": str(case.source.parent),
+            "case": case.name,
+            "golden_dir": str(golden_dir),
+            "path": path.name,
+            "export_dir": str(context.export_dir),
+            "out": str(out),
+        }
+        result, why = run_json_worker("conformance.paths.worker", request, timeout)
+        if result is None:
+            return PathResult(path.name, "error", reason=why)
+        if result["status"] == "unavailable":
+            status = "fail" if required else "unavailable"
+            prefix = "required but unavailable: " if required else ""
+            return PathResult(path.name, status, reason=prefix + result["reason"])
+        if result["status"] != "ran":
+            return PathResult(path.name, "error", reason=result.get("reason", "unknown"))
+        with np.load(out) as data:
+            got = {k: data[k] for k in data.files}
+    return _compare(path.name, case, got, golden, context.weights, policy, result["seconds"])
 
 
 def run_conformance(
@@ -176,34 +222,67 @@ def run_conformance(
     policy: TolerancePolicy,
     require: list[str] | None = None,
     progress: Progress | None = None,
+    isolate: bool = True,
+    timeout: float = 1800,
+    jobs: int = 1,
 ) -> RunResult:
-    """Every path on every case. Golden problems raise GoldenError before anything runs."""
+    """Every path on every case. Golden problems raise GoldenError before anything runs.
+
+    With ``isolate`` every available path runs in its own process (sharing the case's
+    exports through a folder), so a crash is that path's ``error``; ``jobs`` of them at
+    a time (their timings then share the machine)."""
     goldens = {}
     for case in cases:  # all goldens are checked first: bad data is exit 2, not a failed path
         golden = store.read(case.name)
         _check_golden_matches_case(case, golden.meta, store)
         goldens[case.name] = golden
     results = []
-    total, done = len(cases) * len(paths), 0
+    counter = iter(range(1, len(cases) * len(paths) + 1))
+    total = len(cases) * len(paths)
     for case in cases:
-        golden = goldens[case.name]
-        weights = golden.weights if golden.weights is not None else case.spec.weights()
-        context = CaseContext(case, weights)
-        case_results = []
-        try:
-            for path in paths:
-                required = any(path_matches(path.name, g) for g in require or [])
-                result = run_path(path, context, golden, policy, required)
-                case_results.append(result)
-                done += 1
-                if progress:
-                    progress(f"[{done}/{total}] {case.name} {path.name}: {result.status}")
-        finally:
-            context.close()
-            del context
-            gc.collect()
+
+        def report(result: PathResult, case: Case = case) -> None:
+            if progress:
+                progress(f"[{next(counter)}/{total}] {case.name} {result.name}: {result.status}")
+
+        case_results = _run_case(
+            case, goldens[case.name], paths, store, policy, require, isolate, timeout, jobs, report
+        )
         results.append(CaseResult(case.name, case_results))
     return RunResult(results, environment())
+
+
+def _run_case(case, golden, paths, store, policy, require, isolate, timeout, jobs, report) -> list[PathResult]:
+    weights = golden.weights if golden.weights is not None else case.spec.weights()
+    export_dir = Path(tempfile.mkdtemp(prefix=f"pkm-{case.name}-")) if isolate else None
+    context = CaseContext(case, weights, export_dir=export_dir)
+
+    def one(path: ExecutionPath) -> PathResult:
+        required = any(path_matches(path.name, g) for g in require or [])
+        if isolate:
+            result = run_path_isolated(path, context, golden, policy, required, timeout, store.root)
+        else:
+            result = run_path(path, context, golden, policy, required)
+        report(result)
+        return result
+
+    try:
+        if not (isolate and jobs > 1):
+            return [one(path) for path in paths]
+        # exports first, once, so that concurrent workers find them made
+        for path in paths:
+            exporter = getattr(path, "exporter", None)
+            if exporter:
+                with contextlib.suppress(Exception):  # a failing export is its paths' result
+                    path.check(case)
+                    context.export(exporter)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+            return list(pool.map(one, paths))
+    finally:
+        context.close()
+        gc.collect()
+        if export_dir is not None:
+            shutil.rmtree(export_dir, ignore_errors=True)
 
 
 # --- regeneration --------------------------------------------------------------------------

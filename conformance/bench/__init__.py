@@ -21,17 +21,13 @@ achieve as a fraction of it: PKM is memory-bound.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from conformance.bench.seed_baseline import SeedBaselinePath
+from conformance.isolation import run_json_worker
 from conformance.paths import PATHS, ExecutionPath
 from conformance.paths.tf_paths import TFPath
 from conformance.tolerances import path_matches
@@ -119,33 +115,11 @@ def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 7) -> float:
     return 2 * a.nbytes / statistics.median(times) / 1e9
 
 
-def _signal_name(returncode: int) -> str:
-    try:
-        return signal.Signals(-returncode).name
-    except ValueError:
-        return f"signal {-returncode}"
-
-
 def run_worker(preset: BenchPreset, path: str, runs: int, warmup: int, export_dir: Path, timeout: float) -> dict:
     """One path in a fresh process; its crash or time-out is its result."""
     request = {"preset": preset.name, "path": path, "runs": runs, "warmup": warmup, "export_dir": str(export_dir)}
-    cmd = [sys.executable, "-m", "conformance.bench.worker", json.dumps(request)]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
-    except subprocess.TimeoutExpired:
-        return {"name": path, "status": "error", "reason": f"timed out after {timeout:.0f} s"}
-    lines = done.stdout.strip().splitlines()
-    if done.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    tail = "\n".join(done.stderr.strip().splitlines()[-5:])
-    if done.returncode < 0:
-        why = f"the process died of {_signal_name(done.returncode)}"
-        if done.returncode == -signal.SIGKILL:
-            why += " (out of memory?)"
-    else:
-        why = f"the process exited with {done.returncode}"
-    return {"name": path, "status": "error", "reason": f"{why}: {tail}" if tail else why}
+    result, why = run_json_worker("conformance.bench.worker", request, timeout)
+    return result if result is not None else {"name": path, "status": "error", "reason": why}
 
 
 def run_bench(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -23,13 +24,28 @@ class CaseContext:
     the weights, the native models, and the tapped ONNX exports (in ``export_dir`` when
     given, where an existing export is reused, else in a temporary folder)."""
 
-    def __init__(self, case: Case, weights: dict[str, np.ndarray], export_dir: Path | None = None):
+    def __init__(
+        self,
+        case: Case,
+        weights: dict[str, np.ndarray] | Callable[[], dict[str, np.ndarray]],
+        export_dir: Path | None = None,
+    ):
         self.case = case
-        self.weights = weights
+        self._weights = weights
         self._exports: dict[str, Path | Exception] = {}
         self._keras: dict[str, object] = {}
         self._dir = export_dir
         self._own_dir = export_dir is None
+
+    @property
+    def export_dir(self) -> Path | None:
+        return self._dir
+
+    @cached_property
+    def weights(self) -> dict[str, np.ndarray]:
+        """The case's weights; a callable given instead is called on first use (paths on
+        an existing export never need them)."""
+        return self._weights() if callable(self._weights) else self._weights
 
     @cached_property
     def torch_model(self):
@@ -62,7 +78,7 @@ class CaseContext:
                 if not self._own_dir and existing.is_file():
                     self._exports[exporter] = existing
                 else:
-                    self._exports[exporter] = export(self.case.spec, exporter, self._dir, tapped=True).path
+                    self._exports[exporter] = self._export_atomically(exporter, export)
             except Exception as exc:  # remembered: every path on this export reports it
                 self._exports[exporter] = exc
         result = self._exports[exporter]
@@ -70,10 +86,25 @@ class CaseContext:
             raise result
         return result
 
+    def _export_atomically(self, exporter: str, export) -> Path:
+        """Export into a private folder, then move the files in (data first): a process
+        killed while exporting never leaves a file that a later one would reuse."""
+        staging = Path(tempfile.mkdtemp(prefix=f".{exporter}-", dir=self._dir))
+        try:
+            made = export(self.case.spec, exporter, staging, tapped=True).path
+            data = made.with_name(made.name + ".data")
+            if data.exists():
+                os.replace(data, self._dir / data.name)
+            os.replace(made, self._dir / made.name)
+            return self._dir / made.name
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
     def close(self) -> None:
         if self._dir is not None and self._own_dir:
             shutil.rmtree(self._dir, ignore_errors=True)
         self.__dict__.pop("torch_model", None)
+        self.__dict__.pop("weights", None)
         self._keras.clear()
 
 

@@ -13,9 +13,15 @@ from tests.conformance.helpers import rewrite_tap
 FAST = ["torch-eager-cpu", "tf-function-cpu", "ort-cpu[torch-fast]"]
 
 
-def run(project, cases=("tiny",), paths=FAST, policy=None, **kwargs):
+def run(project, cases=("tiny",), paths=FAST, policy=None, isolate=False, **kwargs):
+    """In-process by default (fast); the isolation tests below ask for processes."""
     return run_conformance(
-        project.cases(*cases), select_paths(list(paths)), project.store, policy or project.policy(), **kwargs
+        project.cases(*cases),
+        select_paths(list(paths)),
+        project.store,
+        policy or project.policy(),
+        isolate=isolate,
+        **kwargs,
     )
 
 
@@ -196,3 +202,33 @@ def test_missing_or_stale_golden_is_bad_data(project):
     )
     with pytest.raises(GoldenError, match="the case changed since its golden was made"):
         run(project, cases=("tiny",))
+
+
+def test_a_path_that_crashes_its_process_is_that_paths_error(project, tmp_path, monkeypatch):
+    """Every path runs in its own process: a segfault in one is reported with its cause
+    and the others' results still come out."""
+    import sys
+
+    python = sys.executable
+    script = tmp_path / "python"
+    script.write_text(
+        "#!/bin/sh\n"
+        'case "$3" in *\'"path": "tf-function-cpu"\'*) echo "runtime blew up" >&2; kill -SEGV $$;; esac\n'
+        f'exec {python} "$@"\n'
+    )
+    script.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(script))
+    result = run(project, paths=FAST, isolate=True)
+    s = {p.name: p for p in result.cases[0].paths}
+    assert s["tf-function-cpu"].status == "error"
+    assert "died of SIGSEGV" in s["tf-function-cpu"].reason and "runtime blew up" in s["tf-function-cpu"].reason
+    assert s["torch-eager-cpu"].status == "pass" and s["ort-cpu[torch-fast]"].status == "pass"
+    assert not result.ok
+
+
+def test_isolated_and_in_process_runs_agree(project):
+    isolated = run(project, cases=("tiny-bn",), paths=FAST, isolate=True)
+    in_process = run(project, cases=("tiny-bn",), paths=FAST, isolate=False)
+    for a, b in zip(isolated.cases[0].paths, in_process.cases[0].paths, strict=True):
+        assert (a.name, a.status) == (b.name, b.status)
+        assert [t.max_abs for t in a.tensors] == [t.max_abs for t in b.tensors]

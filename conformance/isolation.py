@@ -1,0 +1,45 @@
+"""Running one piece of work in a fresh Python process, and turning its death into a reason.
+
+Used by the conformance run and the benchmark: a path that segfaults, is killed for
+memory or hangs becomes that path's ``error``, with the cause, and the others go on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+
+def signal_name(returncode: int) -> str:
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+def run_json_worker(module: str, request: dict, timeout: float) -> tuple[dict | None, str]:
+    """``python -m module REQUEST``; returns (the JSON its last stdout line holds, "") or
+    (None, why it gave none)."""
+    cmd = [sys.executable, "-m", module, json.dumps(request)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout:.0f} s"
+    lines = done.stdout.strip().splitlines()
+    if done.returncode == 0 and lines:
+        try:
+            return json.loads(lines[-1]), ""
+        except ValueError:
+            pass
+    tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+    if done.returncode < 0:
+        why = f"the process died of {signal_name(done.returncode)}"
+        if done.returncode == -signal.SIGKILL:
+            why += " (killed: out of memory?)"
+    else:
+        why = f"the process exited with {done.returncode}"
+    return None, f"{why}: {tail}" if tail else why
