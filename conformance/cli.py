@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("run", "golden", "export", "convert", "bench"):
+    if args.command in ("run", "golden", "export", "convert", "bench", "paths"):
         _quiet_third_party(getattr(args, "verbose", False))
     try:
         return args.func(args)

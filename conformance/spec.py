@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pkm_models.config import ConfigError, PKMConfig, Preset
+from pkm_models.config import TAPS, ConfigError, PKMConfig, Preset
 from pkm_models.convert import check_weights, expected_shapes
 from pkm_models.weights import Weights, make_weights
 
@@ -44,8 +44,6 @@ class ModelSpec:
         return cls(name=preset.name, config=preset.config, layers=preset.layers, seed=seed)
 
     def output_names(self, tapped: bool) -> list[str]:
-        from conformance.export import TAPS
-
         return list(TAPS) if tapped else ["output"]
 
     @property

@@ -27,8 +27,8 @@ def _check_opset(exporter: str, opset: int) -> None:
         raise ExportUnsupported(f"{exporter}: tf2onnx 1.17 supports opsets up to {TF2ONNX_MAX_OPSET}, got {opset}")
 
 
-# Keras' own export captures every weight as a graph constant; tf2onnx then holds several
-# copies of each. At the xlm size (805 MB of values) that exhausted 24 GB.
+# Keras' own export hands tf2onnx every weight as a graph constant; tf2onnx with the xlm
+# value table (805 MB) as a constant used all 24 GB of a development machine.
 KERAS_EXPORT_MAX_BYTES = 256 << 20
 
 
@@ -43,7 +43,7 @@ def export_tf2onnx(spec: ModelSpec, path: Path, opset: int, tapped: bool) -> Non
     _check_opset("tf2onnx", opset)
     proto, keras_names = _convert_structure(spec, opset, tapped)
     gc.collect()  # the traced Keras model and its variables are gone: make room for the weights
-    order_outputs(proto, list(TAPS) if tapped else ["output"])
+    order_outputs(proto, spec.output_names(tapped))
     path.parent.mkdir(parents=True, exist_ok=True)
     replace_inputs_with_initializers(proto, _keras_named_arrays(spec, keras_names), path, spec.weight_bytes)
 
@@ -100,9 +100,9 @@ def export_keras(spec: ModelSpec, path: Path, opset: int, tapped: bool) -> None:
     weight_bytes = spec.weight_bytes
     if weight_bytes > KERAS_EXPORT_MAX_BYTES:
         raise ExportUnsupported(
-            f"keras: model.export captures all {weight_bytes / 2**20:,.0f} MB of weights as graph constants and "
-            f"tf2onnx copies them several times (24 GB were not enough at the xlm size); this exporter is limited "
-            f"to {KERAS_EXPORT_MAX_BYTES >> 20} MB. Use the tf2onnx exporter for large models."
+            f"keras: model.export hands tf2onnx all {weight_bytes / 2**20:,.0f} MB of weights as graph constants "
+            f"(tf2onnx with the xlm value table as a constant used all 24 GB of a development machine); this "
+            f"exporter is limited to {KERAS_EXPORT_MAX_BYTES >> 20} MB. Use the tf2onnx exporter for large models."
         )
     inputs = keras.Input((None, spec.config.input_dim), name="input")
     x = inputs
@@ -121,7 +121,7 @@ def export_keras(spec: ModelSpec, path: Path, opset: int, tapped: bool) -> None:
         raw = Path(tmp) / "keras.onnx"
         model.export(str(raw), format="onnx", verbose=False, opset_version=opset)
         proto = onnx.load(str(raw))
-    names = list(TAPS) if tapped else ["output"]
+    names = spec.output_names(tapped)
     rename_values(proto, {o.name: n for o, n in zip(proto.graph.output, names, strict=True)})
     path.parent.mkdir(parents=True, exist_ok=True)
     save_model(proto, path)

@@ -148,3 +148,44 @@ def test_killed_regeneration_leaves_a_whole_golden(project, delay):
     assert new != old
     assert after in (old, new)
     assert not list(project.golden_dir.glob(".staging-*"))
+
+
+def _rehash(folder, rel):
+    meta = json.loads((folder / "case.json").read_text())
+    meta["sha256"][rel] = sha256(folder / rel)
+    (folder / "case.json").write_text(json.dumps(meta))
+
+
+def test_a_corrupt_tensor_file_with_a_consistent_hash_is_named(project):
+    folder = project.store.case_dir("tiny")
+    rel = f"{DATA_SET}/output_3.pb"
+    (folder / rel).write_bytes(b"\x08\x01garbage")
+    _rehash(folder, rel)
+    project.store.verify("tiny")  # the hash is right: only parsing can tell
+    with pytest.raises(GoldenError, match=r"output_3\.pb: not a readable ONNX TensorProto"):
+        project.store.read("tiny")
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda m: m.pop("sha256"), r"missing field\(s\) \['sha256'\]"),
+        (lambda m: m.update(taps=["query", "scores", "output"]), "differ from the contract"),
+        (lambda m: m["sha256"].pop(f"{DATA_SET}/output_4.pb"), r"sha256 has no entry for \['test_data_set_0/output_4"),
+    ],
+)
+def test_a_damaged_case_json_is_named(project, edit, match):
+    path = project.store.case_dir("tiny") / "case.json"
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+    with pytest.raises(GoldenError, match=match):
+        project.store.verify("tiny")
+
+
+def test_a_missing_data_set_is_named(project):
+    import shutil
+
+    shutil.rmtree(project.store.case_dir("tiny") / DATA_SET)
+    with pytest.raises(GoldenError, match=r"test_data_set_0: missing"):
+        project.store.verify("tiny")
