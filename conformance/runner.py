@@ -322,7 +322,10 @@ def regenerate(
         old = store.read(case.name)
         previous = old.meta
     except GoldenError as exc:
-        say(f"{case.name}: no usable previous golden ({exc})")
+        if store.case_dir(case.name).exists():
+            say(f"{case.name}: the previous golden is unusable and will be replaced ({exc})")
+        else:
+            say(f"{case.name}: new case, no previous golden")
     else:
         old_weights = old.weights if old.weights is not None else weights
         if old.input.shape == x.shape and all(old_weights[k].shape == weights[k].shape for k in weights):

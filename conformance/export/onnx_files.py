@@ -36,7 +36,8 @@ SEQUENCE_PREFIX = "Sequence"
 def quiet_exporters():
     """The exporters print progress to stdout and log warnings about optional packages;
     keep the terminal for the toolkit's own output. Errors still raise."""
-    loggers = [logging.getLogger(n) for n in ("tf2onnx", "torch.onnx", "onnxscript", "torch.export", "torch._dynamo")]
+    names = ("tf2onnx", "torch.onnx", "onnxscript", "onnx_ir", "torch.export", "torch._dynamo")
+    loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
