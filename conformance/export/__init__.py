@@ -14,6 +14,7 @@ Adding an exporter is a function in one of the family modules and a line in
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,20 +38,21 @@ class ExportUnsupported(ExportError):
 
 Exporter = Callable[[ModelSpec, Path, int, bool], None]
 
+# name -> "module:function" in this package, imported on use (torch and TensorFlow are
+# heavy: importing this package stays light)
+EXPORTERS = {
+    "torch-dynamo": "torch_exporters:export_dynamo",
+    "torch-script": "torch_exporters:export_torchscript",
+    "torch-fast": "torch_exporters:export_fast",
+    "tf2onnx": "tf_exporters:export_tf2onnx",
+    "keras": "tf_exporters:export_keras",
+}
+EXPORTER_NAMES = tuple(EXPORTERS)
 
-def _registry() -> dict[str, Exporter]:
-    from conformance.export import tf_exporters, torch_exporters
 
-    return {
-        "torch-dynamo": torch_exporters.export_dynamo,
-        "torch-script": torch_exporters.export_torchscript,
-        "torch-fast": torch_exporters.export_fast,
-        "tf2onnx": tf_exporters.export_tf2onnx,
-        "keras": tf_exporters.export_keras,
-    }
-
-
-EXPORTER_NAMES = ("torch-dynamo", "torch-script", "torch-fast", "tf2onnx", "keras")
+def _exporter(name: str) -> Exporter:
+    module, function = EXPORTERS[name].split(":")
+    return getattr(importlib.import_module(f"conformance.export.{module}"), function)
 
 
 def check_exporter_names(names: list[str]) -> None:
@@ -69,7 +71,7 @@ def export(
         raise ExportError(f"opset {opset} is not supported; choose one of {list(SUPPORTED_OPSETS)}")
     out_dir = Path(out_dir)
     path = out_dir / f"{exporter}.onnx"
-    _registry()[exporter](spec, path, opset, tapped)
+    _exporter(exporter)(spec, path, opset, tapped)
     check_model(path)
     report = describe(path, exporter)
     expected = spec.output_names(tapped)
