@@ -129,6 +129,13 @@ def _check_golden_matches_case(case: Case, meta: dict, store: GoldenStore) -> No
         )
 
 
+def _unavailable(name: str, reason: str, required: bool) -> PathResult:
+    """``unavailable``, or a failure when the user required the path (``--require``)."""
+    if required:
+        return PathResult(name, "fail", reason=f"required but unavailable: {reason}")
+    return PathResult(name, "unavailable", reason=reason)
+
+
 def run_path(path: ExecutionPath, context: CaseContext, golden, policy: TolerancePolicy, required: bool) -> PathResult:
     case = context.case
     try:
@@ -138,9 +145,7 @@ def run_path(path: ExecutionPath, context: CaseContext, golden, policy: Toleranc
         got = fn(golden.input)
         seconds = time.perf_counter() - t0
     except (PathUnavailable, ExportUnsupported) as exc:
-        if required:
-            return PathResult(path.name, "fail", reason=f"required but unavailable: {exc}")
-        return PathResult(path.name, "unavailable", reason=str(exc))
+        return _unavailable(path.name, str(exc), required)
     except Exception as exc:
         return PathResult(path.name, "error", reason=f"{type(exc).__name__}: {exc}".strip())
     return _compare(path.name, case, got, golden, context.weights, policy, seconds)
@@ -188,9 +193,7 @@ def run_path_isolated(
     try:
         path.check(case)
     except PathUnavailable as exc:
-        if required:
-            return PathResult(path.name, "fail", reason=f"required but unavailable: {exc}")
-        return PathResult(path.name, "unavailable", reason=str(exc))
+        return _unavailable(path.name, str(exc), required)
     with tempfile.TemporaryDirectory(prefix="pkm-taps-") as tmp:
         out = Path(tmp) / "taps.npz"
         request = {
@@ -205,9 +208,7 @@ def run_path_isolated(
         if result is None:
             return PathResult(path.name, "error", reason=why)
         if result["status"] == "unavailable":
-            status = "fail" if required else "unavailable"
-            prefix = "required but unavailable: " if required else ""
-            return PathResult(path.name, status, reason=prefix + result["reason"])
+            return _unavailable(path.name, result["reason"], required)
         if result["status"] != "ran":
             return PathResult(path.name, "error", reason=result.get("reason", "unknown"))
         with np.load(out) as data:

@@ -119,7 +119,7 @@ def run_worker(preset: BenchPreset, path: str, runs: int, warmup: int, export_di
     """One path in a fresh process; its crash or time-out is its result."""
     request = {"preset": preset.name, "path": path, "runs": runs, "warmup": warmup, "export_dir": str(export_dir)}
     result, why = run_json_worker("conformance.bench.worker", request, timeout)
-    return result if result is not None else {"name": path, "status": "error", "reason": why}
+    return {"name": path, **result} if result is not None else {"name": path, "status": "error", "reason": why}
 
 
 def run_bench(

@@ -19,14 +19,9 @@ import sys
 import time
 from pathlib import Path
 
+from conformance.isolation import memory_mb
+
 MODES = ("eager", "function", "xla")
-
-
-def _rss_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _measure(preset: str, shape: tuple[int, ...], method: str, mode: str, runs: int) -> dict:
@@ -46,7 +41,7 @@ def _measure(preset: str, shape: tuple[int, ...], method: str, mode: str, runs: 
     x = tf.constant(make_input(shape, seed=0))
     fn = layer if mode == "eager" else tf.function(layer, jit_compile=(mode == "xla"))
     gc.collect()
-    base = _rss_mb("VmRSS")
+    base = memory_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     np.asarray(fn(x))  # warm-up (and tracing / compilation), counted in the peak
     times = []
@@ -58,7 +53,7 @@ def _measure(preset: str, shape: tuple[int, ...], method: str, mode: str, runs: 
         "method": method,
         "mode": mode,
         "median_ms": 1e3 * statistics.median(times),
-        "peak_extra_mb": _rss_mb("VmHWM") - base,
+        "peak_extra_mb": memory_mb("VmHWM") - base,
     }
 
 

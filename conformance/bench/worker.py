@@ -5,12 +5,12 @@ Prints one JSON line: the path's timings and peak memory, or why it could not ru
 
 from __future__ import annotations
 
-import json
-import resource
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from conformance.isolation import memory_mb, serve
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -19,15 +19,6 @@ def _percentile(values: list[float], q: float) -> float:
     low = int(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def _peak_rss_mb() -> float:
-    """This process's resident-set high-water mark. (getrusage's ru_maxrss would include the
-    parent's, inherited across fork and exec.)"""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(request: dict) -> dict:
@@ -73,23 +64,10 @@ def measure(request: dict) -> dict:
         "p10_s": _percentile(times, 0.1),
         "p90_s": _percentile(times, 0.9),
         "runs": len(times),
-        "peak_host_mb": _peak_rss_mb(),
+        "peak_host_mb": memory_mb("VmHWM"),
         "peak_device_mb": peak_device,
     }
 
 
-def main() -> int:
-    import os
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    request = json.loads(sys.argv[1])
-    try:
-        result = measure(request)
-    except Exception as exc:
-        result = {"name": request["path"], "status": "error", "reason": f"{type(exc).__name__}: {exc}"}
-    print(json.dumps(result))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(serve(measure))

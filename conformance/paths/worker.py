@@ -9,11 +9,11 @@ one JSON line: status, the timed seconds, or the reason it could not run.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from pathlib import Path
+
+from conformance.isolation import serve
 
 
 def run(request: dict) -> dict:
@@ -41,16 +41,5 @@ def run(request: dict) -> dict:
     return {"status": "ran", "seconds": seconds}
 
 
-def main() -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    request = json.loads(sys.argv[1])
-    try:
-        result = run(request)
-    except Exception as exc:
-        result = {"status": "error", "reason": f"{type(exc).__name__}: {exc}".strip()}
-    print(json.dumps(result))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(serve(run))
