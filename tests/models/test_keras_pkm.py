@@ -9,7 +9,7 @@ import tensorflow as tf
 from pkm_models import ConfigError, get_preset
 from pkm_models.keras_pkm import METHODS, ProductKeyMemory, build_keras_model
 from pkm_models.weights import make_input
-from tests.models.helpers import build_pair
+from tests.models.helpers import assert_taps_match, build_pair, keras_taps, torch_taps
 
 TINY = get_preset("tiny").config
 
@@ -47,6 +47,35 @@ def test_compiled_with_dynamic_shapes_matches_eager(method, jit):
         for name in eager:
             np.testing.assert_allclose(np.asarray(compiled[name]), np.asarray(eager[name]), atol=1e-6, err_msg=name)
         assert compiled["output"].shape == (*shape, config.output_dim)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_matches_the_reference(method):
+    # small: 4 heads x 8 rows = 32 slots, two of the "fused" method's blocks
+    config = get_preset("small").config
+    torch_layer, keras_layer, weights = build_pair(config, method=method)
+    x = make_input((3, 5, config.input_dim), seed=7)
+    assert_taps_match(torch_taps(torch_layer, x), keras_taps(keras_layer, x), weights, config, atol=1e-5)
+
+
+def test_fused_method_gradients_match_einsum():
+    config = get_preset("small").config
+    x = tf.constant(make_input((2, 3, config.input_dim), seed=3))
+    grads = {}
+    for method in ("einsum", "fused"):
+        _, layer, _ = build_pair(config, method=method)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(x, training=True) ** 2)
+        grads[method] = dict(
+            zip([w.name for w in layer.trainable_weights], tape.gradient(loss, layer.trainable_weights), strict=True)
+        )
+    for name, grad in grads["einsum"].items():
+        np.testing.assert_allclose(
+            np.asarray(tf.convert_to_tensor(grads["fused"][name])),
+            np.asarray(tf.convert_to_tensor(grad)),
+            atol=1e-5,
+            err_msg=name,
+        )
 
 
 def test_training_under_xla_updates_running_stats():
@@ -101,7 +130,10 @@ def test_dropout_only_in_training():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"method": "scatter"}, r"unknown method 'scatter'; available: \['einsum', 'reduce_sum', 'accumulate'\]"),
+        (
+            {"method": "scatter"},
+            r"unknown method 'scatter'; available: \['einsum', 'reduce_sum', 'accumulate', 'fused'\]",
+        ),
         ({"k_dim": 7}, r"PKMConfig\.k_dim"),
         ({"knn": 100}, r"PKMConfig\.knn"),
         ({"batchnorm_momentum": 2.0}, "batchnorm_momentum"),
