@@ -12,8 +12,10 @@ preset     model                                                  input         
 
 Every path runs in a fresh process (``conformance.bench.worker``): one path's memory does
 not count against the next, and a crash is that path's result. A worker prepares the path
-(export, session, compilation: untimed), runs the warm-up passes, then times each pass;
-CUDA paths synchronise before the clock stops. The parent measures the machine's memory
+(export, session, compilation, the input copied to the path's device: untimed), runs the
+warm-up passes, then times each pass (``ExecutionPath.prepare_timed``): outputs stay on
+the device, CUDA paths synchronise before the clock stops, and ONNX Runtime runs with
+I/O binding, so host copies are not what is timed. The parent measures the machine's memory
 bandwidth (a large copy) and reports, for each path, the bandwidth its value-row reads
 achieve as a fraction of it: PKM is memory-bound.
 """

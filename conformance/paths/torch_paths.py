@@ -21,19 +21,45 @@ class TorchPath(ExecutionPath):
             why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
             raise PathUnavailable(f"{why} (torch {torch.__version__})")
 
-    def prepare(self, context: CaseContext):
+    def _model(self, context: CaseContext):
+        """The model on the device, compiled (now, not when timed) for torch-compile."""
         import torch
 
         model = context.torch_model.to(self.device)
-        fn = torch.compile(model, dynamic=False) if self.compiled else model
+        if not self.compiled:
+            return model
+        compiled = torch.compile(model, dynamic=False)
+        with torch.inference_mode():
+            compiled(torch.zeros((1, 1, context.case.config.input_dim), device=self.device), return_taps=True)
+        return compiled
+
+    def prepare(self, context: CaseContext):
+        import torch
+
+        model = self._model(context)
 
         def run(x: np.ndarray) -> dict[str, np.ndarray]:
             with torch.inference_mode():
-                taps = fn(torch.tensor(x, device=self.device), return_taps=True)
+                taps = model(torch.tensor(x, device=self.device), return_taps=True)
                 if self.device == "cuda":
                     torch.cuda.synchronize()
             return {k: v.cpu().numpy() for k, v in taps.items()}
 
-        if self.compiled:
-            run(np.zeros((1, 1, context.case.config.input_dim), np.float32))  # compile now, not when timed
         return run
+
+    def prepare_timed(self, context: CaseContext, x: np.ndarray):
+        """The input on the device once; the outputs stay there; CUDA synchronises."""
+        import torch
+
+        model = self._model(context)
+        t = torch.tensor(x, device=self.device)
+        cuda = self.device == "cuda"
+
+        def timed():
+            with torch.inference_mode():
+                taps = model(t, return_taps=True)
+            if cuda:
+                torch.cuda.synchronize()
+            return taps
+
+        return timed
