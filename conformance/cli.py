@@ -17,7 +17,7 @@ from pkm_models.errors import PKMError
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
-def _quiet_third_party(verbose: bool) -> None:
+def quiet_third_party(verbose: bool) -> None:
     """TensorFlow logs to stderr from C++ at import and at device set-up, before any
     Python setting applies: unless ``verbose``, start it with stderr pointed at /dev/null."""
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -409,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("run", "golden", "export", "convert", "bench", "paths"):
-        _quiet_third_party(getattr(args, "verbose", False))
+        quiet_third_party(getattr(args, "verbose", False))
     try:
         return args.func(args)
     except PKMError as exc:

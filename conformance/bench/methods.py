@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    from conformance.cli import quiet_third_party
 
+    quiet_third_party(verbose=False)  # before TensorFlow loads (with keras_pkm)
     from pkm_models import get_preset
     from pkm_models.keras_pkm import METHODS
 

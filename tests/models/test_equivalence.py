@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pkm_models import get_preset
+from pkm_models.keras_pkm import METHODS
 from pkm_models.weights import make_input
 from tests.models.helpers import assert_taps_match, build_pair, keras_taps, torch_taps
 
@@ -73,11 +74,11 @@ def test_methods_agree():
     config = get_preset("small").config
     x = make_input((2, 5, config.input_dim), seed=1)
     outputs = {}
-    for method in ("einsum", "reduce_sum", "accumulate"):
+    for method in METHODS:
         _, keras_layer, _ = build_pair(config, method=method)
         outputs[method] = np.asarray(keras_layer(x))
-    np.testing.assert_allclose(outputs["reduce_sum"], outputs["einsum"], atol=1e-6)
-    np.testing.assert_allclose(outputs["accumulate"], outputs["einsum"], atol=1e-6)
+    for method in METHODS:
+        np.testing.assert_allclose(outputs[method], outputs["einsum"], atol=1e-6, err_msg=method)
 
 
 def test_default_output_is_unchanged_by_taps():
