@@ -79,8 +79,6 @@ BENCH_PATHS: list[ExecutionPath] = [
     TFPath("function", "cpu", method="reduce_sum"),
     TFPath("function", "cpu", method="accumulate"),
     TFPath("xla", "cpu", method="accumulate"),
-    TFPath("function", "cpu", method="fused"),
-    TFPath("xla", "cpu", method="fused"),
     SeedBaselinePath("eager"),
     SeedBaselinePath("function"),
     SeedBaselinePath("xla"),

@@ -25,6 +25,8 @@ PATHS: list[ExecutionPath] = [
     TFPath("eager", "gpu"),
     TFPath("function", "gpu"),
     TFPath("xla", "gpu"),
+    # the Keras port's fastest weighted sum (docs/equivalence.md), checked like the rest
+    *(TFPath(mode, device, method="fused") for device in ("cpu", "gpu") for mode in ("function", "xla")),
     *(OrtPath("cpu", e) for e in EXPORTER_NAMES),
     *(OrtPath("cuda", e) for e in EXPORTER_NAMES),
     OrtPath("tensorrt", "torch-fast"),
