@@ -15,7 +15,9 @@ not count against the next, and a crash is that path's result. A worker prepares
 (export, session, compilation, the input copied to the path's device: untimed), runs the
 warm-up passes, then times each pass (``ExecutionPath.prepare_timed``): outputs stay on
 the device, CUDA paths synchronise before the clock stops, and ONNX Runtime runs with
-I/O binding, so host copies are not what is timed. The parent measures the machine's memory
+I/O binding, so host copies are not what is timed. Peak device memory is the driver's figure for the
+worker process (``nvidia-smi``, sampled while the path is prepared and runs, its CUDA
+context included), the same for every runtime. The parent measures the machine's memory
 bandwidth (a large copy) and reports, for each path, the bandwidth its value-row reads
 achieve as a fraction of it: PKM is memory-bound.
 """

@@ -5,11 +5,13 @@ Prints one JSON line: the path's timings and peak memory, or why it could not ru
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import time
 from pathlib import Path
 
+from conformance.bench.device_memory import PeakSampler
 from conformance.isolation import memory_mb, serve
 
 
@@ -36,25 +38,26 @@ def measure(request: dict) -> dict:
     case = Case(bench.name, bench.description, spec, bench.input_shape, 0, False, Path("<bench>"))
     device = "cuda" if any(s in path.name for s in ("cuda", "gpu", "tensorrt")) else "cpu"
     result = {"name": path.name, "device": device, "eager_reference": path.name == f"torch-eager-{device}"}
-    try:
-        path.check(case)
-        context = CaseContext(case, spec.weights(), export_dir=Path(request["export_dir"]))
-        fn = path.prepare_timed(context, make_input(bench.input_shape, seed=0))
-    except (PathUnavailable, ExportUnsupported) as exc:
-        return {**result, "status": "unavailable", "reason": str(exc)}
-    for _ in range(request["warmup"]):
-        fn()
-    times = []
-    for _ in range(request["runs"]):
-        t0 = time.perf_counter()
-        fn()  # input already on the path's device; returns once the device has finished
-        times.append(time.perf_counter() - t0)
-    peak_device = None
-    if device == "cuda":
+    sampler = PeakSampler() if device == "cuda" else None
+    with sampler or contextlib.nullcontext():
+        try:
+            path.check(case)
+            context = CaseContext(case, spec.weights(), export_dir=Path(request["export_dir"]))
+            fn = path.prepare_timed(context, make_input(bench.input_shape, seed=0))
+        except (PathUnavailable, ExportUnsupported) as exc:
+            return {**result, "status": "unavailable", "reason": str(exc)}
+        for _ in range(request["warmup"]):
+            fn()
+        times = []
+        for _ in range(request["runs"]):
+            t0 = time.perf_counter()
+            fn()  # input already on the path's device; returns once the device has finished
+            times.append(time.perf_counter() - t0)
+    peak_device = sampler.peak_mb if sampler else None
+    if sampler and peak_device is None and path.family == "torch":  # no nvidia-smi: the allocator's own peak
         import torch
 
-        if torch.cuda.is_available():
-            peak_device = torch.cuda.max_memory_allocated() / 2**20
+        peak_device = torch.cuda.max_memory_allocated() / 2**20
     return {
         **result,
         "status": "ok",
