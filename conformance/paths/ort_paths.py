@@ -69,8 +69,8 @@ class OrtPath(ExecutionPath):
 
     def prepare_timed(self, context: CaseContext, x):
         """I/O binding: the input is copied to the provider's device once and the outputs
-        are bound there, so a timed pass is the session's run alone (no host copies);
-        ``run_with_iobinding`` returns once the provider's stream has finished."""
+        are bound there, so a timed pass is the session's run alone (no host copies),
+        until the outputs are synchronised."""
         import onnxruntime as ort
 
         session = self.session(context.export(self.exporter))
@@ -82,6 +82,7 @@ class OrtPath(ExecutionPath):
 
         def timed():
             session.run_with_iobinding(binding)
+            binding.synchronize_outputs()  # the device has finished writing them
             return binding.get_outputs()
 
         return timed
