@@ -277,7 +277,14 @@ def _add_bench(sub) -> None:
     p.add_argument("--path", action="append", dest="paths", metavar="GLOB", help="paths (repeatable; default all)")
     p.add_argument("--runs", type=int, default=None, help="timed runs per path (default: the preset's)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: the preset's)")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per path (default 1800)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every path this many times, in fresh processes taking turns, and pool its timed runs: "
+        "ratios then resist a machine whose speed drifts (default 1)",
+    )
+    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per path and round (default 1800)")
     p.add_argument("--report-dir", default=None, help="write bench.json, bench.md and bench.png here")
     p.set_defaults(func=_run_bench)
 
@@ -301,7 +308,15 @@ def _run_bench(args: argparse.Namespace) -> int:
     paths = select_bench_paths(args.paths)
     if args.report_dir:
         _check_writable(args.report_dir)
-    bench = run_bench(preset, paths, runs=args.runs, warmup=args.warmup, timeout=args.timeout, progress=_progress_bar)
+    bench = run_bench(
+        preset,
+        paths,
+        runs=args.runs,
+        warmup=args.warmup,
+        timeout=args.timeout,
+        progress=_progress_bar,
+        rounds=args.rounds,
+    )
     print(bench_report.terminal(bench))
     if args.report_dir:
         for path in bench_report.write(bench, args.report_dir):

@@ -119,6 +119,41 @@ def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 7) -> float:
     return 2 * a.nbytes / statistics.median(times) / 1e9
 
 
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summarize(times: list[float]) -> dict:
+    """Median, p10 and p90 of per-pass times (seconds), and their count."""
+    return {
+        "median_s": statistics.median(times),
+        "p10_s": percentile(times, 0.1),
+        "p90_s": percentile(times, 0.9),
+        "runs": len(times),
+    }
+
+
+def pool_rounds(results: list[dict]) -> dict:
+    """One path's results from several rounds: the first that is not ``ok`` if any, else
+    one result over all their passes (peak memories: the largest)."""
+    for r in results:
+        if r.get("status") != "ok":
+            return r
+    times = [t for r in results for t in r["times_s"]]
+    devices = [r["peak_device_mb"] for r in results if r.get("peak_device_mb") is not None]
+    return {
+        **results[0],
+        **summarize(times),
+        "times_s": times,
+        "peak_host_mb": max(r["peak_host_mb"] for r in results),
+        "peak_device_mb": max(devices) if devices else None,
+    }
+
+
 def run_worker(preset: BenchPreset, path: str, runs: int, warmup: int, export_dir: Path, timeout: float) -> dict:
     """One path in a fresh process; its crash or time-out is its result."""
     request = {"preset": preset.name, "path": path, "runs": runs, "warmup": warmup, "export_dir": str(export_dir)}
@@ -133,22 +168,34 @@ def run_bench(
     warmup: int | None = None,
     timeout: float = 1800,
     progress=None,
+    rounds: int = 1,
 ) -> dict:
+    """Time ``paths``, each in fresh processes. With ``rounds`` > 1 every path runs that
+    many times, the paths taking turns round by round, and each path's passes are pooled:
+    a machine that drifts during the run then shifts every path alike."""
     runs = preset.runs if runs is None else runs
     warmup = preset.warmup if warmup is None else warmup
-    if runs < 1 or warmup < 0:
-        raise BenchError(f"--runs must be >= 1 and --warmup >= 0, got {runs} and {warmup}")
+    for option, value, least in (("--runs", runs, 1), ("--rounds", rounds, 1), ("--warmup", warmup, 0)):
+        if value < least:
+            raise BenchError(f"{option} must be >= {least}, got {value}")
     from conformance.runner import environment
 
     bandwidth = memory_bandwidth_gbs()
-    results = []
+    done: dict[str, list[dict]] = {p.name: [] for p in paths}
+    total, step = rounds * len(paths), 0
     with tempfile.TemporaryDirectory(prefix="pkm-bench-") as export_dir:
-        for i, path in enumerate(paths):
-            if progress:
-                progress(i, len(paths), path.name)
-            results.append(run_worker(preset, path.name, runs, warmup, Path(export_dir), timeout))
+        for round_ in range(rounds):
+            for path in paths:
+                previous = done[path.name]
+                if previous and previous[-1].get("status") != "ok":
+                    continue  # unavailable or failed: once is enough
+                if progress:
+                    progress(step, total, path.name + (f" (round {round_ + 1}/{rounds})" if rounds > 1 else ""))
+                previous.append(run_worker(preset, path.name, runs, warmup, Path(export_dir), timeout))
+                step += 1
         if progress:
-            progress(len(paths), len(paths), "")
+            progress(total, total, "")
+    results = [pool_rounds(done[p.name]) for p in paths]
     value_bytes = preset.value_bytes()
     eager = {r["device"]: r["median_s"] for r in results if r.get("status") == "ok" and r.get("eager_reference")}
     for r in results:
@@ -165,6 +212,7 @@ def run_bench(
         "model": preset.model,
         "input_shape": list(preset.input_shape),
         "runs": runs,
+        "rounds": rounds,
         "warmup": warmup,
         "value_bytes_per_pass": value_bytes,
         "memory_bandwidth_gb_per_s": bandwidth,

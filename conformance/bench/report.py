@@ -40,6 +40,13 @@ HEADER = [
 ]
 
 
+def _runs(bench: dict) -> str:
+    rounds = bench.get("rounds", 1)
+    if rounds == 1:
+        return f"{bench['runs']} timed runs"
+    return f"{rounds} x {bench['runs']} timed runs ({rounds} rounds, paths taking turns)"
+
+
 def table(bench: dict) -> list[list[str]]:
     runs = bench["runs"]
     header = [h.format(runs=runs) for h in HEADER]
@@ -54,7 +61,7 @@ def terminal(bench: dict) -> str:
     return "\n".join(
         [
             f"bench preset {bench['preset']}: model {bench['model']}, input {tuple(bench['input_shape'])}, "
-            f"{bench['runs']} timed runs after {bench['warmup']} warm-up; memory copy bandwidth "
+            f"{_runs(bench)} after {bench['warmup']} warm-up; memory copy bandwidth "
             f"{bench['memory_bandwidth_gb_per_s']:.1f} GB/s; value rows per pass "
             f"{bench['value_bytes_per_pass'] / 1e9:.3f} GB",
             *lines,
@@ -68,7 +75,7 @@ def markdown(bench: dict) -> str:
     out = [
         f"# Benchmark: preset `{bench['preset']}`",
         "",
-        f"Model `{bench['model']}`, input {tuple(bench['input_shape'])}, median of {bench['runs']} runs after "
+        f"Model `{bench['model']}`, input {tuple(bench['input_shape'])}, median of {_runs(bench)} after "
         f"{bench['warmup']} warm-up, each path in its own process. Machine: {m.get('cpu')} ({m.get('cpu_count')} "
         f"CPUs), GPU: {m.get('gpu')}; memory copy bandwidth {bench['memory_bandwidth_gb_per_s']:.1f} GB/s. "
         f"Versions: {', '.join(f'{k} {v}' for k, v in m.get('versions', {}).items())}.",

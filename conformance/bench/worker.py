@@ -6,7 +6,6 @@ Prints one JSON line: the path's timings and peak memory, or why it could not ru
 from __future__ import annotations
 
 import contextlib
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -15,16 +14,8 @@ from conformance.bench.device_memory import PeakSampler
 from conformance.isolation import memory_mb, serve
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 def measure(request: dict) -> dict:
-    from conformance.bench import BENCH_PATHS, get_bench_preset
+    from conformance.bench import BENCH_PATHS, get_bench_preset, summarize
     from conformance.cases import Case
     from conformance.export import ExportUnsupported
     from conformance.paths import CaseContext, PathUnavailable
@@ -62,10 +53,8 @@ def measure(request: dict) -> dict:
         **result,
         "status": "ok",
         "reason": "",
-        "median_s": statistics.median(times),
-        "p10_s": _percentile(times, 0.1),
-        "p90_s": _percentile(times, 0.9),
-        "runs": len(times),
+        **summarize(times),
+        "times_s": times,
         "peak_host_mb": memory_mb("VmHWM"),
         "peak_device_mb": peak_device,
     }

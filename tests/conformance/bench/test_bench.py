@@ -5,10 +5,12 @@ import sys
 
 import pytest
 
+import conformance.bench
 from conformance.bench import (
     BENCH_PRESETS,
     BenchError,
     get_bench_preset,
+    pool_rounds,
     run_bench,
     run_worker,
     select_bench_paths,
@@ -90,4 +92,44 @@ def test_cli_usage_errors(capsys):
     assert main(["bench", "--preset", "gpu"]) == 2
     assert "unknown bench preset 'gpu'" in capsys.readouterr().err
     assert main(["bench", "--preset", "tiny", "--runs", "0", "--path", "torch-eager-cpu"]) == 2
-    assert "--runs must be >= 1" in capsys.readouterr().err
+    assert "--runs must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["bench", "--preset", "tiny", "--rounds", "0", "--path", "torch-eager-cpu"]) == 2
+    assert "--rounds must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["bench", "--preset", "tiny", "--warmup", "-1", "--path", "torch-eager-cpu"]) == 2
+    assert "--warmup must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_rounds_take_turns_and_pool_every_pass(monkeypatch):
+    calls = []
+    real = conformance.bench.run_worker
+
+    def recording(preset, path, *args, **kwargs):
+        calls.append(path)
+        return real(preset, path, *args, **kwargs)
+
+    monkeypatch.setattr(conformance.bench, "run_worker", recording)
+    paths = select_bench_paths(["torch-eager-cpu", "torch-eager-cuda", "tf-function-cpu"])
+    bench = run_bench(TINY, paths, runs=3, warmup=0, rounds=2)
+    # turns: every path once per round; the unavailable one is not asked again
+    assert calls == ["torch-eager-cpu", "torch-eager-cuda", "tf-function-cpu", "torch-eager-cpu", "tf-function-cpu"]
+    by_name = {p["name"]: p for p in bench["paths"]}
+    assert bench["rounds"] == 2 and bench["runs"] == 3
+    eager = by_name["torch-eager-cpu"]
+    assert eager["runs"] == len(eager["times_s"]) == 6
+    assert eager["p10_s"] <= eager["median_s"] <= eager["p90_s"]
+    assert by_name["torch-eager-cuda"]["status"] == "unavailable"
+
+
+def test_pooling_rounds():
+    ok = {"name": "p", "status": "ok", "peak_device_mb": None}
+    pooled = pool_rounds(
+        [
+            {**ok, "times_s": [1.0, 2.0], "peak_host_mb": 10},
+            {**ok, "times_s": [3.0, 4.0, 5.0], "peak_host_mb": 30, "peak_device_mb": 7},
+        ]
+    )
+    assert pooled["times_s"] == [1.0, 2.0, 3.0, 4.0, 5.0] and pooled["runs"] == 5
+    assert pooled["median_s"] == 3.0 and pooled["p10_s"] == pytest.approx(1.4) and pooled["p90_s"] == pytest.approx(4.6)
+    assert pooled["peak_host_mb"] == 30 and pooled["peak_device_mb"] == 7
+    failed = {"name": "p", "status": "error", "reason": "timed out"}
+    assert pool_rounds([{**ok, "times_s": [1.0], "peak_host_mb": 1}, failed]) == failed

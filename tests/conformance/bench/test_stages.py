@@ -30,3 +30,10 @@ def test_command_prints_the_table(capsys):
     assert stages.main(["--preset", "tiny", "--tokens", "4", "--runs", "1"]) == 0
     out = capsys.readouterr().out
     assert "| stage | torch | onnxruntime | tf.function | xla |" in out and "| rows |" in out
+
+
+@pytest.mark.parametrize("option", ["--runs", "--tokens"])
+def test_rejects_zero(option, capsys):
+    with pytest.raises(SystemExit):
+        stages.main([option, "0"])
+    assert "--tokens and --runs must be >= 1" in capsys.readouterr().err
