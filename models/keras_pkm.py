@@ -9,7 +9,9 @@ Differences from the seed's TensorFlow port, all of them deliberate:
   ``"reduce_sum"`` gather every selected row first, ``"accumulate"`` adds one weighted
   row per token at a time and never holds the gathered rows, ``"fused"`` gathers and
   sums 16 slots at a time in a block that XLA compiles into one pass over the value rows
-  (with the TensorFlow backend it is compiled even inside a plain ``tf.function``);
+  (with the TensorFlow backend it is compiled even inside a plain ``tf.function``; XLA
+  compiles it once per new token count, and ONNX exporters cannot convert the compiled
+  block: export a model with another method, the weights are the same);
 * query batchnorm follows PyTorch's ``BatchNorm1d`` exactly (see ``_batchnorm``), which is
   what made the seed's port disagree with the reference.
 
@@ -50,11 +52,12 @@ def _fused_sum(values, indices, weights, n: int, slots: int = FUSED_SLOTS):
     global _compiled_blockwise_sum
     if keras.backend.backend() != "tensorflow":
         return _blockwise_sum(values, indices, weights, n, slots)
-    if _compiled_blockwise_sum is None:
-        import tensorflow as tf
+    import tensorflow as tf
 
+    if _compiled_blockwise_sum is None:
         _compiled_blockwise_sum = tf.function(_blockwise_sum, jit_compile=True, reduce_retracing=True)
-    return _compiled_blockwise_sum(values, indices, weights, n, slots)
+    # a tensor, not the variable: a resource input would not export (tf2onnx)
+    return _compiled_blockwise_sum(tf.convert_to_tensor(values), indices, weights, n, slots)
 
 
 def _check_stackable(config: PKMConfig, layers: int) -> None:
@@ -265,7 +268,7 @@ class ProductKeyMemory(keras.layers.Layer):
             zeros = ops.zeros((ops.shape(indices)[0], self.output_dim), dtype=self.values.dtype)
             return ops.fori_loop(0, n, body, zeros)
         if self.method == "fused":
-            return _fused_sum(self.values.value, indices, weights, self.heads * self.knn)
+            return _fused_sum(self.values, indices, weights, self.heads * self.knn)
         rows = ops.take(self.values, indices, axis=0)  # (bs,heads*knn,v_dim)
         if self.method == "einsum":
             return ops.einsum("bn,bnd->bd", weights, rows)

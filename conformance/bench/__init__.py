@@ -17,7 +17,8 @@ warm-up passes, then times each pass (``ExecutionPath.prepare_timed``): outputs 
 the device, CUDA paths synchronise before the clock stops, and ONNX Runtime runs with
 I/O binding, so host copies are not what is timed. Peak device memory is the driver's figure for the
 worker process (``nvidia-smi``, sampled while the path is prepared and runs, its CUDA
-context included), the same for every runtime. The parent measures the machine's memory
+context included; inside a container, the rise of the GPUs' used memory), the same for
+every runtime. The parent measures the machine's memory
 bandwidth (a large copy) and reports, for each path, the bandwidth its value-row reads
 achieve as a fraction of it: PKM is memory-bound.
 """
@@ -149,6 +150,7 @@ def pool_rounds(results: list[dict]) -> dict:
         **results[0],
         **summarize(times),
         "times_s": times,
+        "round_medians_s": [r["median_s"] for r in results],
         "peak_host_mb": max(r["peak_host_mb"] for r in results),
         "peak_device_mb": max(devices) if devices else None,
     }

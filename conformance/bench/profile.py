@@ -25,8 +25,8 @@ CONTROL_FLOW = {"Loop", "If", "Scan"}  # their time includes their bodies' kerne
 
 def profile(preset_name: str, exporter: str, runs: int, export_dir: Path) -> dict:
     """``{"ops": [(op_type, kernels per pass, median ms per pass)], "kernels_ms",
-    "pass_ms"}``, the ops slowest first; ``kernels_ms`` leaves out control-flow ops,
-    whose bodies' kernels are counted under their own types."""
+    "kernels_per_pass", "pass_ms"}``, the ops slowest first; ``kernels_ms`` leaves out
+    control-flow ops, whose bodies' kernels are counted under their own types."""
     import onnxruntime as ort
 
     from conformance.bench import get_bench_preset
@@ -45,12 +45,13 @@ def profile(preset_name: str, exporter: str, runs: int, export_dir: Path) -> dic
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     options.enable_profiling = True
-    options.profile_file_prefix = str(export_dir / "ort-profile")
-    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    x = make_input(bench.input_shape, seed=0)
-    for _ in range(WARMUP + runs):
-        session.run(None, {"input": x})
-    events = json.loads(Path(session.end_profiling()).read_text())
+    with tempfile.TemporaryDirectory(prefix="pkm-ort-profile-") as trace_dir:
+        options.profile_file_prefix = str(Path(trace_dir) / "ort-profile")
+        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        x = make_input(bench.input_shape, seed=0)
+        for _ in range(WARMUP + runs):
+            session.run(None, {"input": x})
+        events = json.loads(Path(session.end_profiling()).read_text())
 
     passes = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[WARMUP:]
     per_pass = [defaultdict(float) for _ in passes]
@@ -69,6 +70,7 @@ def profile(preset_name: str, exporter: str, runs: int, export_dir: Path) -> dic
         "model": str(model),
         "ops": sorted(rows, key=lambda r: -r[2]),
         "kernels_ms": sum(ms for op, _, ms in rows if op not in CONTROL_FLOW),
+        "kernels_per_pass": [sum(c.values()) for c in counts],
         "pass_ms": statistics.median((end - start) / 1e3 for start, end in passes),
     }
 

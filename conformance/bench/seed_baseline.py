@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from conformance.paths.base import CaseContext, ExecutionPath, PathUnavailable
+from conformance.paths.tf_paths import timed_tf_pass
 
 
 def _seed_layer(w, config):
@@ -73,7 +74,7 @@ class SeedBaselinePath(ExecutionPath):
         self.mode = mode
         self.name = f"tf-seed-baseline-{mode}-cpu"
 
-    def prepare(self, context: CaseContext):
+    def _function(self, context: CaseContext):
         import tensorflow as tf
 
         from pkm_models.convert import split_layers
@@ -90,10 +91,19 @@ class SeedBaselinePath(ExecutionPath):
                 t = layer(t, False)
             return layers[-1](t, True)
 
-        fn = forward if self.mode == "eager" else tf.function(forward, jit_compile=self.mode == "xla")
+        return forward if self.mode == "eager" else tf.function(forward, jit_compile=self.mode == "xla")
+
+    def prepare(self, context: CaseContext):
+        import tensorflow as tf
+
+        fn = self._function(context)
 
         def run(x: np.ndarray) -> dict[str, np.ndarray]:
             with tf.device("/CPU:0"):
                 return {k: np.asarray(v) for k, v in fn(tf.constant(x)).items()}
 
         return run
+
+    def prepare_timed(self, context: CaseContext, x: np.ndarray):
+        """Timed like the Keras port's TensorFlow paths (input placed once, no host copies)."""
+        return timed_tf_pass(self._function(context), x)

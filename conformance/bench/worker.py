@@ -30,7 +30,7 @@ def measure(request: dict) -> dict:
     device = "cuda" if any(s in path.name for s in ("cuda", "gpu", "tensorrt")) else "cpu"
     result = {"name": path.name, "device": device, "eager_reference": path.name == f"torch-eager-{device}"}
     sampler = PeakSampler() if device == "cuda" else None
-    with sampler or contextlib.nullcontext():
+    with sampler or contextlib.nullcontext():  # sampling while preparing and warming up
         try:
             path.check(case)
             context = CaseContext(case, spec.weights(), export_dir=Path(request["export_dir"]))
@@ -39,11 +39,13 @@ def measure(request: dict) -> dict:
             return {**result, "status": "unavailable", "reason": str(exc)}
         for _ in range(request["warmup"]):
             fn()
-        times = []
-        for _ in range(request["runs"]):
-            t0 = time.perf_counter()
-            fn()  # input already on the path's device; returns once the device has finished
-            times.append(time.perf_counter() - t0)
+    times = []
+    for _ in range(request["runs"]):
+        t0 = time.perf_counter()
+        fn()  # input already on the path's device; returns once the device has finished
+        times.append(time.perf_counter() - t0)
+    if sampler:
+        sampler.sample()  # once more, after the timed passes
     peak_device = sampler.peak_mb if sampler else None
     if sampler and peak_device is None and path.family == "torch":  # no nvidia-smi: the allocator's own peak
         import torch

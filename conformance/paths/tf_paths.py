@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from conformance.paths.base import CaseContext, ExecutionPath, PathUnavailable
@@ -21,6 +23,11 @@ class TFPath(ExecutionPath):
         if self.device == "gpu":
             import tensorflow as tf
 
+            # take GPU memory as needed, not all of it at start-up (peak memory stays
+            # meaningful); a RuntimeError: this process has initialised the GPU already
+            for gpu in tf.config.list_physical_devices("GPU"):
+                with contextlib.suppress(RuntimeError):
+                    tf.config.experimental.set_memory_growth(gpu, True)
             if not tf.config.list_physical_devices("GPU"):
                 built = tf.test.is_built_with_cuda()
                 raise PathUnavailable(
@@ -56,19 +63,24 @@ class TFPath(ExecutionPath):
         return run
 
     def prepare_timed(self, context: CaseContext, x: np.ndarray):
-        """The input on the device once; the outputs stay there; a GPU synchronises."""
-        import tensorflow as tf
+        return timed_tf_pass(self._function(context), x, self._device)
 
-        fn = self._function(context)
-        with tf.device(self._device):
-            t = tf.constant(x)
-        gpu = self.device == "gpu"
 
-        def timed():
-            with tf.device(self._device):
-                taps = fn(t)
-            if gpu:
-                tf.test.experimental.sync_devices()
-            return taps
+def timed_tf_pass(fn, x: np.ndarray, device: str = "/CPU:0"):
+    """A timed pass of the TensorFlow function ``fn``: the input on ``device`` once, the
+    outputs left there, a GPU synchronised; traced and compiled before it is returned."""
+    import tensorflow as tf
 
-        return timed
+    with tf.device(device):
+        t = tf.constant(x)
+    gpu = "GPU" in device
+
+    def timed():
+        with tf.device(device):
+            taps = fn(t)
+        if gpu:
+            tf.test.experimental.sync_devices()
+        return taps
+
+    timed()  # trace and compile for this shape now, whatever the warm-up count
+    return timed

@@ -50,9 +50,15 @@ def test_compiled_with_dynamic_shapes_matches_eager(method, jit):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_every_method_matches_the_reference(method):
-    # small: 4 heads x 8 rows = 32 slots, two of the "fused" method's blocks
-    config = get_preset("small").config
+@pytest.mark.parametrize(
+    "config",
+    [
+        get_preset("small").config,  # 4 heads x 8 rows = 32 slots: two of the "fused" method's blocks of 16
+        get_preset("small").config.replace(heads=2, knn=10),  # 20 slots: a full block and a partial one
+    ],
+    ids=["32-slots", "20-slots"],
+)
+def test_every_method_matches_the_reference(method, config):
     torch_layer, keras_layer, weights = build_pair(config, method=method)
     x = make_input((3, 5, config.input_dim), seed=7)
     assert_taps_match(torch_taps(torch_layer, x), keras_taps(keras_layer, x), weights, config, atol=1e-5)

@@ -108,28 +108,41 @@ def test_rounds_take_turns_and_pool_every_pass(monkeypatch):
         return real(preset, path, *args, **kwargs)
 
     monkeypatch.setattr(conformance.bench, "run_worker", recording)
-    paths = select_bench_paths(["torch-eager-cpu", "torch-eager-cuda", "tf-function-cpu"])
+    unavailable = [p for p in select_bench_paths(None) if _unavailable_here(p)][:1]  # none on a full GPU machine
+    paths = [*select_bench_paths(["torch-eager-cpu", "tf-function-cpu"]), *unavailable]
     bench = run_bench(TINY, paths, runs=3, warmup=0, rounds=2)
-    # turns: every path once per round; the unavailable one is not asked again
-    assert calls == ["torch-eager-cpu", "torch-eager-cuda", "tf-function-cpu", "torch-eager-cpu", "tf-function-cpu"]
+    # turns: every path once per round; an unavailable one is not asked again
+    names = [p.name for p in paths]
+    assert calls == [*names, "torch-eager-cpu", "tf-function-cpu"]
     by_name = {p["name"]: p for p in bench["paths"]}
     assert bench["rounds"] == 2 and bench["runs"] == 3
     eager = by_name["torch-eager-cpu"]
-    assert eager["runs"] == len(eager["times_s"]) == 6
+    assert eager["runs"] == len(eager["times_s"]) == 6 and len(eager["round_medians_s"]) == 2
     assert eager["p10_s"] <= eager["median_s"] <= eager["p90_s"]
-    assert by_name["torch-eager-cuda"]["status"] == "unavailable"
+    assert all(by_name[p.name]["status"] == "unavailable" for p in unavailable)
+
+
+def _unavailable_here(path) -> bool:
+    from conformance.paths import PathUnavailable
+
+    try:
+        path.check(None)
+    except PathUnavailable:
+        return True
+    return False
 
 
 def test_pooling_rounds():
     ok = {"name": "p", "status": "ok", "peak_device_mb": None}
     pooled = pool_rounds(
         [
-            {**ok, "times_s": [1.0, 2.0], "peak_host_mb": 10},
-            {**ok, "times_s": [3.0, 4.0, 5.0], "peak_host_mb": 30, "peak_device_mb": 7},
+            {**ok, "times_s": [1.0, 2.0], "median_s": 1.5, "peak_host_mb": 10},
+            {**ok, "times_s": [3.0, 4.0, 5.0], "median_s": 4.0, "peak_host_mb": 30, "peak_device_mb": 7},
         ]
     )
     assert pooled["times_s"] == [1.0, 2.0, 3.0, 4.0, 5.0] and pooled["runs"] == 5
     assert pooled["median_s"] == 3.0 and pooled["p10_s"] == pytest.approx(1.4) and pooled["p90_s"] == pytest.approx(4.6)
+    assert pooled["round_medians_s"] == [1.5, 4.0]
     assert pooled["peak_host_mb"] == 30 and pooled["peak_device_mb"] == 7
     failed = {"name": "p", "status": "error", "reason": "timed out"}
-    assert pool_rounds([{**ok, "times_s": [1.0], "peak_host_mb": 1}, failed]) == failed
+    assert pool_rounds([{**ok, "times_s": [1.0], "median_s": 1.0, "peak_host_mb": 1}, failed]) == failed

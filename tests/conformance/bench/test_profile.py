@@ -13,6 +13,11 @@ def test_profile_lists_the_exports_operators(tmp_path, exporter, expected):
     assert exporter != "torch-fast" or "Loop" not in ops
     assert all(ms >= 0 for ms in ops.values())
     assert [ms for _, _, ms in result["ops"]] == sorted(ops.values(), reverse=True)
+    # every timed pass got its own kernels, the same number each time
+    counts = result["kernels_per_pass"]
+    assert len(counts) == 2 and counts[0] == counts[1] > 0
+    assert counts[0] == sum(count for _, count, _ in result["ops"])
+    assert not list(tmp_path.glob("ort-profile*"))  # the profiler's trace is not left behind
     # kernels run one after another inside the pass; a Loop's body is counted once
     assert 0 < result["kernels_ms"] <= result["pass_ms"]
     if "Loop" in ops:
