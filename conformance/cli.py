@@ -31,8 +31,9 @@ def quiet_third_party(verbose: bool) -> None:
         os.dup2(devnull, 2)
         import tensorflow as tf
 
-        for gpu in tf.config.list_physical_devices("GPU"):  # this process must not take the GPU's memory
-            tf.config.experimental.set_memory_growth(gpu, True)  # from the paths it starts
+        from conformance.paths.tf_paths import grow_gpu_memory
+
+        grow_gpu_memory()  # this process must not take the GPU's memory from the paths it starts
         tf.constant(0)  # device discovery logs here
     except Exception:  # a broken TensorFlow shows itself later, on the paths that need it
         pass

@@ -53,6 +53,14 @@ class BenchPreset:
     warmup: int
     description: str
 
+    def case(self):
+        """This preset as a conformance case (the model preset's weights, input seed 0)."""
+        from conformance.cases import Case
+        from conformance.spec import ModelSpec
+
+        spec = ModelSpec.from_preset(get_preset(self.model))
+        return Case(self.name, self.description, spec, self.input_shape, 0, False, Path(f"<bench {self.name}>"))
+
     @property
     def tokens(self) -> int:
         n = 1
@@ -105,6 +113,16 @@ def select_bench_paths(globs: list[str] | None) -> list[ExecutionPath]:
     return [p for p in BENCH_PATHS if any(path_matches(p.name, g) for g in globs)]
 
 
+def time_calls(fn, runs: int) -> list[float]:
+    """Seconds taken by each of ``runs`` calls of ``fn()``."""
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 7) -> float:
     """Copy bandwidth of this machine's memory: (read + write bytes) / time of a large copy."""
     import numpy as np
@@ -112,12 +130,7 @@ def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 7) -> float:
     a = np.ones(megabytes * 2**20 // 4, np.float32)
     b = np.empty_like(a)
     np.copyto(b, a)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        np.copyto(b, a)
-        times.append(time.perf_counter() - t0)
-    return 2 * a.nbytes / statistics.median(times) / 1e9
+    return 2 * a.nbytes / statistics.median(time_calls(lambda: np.copyto(b, a), repeats)) / 1e9
 
 
 def percentile(values: list[float], q: float) -> float:

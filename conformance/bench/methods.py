@@ -16,7 +16,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from conformance.isolation import memory_mb
@@ -31,6 +30,7 @@ def _measure(preset: str, shape: tuple[int, ...], method: str, mode: str, runs: 
     import numpy as np
     import tensorflow as tf
 
+    from conformance.bench import time_calls
     from pkm_models import get_preset
     from pkm_models.keras_pkm import build_keras_model
     from pkm_models.weights import make_input
@@ -44,11 +44,7 @@ def _measure(preset: str, shape: tuple[int, ...], method: str, mode: str, runs: 
     base = memory_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     np.asarray(fn(x))  # warm-up (and tracing / compilation), counted in the peak
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        np.asarray(fn(x))
-        times.append(time.perf_counter() - t0)
+    times = time_calls(lambda: np.asarray(fn(x)), runs)
     return {
         "method": method,
         "mode": mode,

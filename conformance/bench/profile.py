@@ -30,20 +30,15 @@ def profile(preset_name: str, exporter: str, runs: int, export_dir: Path) -> dic
     import onnxruntime as ort
 
     from conformance.bench import get_bench_preset
-    from conformance.cases import Case
     from conformance.paths import CaseContext
-    from conformance.spec import ModelSpec
-    from pkm_models.config import get_preset
+    from conformance.paths.ort_paths import session_options
     from pkm_models.weights import make_input
 
     bench = get_bench_preset(preset_name)
-    spec = ModelSpec.from_preset(get_preset(bench.model))
-    case = Case(bench.name, bench.description, spec, bench.input_shape, 0, False, Path("<profile>"))
-    model = CaseContext(case, spec.weights, export_dir=export_dir).export(exporter)
+    case = bench.case()
+    model = CaseContext(case, case.spec.weights, export_dir=export_dir).export(exporter)
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
+    options = session_options()
     options.enable_profiling = True
     with tempfile.TemporaryDirectory(prefix="pkm-ort-profile-") as trace_dir:
         options.profile_file_prefix = str(Path(trace_dir) / "ort-profile")

@@ -21,7 +21,6 @@ import argparse
 import math
 import statistics
 import sys
-import time
 
 import numpy as np
 
@@ -29,14 +28,10 @@ SLOTS = 8  # as FastHashingMemory's chunk
 
 
 def _median_ms(fn, runs: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    from conformance.bench import time_calls
+
+    time_calls(fn, 2)  # warm-up
+    return 1e3 * statistics.median(time_calls(fn, runs))
 
 
 def _ort_session(nodes, inputs, outputs, initializers=()):
@@ -44,13 +39,12 @@ def _ort_session(nodes, inputs, outputs, initializers=()):
     import onnxruntime as ort
     from onnx import helper
 
+    from conformance.paths.ort_paths import session_options
+
     graph = helper.make_graph(nodes, "stage", inputs, outputs, list(initializers))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
     onnx.checker.check_model(model)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
 
 
 def _ort_topk(k: int):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import time
 from pathlib import Path
 
 from conformance.bench.device_memory import PeakSampler
@@ -15,35 +14,27 @@ from conformance.isolation import memory_mb, serve
 
 
 def measure(request: dict) -> dict:
-    from conformance.bench import BENCH_PATHS, get_bench_preset, summarize
-    from conformance.cases import Case
+    from conformance.bench import BENCH_PATHS, get_bench_preset, summarize, time_calls
     from conformance.export import ExportUnsupported
     from conformance.paths import CaseContext, PathUnavailable
-    from conformance.spec import ModelSpec
-    from pkm_models.config import get_preset
     from pkm_models.weights import make_input
 
     bench = get_bench_preset(request["preset"])
     path = next(p for p in BENCH_PATHS if p.name == request["path"])
-    spec = ModelSpec.from_preset(get_preset(bench.model))
-    case = Case(bench.name, bench.description, spec, bench.input_shape, 0, False, Path("<bench>"))
+    case = bench.case()
     device = "cuda" if any(s in path.name for s in ("cuda", "gpu", "tensorrt")) else "cpu"
     result = {"name": path.name, "device": device, "eager_reference": path.name == f"torch-eager-{device}"}
     sampler = PeakSampler() if device == "cuda" else None
     with sampler or contextlib.nullcontext():  # sampling while preparing and warming up
         try:
             path.check(case)
-            context = CaseContext(case, spec.weights(), export_dir=Path(request["export_dir"]))
+            context = CaseContext(case, case.spec.weights(), export_dir=Path(request["export_dir"]))
             fn = path.prepare_timed(context, make_input(bench.input_shape, seed=0))
         except (PathUnavailable, ExportUnsupported) as exc:
             return {**result, "status": "unavailable", "reason": str(exc)}
         for _ in range(request["warmup"]):
             fn()
-    times = []
-    for _ in range(request["runs"]):
-        t0 = time.perf_counter()
-        fn()  # input already on the path's device; returns once the device has finished
-        times.append(time.perf_counter() - t0)
+    times = time_calls(fn, request["runs"])  # input already on the device; returns once it has finished
     if sampler:
         sampler.sample()  # once more, after the timed passes
     peak_device = sampler.peak_mb if sampler else None

@@ -36,6 +36,16 @@ def provider_problem(kind: str) -> str | None:
     return None
 
 
+def session_options():
+    """The options every session here uses: all graph optimisations, errors-only logging."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return options
+
+
 class OrtPath(ExecutionPath):
     family = "ort"
 
@@ -52,9 +62,7 @@ class OrtPath(ExecutionPath):
         import onnxruntime as ort
 
         provider = PROVIDERS[self.kind][0]
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
+        options = session_options()
         fallback = [] if provider == "CPUExecutionProvider" else ["CPUExecutionProvider"]
         session = ort.InferenceSession(str(path), options, providers=[provider, *fallback])
         if session.get_providers()[0] != provider:

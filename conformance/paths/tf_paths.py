@@ -11,6 +11,17 @@ from conformance.paths.base import CaseContext, ExecutionPath, PathUnavailable
 MODES = ("eager", "function", "xla")
 
 
+def grow_gpu_memory() -> None:
+    """Let TensorFlow take GPU memory as it needs it, not all of it at start-up, so that one
+    process does not starve the next and peak memory means something. Does nothing once
+    this process has initialised its GPUs."""
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        with contextlib.suppress(RuntimeError):
+            tf.config.experimental.set_memory_growth(gpu, True)
+
+
 class TFPath(ExecutionPath):
     family = "tf"
 
@@ -23,11 +34,7 @@ class TFPath(ExecutionPath):
         if self.device == "gpu":
             import tensorflow as tf
 
-            # take GPU memory as needed, not all of it at start-up (peak memory stays
-            # meaningful); a RuntimeError: this process has initialised the GPU already
-            for gpu in tf.config.list_physical_devices("GPU"):
-                with contextlib.suppress(RuntimeError):
-                    tf.config.experimental.set_memory_growth(gpu, True)
+            grow_gpu_memory()
             if not tf.config.list_physical_devices("GPU"):
                 built = tf.test.is_built_with_cuda()
                 raise PathUnavailable(

@@ -21,16 +21,19 @@ class TorchPath(ExecutionPath):
             why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
             raise PathUnavailable(f"{why} (torch {torch.__version__})")
 
-    def _model(self, context: CaseContext):
-        """The model on the device, compiled (now, not when timed) for torch-compile."""
+    def _model(self, context: CaseContext, example=None):
+        """The model on the device; for torch-compile compiled now, not when timed, on the
+        ``example`` input (a tensor on the device; default a (1, 1, input_dim) one)."""
         import torch
 
         model = context.torch_model.to(self.device)
         if not self.compiled:
             return model
+        if example is None:
+            example = torch.zeros((1, 1, context.case.config.input_dim), device=self.device)
         compiled = torch.compile(model, dynamic=False)
         with torch.inference_mode():
-            compiled(torch.zeros((1, 1, context.case.config.input_dim), device=self.device), return_taps=True)
+            compiled(example, return_taps=True)
         return compiled
 
     def prepare(self, context: CaseContext):
@@ -51,8 +54,8 @@ class TorchPath(ExecutionPath):
         """The input on the device once; the outputs stay there; CUDA synchronises."""
         import torch
 
-        model = self._model(context)
         t = torch.tensor(x, device=self.device)
+        model = self._model(context, example=t)  # compiled for the timed shape, once
         cuda = self.device == "cuda"
 
         def timed():
@@ -62,6 +65,4 @@ class TorchPath(ExecutionPath):
                 torch.cuda.synchronize()
             return taps
 
-        if self.compiled:
-            timed()  # compile for this shape now (dynamic=False), whatever the warm-up count
         return timed

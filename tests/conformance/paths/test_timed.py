@@ -26,7 +26,15 @@ def _host(value) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    "name", ["torch-eager-cpu", "tf-function-cpu", "tf-xla-cpu[fused]", "ort-cpu[torch-fast]", "ort-cpu[tf2onnx]"]
+    "name",
+    [
+        "torch-eager-cpu",
+        "torch-compile-cpu",
+        "tf-function-cpu",
+        "tf-xla-cpu[fused]",
+        "ort-cpu[torch-fast]",
+        "ort-cpu[tf2onnx]",
+    ],
 )
 def test_timed_pass_computes_what_the_conformance_pass_computes(context, name):
     from conformance.bench import BENCH_PATHS
