@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from conformance.isolation import memory_mb
+from pkm_models.config import PRESETS
 
 MODES = ("eager", "function", "xla")
 
@@ -55,18 +56,31 @@ def _measure(preset: str, shape: tuple[int, ...], method: str, mode: str, runs: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m conformance.bench.methods", description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="xlm")
+    parser.add_argument("--preset", default="xlm", choices=sorted(PRESETS), help="model preset (default xlm)")
     parser.add_argument("--shape", default=None, help="input shape, e.g. 4,128,768 (default: the preset's)")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error("--runs must be >= 1")
+    if args.shape:
+        try:
+            shape = tuple(int(s) for s in args.shape.split(","))
+        except ValueError:
+            parser.error(f"--shape: expected integers separated by commas, e.g. 4,128,768; got {args.shape!r}")
+        if len(shape) < 2 or min(shape) < 1 or shape[-1] != PRESETS[args.preset].config.input_dim:
+            parser.error(
+                f"--shape: needs positive sizes ending in the preset's input_dim "
+                f"({PRESETS[args.preset].config.input_dim}), got {args.shape!r}"
+            )
     from conformance.cli import quiet_third_party
 
     quiet_third_party(verbose=False)  # before TensorFlow loads (with keras_pkm)
     from pkm_models import get_preset
     from pkm_models.keras_pkm import METHODS
 
-    shape = tuple(int(s) for s in args.shape.split(",")) if args.shape else get_preset(args.preset).input_shape
+    if not args.shape:
+        shape = get_preset(args.preset).input_shape
     if args.one:
         print(json.dumps(_measure(args.preset, shape, *args.one, args.runs)))
         return 0

@@ -24,6 +24,8 @@ import sys
 
 import numpy as np
 
+from pkm_models.config import PRESETS
+
 SLOTS = 8  # as FastHashingMemory's chunk
 
 
@@ -167,7 +169,7 @@ def _measure(preset: str, tokens: int, runs: int, seed: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m conformance.bench.stages", description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="xlm", help="model preset (default xlm)")
+    parser.add_argument("--preset", default="xlm", choices=sorted(PRESETS), help="model preset (default xlm)")
     parser.add_argument("--tokens", type=int, default=512, help="tokens per pass (default 512, the cpu bench)")
     parser.add_argument("--runs", type=int, default=15)
     args = parser.parse_args(argv)

@@ -37,3 +37,9 @@ def test_rejects_zero(option, capsys):
     with pytest.raises(SystemExit):
         stages.main([option, "0"])
     assert "--tokens and --runs must be >= 1" in capsys.readouterr().err
+
+
+def test_rejects_an_unknown_preset(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        stages.main(["--preset", "nope"])
+    assert exit_info.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
