@@ -7,6 +7,7 @@ seed) and how its golden is stored. Adding one is writing a file and running
     description = "what this case is for"
     preset = "small"            # tiny, small, xlm (single-layer presets)
     seed = 0                    # weight seed
+    layers = 1                  # PKM layers applied in sequence (needs input_dim == output_dim)
 
     [config]                    # optional: PKMConfig fields that differ from the preset
     query_batchnorm = true
@@ -23,6 +24,7 @@ seed) and how its golden is stored. Adding one is writing a file and running
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -41,6 +43,7 @@ _SCHEMA: dict[str, set[str] | None] = {
     "description": None,
     "preset": None,
     "seed": None,
+    "layers": None,
     "config": None,
     "input": {"shape", "seed"},
     "weights": {"store", "duplicate_subkeys"},
@@ -68,6 +71,48 @@ class Case:
     def make_input(self) -> np.ndarray:
         return make_input(self.input_shape, self.input_seed)
 
+    def memory_bytes(self) -> int:
+        """An upper estimate of the memory one path needs for this case: the weights twice
+        (the case's copy and the runtime's), the input, and the largest intermediates of
+        any path per layer (the product-key candidates' scores and indices, the gathered
+        value rows, the output)."""
+        c, tokens = self.config, math.prod(self.input_shape[:-1])
+        rows = tokens * c.heads
+        intermediates = rows * c.knn * c.knn * 12 + rows * c.knn * c.v_dim * 4 + tokens * c.v_dim * 8
+        return 2 * self.spec.weight_bytes + 4 * math.prod(self.input_shape) + 2 * intermediates
+
+    def check_fits(self, available: int | None = None) -> None:
+        """Refuse (CaseError) a case that would not fit in this machine's memory, before
+        anything is allocated."""
+        available = available_memory() if available is None else available
+        need = self.memory_bytes()
+        if available and need > available:
+            raise CaseError(
+                f"{self.source}: this case needs about {need / 2**30:,.1f} GiB (weights "
+                f"{self.spec.weight_bytes / 2**30:,.1f} GiB, input {self.input_shape}); this machine has "
+                f"{available / 2**30:,.1f} GiB available. Use a smaller input or model"
+            )
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: Path) -> Case:
+        """The inverse of :meth:`to_json` (how a worker process receives its case)."""
+        spec = ModelSpec(
+            name=data["name"],
+            config=PKMConfig.from_dict(data["config"]),
+            layers=data["layers"],
+            seed=data["weight_seed"],
+            duplicate_subkeys=data["duplicate_subkeys"],
+        )
+        return cls(
+            name=data["name"],
+            description=data["description"],
+            spec=spec,
+            input_shape=tuple(data["input"]["shape"]),
+            input_seed=data["input"]["seed"],
+            store_weights=data["weights_stored"],
+            source=Path(source),
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -79,6 +124,17 @@ class Case:
             "input": {"shape": list(self.input_shape), "seed": self.input_seed},
             "weights_stored": self.store_weights,
         }
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def default_cases_dir() -> Path:
@@ -115,7 +171,9 @@ def load_case(path: Path) -> Case:
     try:
         preset = get_preset(data.get("preset", ""))
         if preset.layers != 1:
-            raise CaseError(f"{path}: cases use single-layer presets; {preset.name!r} has {preset.layers} layers")
+            raise CaseError(
+                f"{path}: cases use single-layer presets and say `layers = N`; {preset.name!r} has {preset.layers}"
+            )
         config = preset.config
         if "config" in data:
             config = PKMConfig.from_dict({**config.to_dict(), **data["config"]})
@@ -124,7 +182,11 @@ def load_case(path: Path) -> Case:
     if "input" not in data or "shape" not in data["input"]:
         raise CaseError(f"{path}: [input] shape is required, e.g. shape = [2, 7, {config.input_dim}]")
     shape = data["input"]["shape"]
-    if not isinstance(shape, list) or len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 3
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+    ):
         raise CaseError(
             f"{path}: [input] shape must be 3 positive integers (batch, sequence, input_dim), got {shape!r}"
         )
@@ -137,6 +199,7 @@ def load_case(path: Path) -> Case:
         spec = ModelSpec(
             name=name,
             config=config,
+            layers=_int(data.get("layers", 1), f"{path}: layers", minimum=1),
             seed=_int(data.get("seed", 0), f"{path}: seed"),
             duplicate_subkeys=_int(weights.get("duplicate_subkeys", 0), f"{path}: [weights] duplicate_subkeys"),
         )

@@ -1,46 +1,43 @@
 """``python -m conformance``: one ``main()``, a few obvious subcommands.
 
-User mistakes (the project's ``PKMError``) print one ``error:`` line and exit 2; no
-traceback.
+User mistakes and bad data (the project's ``PKMError``, and any file-system error such as
+a full disk or a read-only folder) print one ``error:`` line and exit 2; no traceback.
+SIGINT and SIGTERM end every worker process, clean up, and exit 130 and 143.
+Every command validates all of its inputs before it creates or writes anything.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import math
 import sys
 from collections.abc import Sequence
 
 from conformance import __version__
+from conformance.isolation import Terminated, end_workers, handle_signals, quiet_third_party
 from pkm_models.errors import PKMError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
-def quiet_third_party(verbose: bool) -> None:
-    """TensorFlow logs to stderr from C++ at import and at device set-up, before any
-    Python setting applies: unless ``verbose``, start it with stderr pointed at /dev/null."""
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    if verbose:
-        return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
+def _count(text: str) -> int:
     try:
-        os.dup2(devnull, 2)
-        import tensorflow as tf
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
 
-        from conformance.paths.tf_paths import grow_gpu_memory
 
-        grow_gpu_memory()  # this process must not take the GPU's memory from the paths it starts
-        tf.constant(0)  # device discovery logs here
-    except Exception:  # a broken TensorFlow shows itself later, on the paths that need it
-        pass
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number of seconds, got {text!r}")
+    return value
 
 
 # --- convert ------------------------------------------------------------------------------
@@ -134,28 +131,26 @@ def _add_run(sub) -> None:
 
 
 def _run_run(args: argparse.Namespace) -> int:
+    from conformance.files import check_writable
     from conformance.paths import select_paths
     from conformance.report import table, write_reports
-    from conformance.runner import run_conformance
+    from conformance.runner import RunOptions, run_conformance
 
     if args.jobs < 1:
         raise PKMError(f"--jobs must be at least 1, got {args.jobs}")
     paths = select_paths(args.paths)
     if args.require:
         select_paths(args.require)  # every --require glob must name a path
-    if args.report_dir:
-        _check_writable(args.report_dir)  # before minutes of work, not after
     store, cases, policy = _load(args)
-    result = run_conformance(
-        cases,
-        paths,
-        store,
-        policy,
-        require=args.require,
-        progress=lambda m: print(m, file=sys.stderr, flush=True),
+    if args.report_dir:
+        check_writable(args.report_dir)  # before minutes of work, not after; creates nothing
+    options = RunOptions(
+        require=args.require or [],
         isolate=not args.in_process,
         jobs=args.jobs,
+        progress=lambda m: print(m, file=sys.stderr, flush=True),
     )
+    result = run_conformance(cases, paths, store, policy, options)
     print(table(result, verbose=args.verbose))
     if args.report_dir:
         for path in write_reports(result, args.report_dir):
@@ -185,7 +180,7 @@ def _add_golden(sub) -> None:
     r.set_defaults(func=_run_regenerate)
     v = gsub.add_parser(
         "verify",
-        help="check every golden file against the sha256 in its case.json",
+        help="check every golden: files confined to its folder, sha256 as in case.json, finite tensors, weights",
         epilog="example: python -m conformance golden verify",
     )
     _add_case_option(v)
@@ -194,19 +189,17 @@ def _add_golden(sub) -> None:
 
 
 def _run_regenerate(args: argparse.Namespace) -> int:
-    from conformance.runner import DriftError, regenerate
+    from conformance.regenerate import regenerate_cases
 
     store, cases, policy = _load(args)
-    refused = []
-    with store.lock():
-        for leftover in store.cleanup_leftovers():
-            print(f"removed {leftover} left by an interrupted regeneration", file=sys.stderr)
-        for case in cases:
-            try:
-                regenerate(case, store, policy, accept_drift=args.accept_drift, progress=print)
-            except DriftError as exc:
-                print(f"refused: {exc}", file=sys.stderr)
-                refused.append(case.name)
+    refused = regenerate_cases(
+        cases,
+        store,
+        policy,
+        accept_drift=args.accept_drift,
+        progress=lambda m: print(m, flush=True),
+        warn=lambda m: print(m, file=sys.stderr, flush=True),
+    )
     return EXIT_FAIL if refused else EXIT_OK
 
 
@@ -217,8 +210,9 @@ def _run_verify(args: argparse.Namespace) -> int:
     problems = 0
     for case in cases:
         try:
-            meta = store.verify(case.name)
-            print(f"{case.name}: ok ({len(meta['sha256'])} files)")
+            with store.reading():
+                meta = store.verify(case.name)
+            print(f"{case.name}: ok ({len(meta['sha256'])} files, finite tensors, weights as the case says)")
         except GoldenError as exc:
             problems += 1
             print(f"{case.name}: {exc}", file=sys.stderr)
@@ -242,16 +236,16 @@ def _add_listings(sub) -> None:
 
 
 def _run_paths(args: argparse.Namespace) -> int:
-    from conformance.paths import PATHS, PathUnavailable
+    from conformance.paths import REGISTRY, PathUnavailable
 
-    probe = None
-    width = max(len(p.name) for p in PATHS)
-    for path in PATHS:
+    width = max(len(p.name) for p in REGISTRY)
+    for path in REGISTRY:
+        suffix = "  (bench only)" if path.benchmark_only else ""
         try:
-            path.check(probe)
-            print(f"{path.name:<{width}}  available")
+            path.check(None)
+            print(f"{path.name:<{width}}  available{suffix}")
         except PathUnavailable as exc:
-            print(f"{path.name:<{width}}  unavailable: {exc}")
+            print(f"{path.name:<{width}}  unavailable: {exc}{suffix}")
     return EXIT_OK
 
 
@@ -287,7 +281,7 @@ def _add_bench(sub) -> None:
         help="run every path this many times, in fresh processes taking turns, and pool its timed runs: "
         "ratios then resist a machine whose speed drifts (default 1)",
     )
-    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per path and round (default 1800)")
+    p.add_argument("--timeout", type=_seconds, default=1800, help="seconds allowed per path and round (default 1800)")
     p.add_argument("--report-dir", default=None, help="write bench.json, bench.md and bench.png here")
     p.set_defaults(func=_run_bench)
 
@@ -304,13 +298,15 @@ def _progress_bar(done: int, total: int, name: str) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from conformance.bench import get_bench_preset, run_bench, select_bench_paths
+    from conformance.bench import get_bench_preset, run_bench
     from conformance.bench import report as bench_report
+    from conformance.files import check_writable
+    from conformance.paths import select_paths
 
     preset = get_bench_preset(args.preset)
-    paths = select_bench_paths(args.paths)
+    paths = select_paths(args.paths, bench=True)
     if args.report_dir:
-        _check_writable(args.report_dir)
+        check_writable(args.report_dir)
     bench = run_bench(
         preset,
         paths,
@@ -326,19 +322,6 @@ def _run_bench(args: argparse.Namespace) -> int:
             print(f"wrote {path}")
     failed = [r["name"] for r in bench["paths"] if r.get("status") == "error"]
     return EXIT_FAIL if failed else EXIT_OK
-
-
-def _check_writable(folder) -> None:
-    from pathlib import Path
-
-    out = Path(folder)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise PKMError(f"cannot write to output folder {out}: {exc.strerror or exc}") from exc
 
 
 # --- export -------------------------------------------------------------------------------
@@ -358,7 +341,7 @@ def _add_export(sub) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--preset", help="model preset: tiny, small, xlm, seed-bench")
     which.add_argument("--case", help="a conformance case (its config and weights)")
-    p.add_argument("--seed", type=int, default=0, help="weight seed for --preset (default 0)")
+    p.add_argument("--seed", type=_count, default=0, help="weight seed for --preset (default 0)")
     p.add_argument("--cases-dir", default=None, help="case files (default: ./conformance/cases)")
     p.add_argument(
         "--exporter",
@@ -376,7 +359,8 @@ def _add_export(sub) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from conformance.export import EXPORTER_NAMES, ModelSpec, check_exporter_names, export
+    from conformance.export import EXPORTER_NAMES, SUPPORTED_OPSETS, ModelSpec, check_exporter_names, export
+    from conformance.files import check_writable
     from pkm_models import get_preset
 
     if args.case:
@@ -388,8 +372,10 @@ def _run_export(args: argparse.Namespace) -> int:
         spec = ModelSpec.from_preset(get_preset(args.preset), seed=args.seed)
     names = args.exporters or list(EXPORTER_NAMES)
     check_exporter_names(names)
+    if args.opset not in SUPPORTED_OPSETS:
+        raise PKMError(f"--opset {args.opset} is not supported; choose one of {list(SUPPORTED_OPSETS)}")
     out = Path(args.out)
-    _check_writable(out)
+    check_writable(out)
     failed = []
     for i, name in enumerate(names, start=1):
         print(f"[{i}/{len(names)}] {name} ...", flush=True)
@@ -424,15 +410,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command in ("run", "golden", "export", "convert", "bench", "paths"):
-        quiet_third_party(getattr(args, "verbose", False))
+    handle_signals()
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command in ("run", "golden", "export", "convert", "bench", "paths"):
+            quiet_third_party(getattr(args, "verbose", False))
         return args.func(args)
     except PKMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # a file operation outside the checks: full disk, permissions, a vanished file
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
+        end_workers()
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        end_workers()
+        print("terminated", file=sys.stderr)
+        return 143

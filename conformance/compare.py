@@ -3,75 +3,53 @@
 Float taps compare under their tolerance. ``indices`` compare exactly, except in
 *ambiguous* rows: rows whose product-key selection has a top-k margin (see
 :func:`pkm_models.selection.selection_margins`) within the ``scores`` atol, where either
-choice is right. In such rows a different selection is reported, not failed; the
-``output`` of a token whose selection differs is compared with the weighted sum of the
-value rows the path itself selected (in float64), so a wrong value row or weight still
-fails. NaN or Inf anywhere fails; so does a shape or dtype mismatch.
+choice is right. A different selection in such a row is reported, not failed, provided it
+is still *a* correct top-k: distinct slots, each slot's score (float64, from the golden
+query and the keys) within the ``scores`` atol of the k-th best, and the path's
+``scores`` equal to the scores of the slots it selected. The ``output`` of a token whose
+selection differs is compared with the weighted sum of the value rows the path itself
+selected (in float64), so a wrong value row or weight still fails. NaN or Inf anywhere
+fails; so does a shape or dtype mismatch.
+
+A network of several layers is compared layer by layer (taps ``<i>/<tap>``), each layer
+with its own keys and values. A legitimate (ambiguous) flip in layer ``i`` changes the
+input of every later layer for that token: those tokens' taps in later layers are not
+compared with the golden; they are counted (``downstream_tokens`` in the message) and
+the token's own layer-``i`` output is still checked against its own selection.
+
+Before anything runs, :func:`check_checkable` refuses tolerances that would switch a
+check off (see docs/conformance.md, "Tolerances that check nothing").
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
-from conformance.tolerances import Tolerance, TolerancePolicy
-from pkm_models.config import TAPS, PKMConfig
+from conformance.results import FAIL, PASS, Comparison, TensorResult
+from conformance.tolerances import Tolerance, ToleranceError, TolerancePolicy
+from pkm_models.config import TAPS, PKMConfig, tap_names
 from pkm_models.selection import selection_margins
 
-
-@dataclasses.dataclass
-class TensorResult:
-    name: str
-    status: str  # "pass" | "fail"
-    max_abs: float | None = None
-    max_rel: float | None = None
-    atol: float | None = None
-    rtol: float | None = None
-    mismatches: int = 0
-    ambiguous_rows: int = 0
-    message: str = ""
-    first_mismatches: list[dict] = dataclasses.field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return self.status == "pass"
-
-    def to_json(self) -> dict:
-        return {
-            "name": self.name,
-            "status": self.status,
-            "max_abs": self.max_abs,
-            "max_rel": self.max_rel,
-            "atol": self.atol,
-            "rtol": self.rtol,
-            "mismatches": self.mismatches,
-            "ambiguous_rows": self.ambiguous_rows,
-            "message": self.message,
-        }
+WORST_ELEMENTS = 5
 
 
-@dataclasses.dataclass
-class Comparison:
-    tensors: list[TensorResult]
-    errors: dict[str, np.ndarray]  # tap -> absolute errors of failing float taps (for histograms)
-
-    @property
-    def ok(self) -> bool:
-        return all(self.tensors)
-
-    @property
-    def first_divergence(self) -> str | None:
-        return next((t.name for t in self.tensors if not t), None)
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-
-def _first_mismatches(got: np.ndarray, expected: np.ndarray, bad: np.ndarray, limit: int = 5) -> list[dict]:
+def _worst_elements(got: np.ndarray, expected: np.ndarray, err: np.ndarray, bad: np.ndarray) -> list[dict]:
+    """The failing elements with the largest absolute difference, largest first."""
+    flat = np.flatnonzero(bad)
+    if flat.size == 0:
+        return []
+    order = flat[np.argsort(-err.reshape(-1)[flat], kind="stable")][:WORST_ELEMENTS]
     out = []
-    for index in np.argwhere(bad)[:limit]:
-        idx = tuple(int(i) for i in index)
-        out.append({"index": idx, "obtained": got[idx].item(), "expected": expected[idx].item()})
+    for i in order:
+        idx = tuple(int(j) for j in np.unravel_index(i, got.shape))
+        out.append(
+            {
+                "index": list(idx),
+                "obtained": got[idx].item(),
+                "expected": expected[idx].item(),
+                "difference": float(err[idx]),
+            }
+        )
     return out
 
 
@@ -88,11 +66,11 @@ def _compare_float(
         value = float(abs_err[considered].mean()) if considered.any() else 0.0
         bad = np.zeros_like(considered) if value <= tol.atol else considered & (abs_err > tol.atol)
     else:
-        bad = considered & (abs_err > tol.atol + tol.rtol * np.abs(e))
+        bad = considered & ~(abs_err <= tol.atol + tol.rtol * np.abs(e))  # NaN compares false: fails
     mismatches = int(bad.sum())
     result = TensorResult(
         name=name,
-        status="fail" if mismatches else "pass",
+        status=FAIL if mismatches else PASS,
         max_abs=float(abs_err[considered].max(initial=0.0)),
         max_rel=float(rel_err[considered].max(initial=0.0)),
         atol=tol.atol,
@@ -106,8 +84,203 @@ def _compare_float(
             f"rtol {tol.rtol:g}; max abs {result.max_abs:.3g}, mean abs {float(abs_err[considered].mean()):.3g}, "
             f"median abs {float(np.median(abs_err[considered])):.3g}"
         )
-        result.first_mismatches = _first_mismatches(got, expected, bad)
+        result.worst_elements = _worst_elements(got, expected, abs_err, bad)
     return result, abs_err[considered]
+
+
+def _slot_scores(query: np.ndarray, head: np.ndarray, keys: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """float64 score of each slot: q1 . keys[h, 0, slot // n] + q2 . keys[h, 1, slot % n].
+
+    query (rows, k_dim) with the head of each row in ``head`` (rows,), keys
+    (heads, 2, n_keys, half), slots (rows, knn) -> (rows, knn)."""
+    _, _, n_keys, half = keys.shape
+    q = np.asarray(query, np.float64).reshape(-1, 2, half)  # (rows,2,half)
+    k = np.asarray(keys, np.float64)
+    s = np.clip(np.asarray(slots), 0, n_keys * n_keys - 1)
+    h = head[:, None]
+    k1 = k[h, 0, s // n_keys]  # (rows,knn,half)
+    k2 = k[h, 1, s % n_keys]
+    return np.einsum("rd,rnd->rn", q[:, 0], k1) + np.einsum("rd,rnd->rn", q[:, 1], k2)
+
+
+def _kth_best(query: np.ndarray, head: np.ndarray, keys: np.ndarray, knn: int) -> np.ndarray:
+    """float64 k-th best product score of each row (the product set of each half's top
+    ``knn`` sub-keys holds the global top ``knn``)."""
+    half = keys.shape[-1]
+    q = np.asarray(query, np.float64).reshape(-1, 2, half)  # (rows,2,half)
+    sub = np.einsum("rtd,rtnd->rtn", q, np.asarray(keys, np.float64)[head])  # (rows,2,n_keys)
+    best = -np.sort(-sub, axis=-1)[..., :knn]  # (rows,2,knn)
+    product = (best[:, 0, :, None] + best[:, 1, None, :]).reshape(len(q), -1)
+    return (-np.sort(-product, axis=-1))[:, knn - 1]
+
+
+def _invalid_selections(
+    got: dict[str, np.ndarray], query: np.ndarray, keys: np.ndarray, knn: int, rows: np.ndarray, tol: float
+) -> tuple[np.ndarray, str]:
+    """Rows (a mask over ``rows``) whose selection is not *a* correct top-k, and why the first is not."""
+    idx = np.asarray(got["indices"])[rows]
+    heads, n_slots = keys.shape[0], keys.shape[2] ** 2
+    head = rows % heads  # rows are (token, head) in token-major order
+    slot_ok = (idx >= 0) & (idx < n_slots)
+    scores = _slot_scores(query[rows], head, keys, idx)  # (rows,knn)
+    kth = _kth_best(query[rows], head, keys, knn)  # (rows,)
+    sorted_idx = np.sort(idx, axis=1)
+    distinct = np.all(sorted_idx[:, 1:] != sorted_idx[:, :-1], axis=1) if knn > 1 else np.ones(len(idx), bool)
+    good_enough = np.all(scores >= kth[:, None] - tol, axis=1)
+    got_scores = np.asarray(got["scores"], np.float64)[rows]
+    own = np.all(np.abs(got_scores - scores) <= tol, axis=1)
+    valid = slot_ok.all(axis=1) & distinct & good_enough & own
+    why = ""
+    if not valid.all():
+        r = int(np.flatnonzero(~valid)[0])
+        if not slot_ok[r].all():
+            why = f"slot outside the memory (0..{n_slots - 1})"
+        elif not distinct[r]:
+            why = "a slot selected twice"
+        elif not good_enough[r]:
+            worst = int(np.argmin(scores[r]))
+            why = (
+                f"slot {int(idx[r, worst])} scores {scores[r, worst]:.6g}, below the k-th best {kth[r]:.6g} "
+                f"by more than the scores atol {tol:g}"
+            )
+        else:
+            why = "its scores are not the scores of the slots it selected"
+    return ~valid, why
+
+
+def _compare_layer(
+    got: dict[str, np.ndarray],
+    expected: dict[str, np.ndarray],
+    *,
+    config: PKMConfig,
+    keys: np.ndarray,
+    values: np.ndarray,
+    tolerance,
+    prefix: str,
+    skip_tokens: np.ndarray | None,
+) -> tuple[list[TensorResult], dict[str, np.ndarray], np.ndarray]:
+    """One layer's five taps (names ``prefix + tap``); returns the results, the errors of
+    failing float taps, and the tokens whose selection legitimately differs here."""
+    results: dict[str, TensorResult] = {}
+    errors: dict[str, np.ndarray] = {}
+    heads = config.heads
+    skip_rows = None if skip_tokens is None else np.repeat(skip_tokens, heads)  # (bs*heads,)
+
+    # shape, dtype and finiteness first: nothing else is meaningful without them
+    for name in TAPS:
+        full = prefix + name
+        if name not in got:
+            results[name] = TensorResult(full, FAIL, message=f"the path returned no {full!r} tap")
+            continue
+        g, e = np.asarray(got[name]), expected[name]
+        if g.shape != e.shape or g.dtype != e.dtype:
+            results[name] = TensorResult(
+                full, FAIL, message=f"expected {e.dtype}{list(e.shape)}, got {g.dtype}{list(g.shape)}"
+            )
+        elif g.dtype.kind == "f" and not np.all(np.isfinite(g)):
+            results[name] = TensorResult(
+                full,
+                FAIL,
+                mismatches=int((~np.isfinite(g)).sum()),
+                message=f"{int(np.isnan(g).sum())} NaN and {int(np.isinf(g).sum())} Inf values",
+            )
+
+    # which rows may legitimately select differently
+    score_tol = tolerance("scores")
+    margins = selection_margins(expected["query"], keys, config.knn)  # (bs*heads,)
+    ambiguous = margins <= score_tol.atol
+    differs = np.zeros_like(ambiguous)
+    if "indices" not in results:
+        differs = np.any(np.asarray(got["indices"]) != expected["indices"], axis=1)
+    if skip_rows is not None:
+        differs &= ~skip_rows
+    invalid = np.zeros_like(differs)
+    invalid_why = ""
+    check_rows = differs & ambiguous
+    if check_rows.any() and "scores" not in results and "indices" not in results:
+        bad, invalid_why = _invalid_selections(
+            got, expected["query"], keys, config.knn, np.flatnonzero(check_rows), score_tol.atol
+        )
+        invalid[np.flatnonzero(check_rows)[bad]] = True
+
+    for name in TAPS:
+        if name in results:
+            continue
+        full = prefix + name
+        g, e = np.asarray(got[name]), expected[name]
+        tol = tolerance(name)
+        if name == "indices":
+            wrong = differs & (~ambiguous | invalid)
+            result = TensorResult(
+                full,
+                FAIL if wrong.any() else PASS,
+                max_abs=float(np.abs(g - e).max(initial=0)),
+                mismatches=int(wrong.sum()),
+                ambiguous_rows=int(ambiguous.sum()),
+                atol=0.0,
+                rtol=0.0,
+            )
+            unambiguous = differs & ~ambiguous
+            if unambiguous.any():
+                rows = np.flatnonzero(unambiguous)
+                result.message = (
+                    f"{len(rows)} row(s) select other memory slots without a near-tie "
+                    f"(margin > scores atol {score_tol.atol:g}); first: row {rows[0]}, "
+                    f"expected {e[rows[0]].tolist()}, got {g[rows[0]].tolist()}"
+                )
+            elif invalid.any():
+                rows = np.flatnonzero(invalid)
+                result.message = (
+                    f"{len(rows)} ambiguous row(s) select slots that are not a correct top-{config.knn}; "
+                    f"first: row {rows[0]}: {invalid_why}; got {g[rows[0]].tolist()}"
+                )
+            elif differs.any():
+                result.message = f"{int(differs.sum())} ambiguous row(s) selected differently"
+            if skip_rows is not None and skip_rows.any():
+                result.message = _join(
+                    result.message, f"{int(skip_tokens.sum())} token(s) downstream of an ambiguous flip not compared"
+                )
+            results[name] = result
+        elif name == "output":
+            tokens_differ = differs.reshape(-1, heads).any(axis=1)  # (bs,)
+            skip = tokens_differ if skip_tokens is None else tokens_differ | skip_tokens
+            g2, e2 = g.reshape(-1, config.v_dim), e.reshape(-1, config.v_dim)
+            result, err = _compare_float(full, g2, e2, tol, skip_rows=skip)
+            if tokens_differ.any() and "indices" in got and "weights" in got:
+                n = heads * config.knn
+                idx = np.clip(np.asarray(got["indices"]).reshape(-1, n)[tokens_differ], 0, len(values) - 1)
+                w = np.asarray(got["weights"], np.float64).reshape(-1, n)[tokens_differ]
+                own = np.einsum("bn,bnd->bd", w, values[idx].astype(np.float64))
+                check, _ = _compare_float(full, g2[tokens_differ], own, tol)
+                if not check:
+                    result.status, result.mismatches = FAIL, result.mismatches + check.mismatches
+                    result.message = _join(
+                        result.message,
+                        "tokens with a different (ambiguous) selection do not equal the weighted sum of the "
+                        f"rows they selected: {check.message}",
+                    )
+                    result.worst_elements = result.worst_elements or check.worst_elements
+            result.ambiguous_rows = int(tokens_differ.sum())
+            results[name] = result
+            if not result:
+                errors[full] = err
+        else:
+            result, err = _compare_float(full, g, e, tol, skip_rows=skip_rows)
+            results[name] = result
+            if not result:
+                errors[full] = err
+    flipped = differs.reshape(-1, heads).any(axis=1)
+    return [results[name] for name in TAPS], errors, flipped
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}; {b}" if a else b
+
+
+def layer_weights(weights: dict[str, np.ndarray], layers: int, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, values) of layer ``i`` of torch-named ``weights``."""
+    prefix = "" if layers == 1 else f"layers.{i}."
+    return weights[prefix + "keys"], weights[prefix + "values.weight"]
 
 
 def compare_taps(
@@ -115,91 +288,81 @@ def compare_taps(
     expected: dict[str, np.ndarray],
     *,
     config: PKMConfig,
-    keys: np.ndarray,
-    values: np.ndarray,
+    weights: dict[str, np.ndarray],
     policy: TolerancePolicy,
     case: str,
     path: str,
+    layers: int = 1,
 ) -> Comparison:
-    """Compare every tap in pipeline order; see the module docstring for the rules."""
-    results: dict[str, TensorResult] = {}
+    """Compare every tap, layer by layer, in pipeline order; see the module docstring."""
+    tensors: list[TensorResult] = []
     errors: dict[str, np.ndarray] = {}
+    downstream = None  # tokens whose input to this layer legitimately differs
 
-    # shape, dtype and finiteness first: nothing else is meaningful without them
-    for name in TAPS:
-        if name not in got:
-            results[name] = TensorResult(name, "fail", message=f"the path returned no {name!r} tap")
-            continue
-        g, e = np.asarray(got[name]), expected[name]
-        if g.shape != e.shape or g.dtype != e.dtype:
-            results[name] = TensorResult(
-                name, "fail", message=f"expected {e.dtype}{list(e.shape)}, got {g.dtype}{list(g.shape)}"
-            )
-        elif g.dtype.kind == "f" and not np.all(np.isfinite(g)):
-            results[name] = TensorResult(
-                name,
-                "fail",
-                mismatches=int((~np.isfinite(g)).sum()),
-                message=f"{int(np.isnan(g).sum())} NaN and {int(np.isinf(g).sum())} Inf values",
-            )
+    def tolerance(tap: str) -> Tolerance:
+        return policy.resolve(case, path, tap)
 
-    # which rows may legitimately select differently
-    score_tol = policy.resolve(case, path, "scores")
-    margins = selection_margins(expected["query"], keys, config.knn)  # (bs*heads,)
-    ambiguous = margins <= score_tol.atol
-    differs = np.zeros_like(ambiguous)
-    if "indices" not in results:
-        differs = np.any(np.asarray(got["indices"]) != expected["indices"], axis=1)
+    for i in range(layers):
+        prefix = "" if layers == 1 else f"{i}/"
+        keys, values = layer_weights(weights, layers, i)
+        results, errs, flipped = _compare_layer(
+            {t: got[prefix + t] for t in TAPS if prefix + t in got},
+            {t: expected[prefix + t] for t in TAPS},
+            config=config,
+            keys=keys,
+            values=values,
+            tolerance=tolerance,
+            prefix=prefix,
+            skip_tokens=downstream,
+        )
+        tensors += results
+        errors.update(errs)
+        downstream = flipped if downstream is None else downstream | flipped
+    return Comparison(tensors, errors)
 
-    for name in TAPS:
-        if name in results:
-            continue
-        g, e = np.asarray(got[name]), expected[name]
-        tol = policy.resolve(case, path, name)
-        if name == "indices":
-            wrong = differs & ~ambiguous
-            result = TensorResult(
-                name,
-                "fail" if wrong.any() else "pass",
-                max_abs=float(np.abs(g - e).max(initial=0)),
-                mismatches=int(wrong.sum()),
-                ambiguous_rows=int(ambiguous.sum()),
-                atol=0.0,
-                rtol=0.0,
-            )
-            if wrong.any():
-                rows = np.flatnonzero(wrong)
-                result.message = (
-                    f"{len(rows)} row(s) select other memory slots without a near-tie "
-                    f"(margin > scores atol {score_tol.atol:g}); first: row {rows[0]}, "
-                    f"expected {e[rows[0]].tolist()}, got {g[rows[0]].tolist()}"
+
+def check_checkable(
+    expected: dict[str, np.ndarray],
+    *,
+    config: PKMConfig,
+    weights: dict[str, np.ndarray],
+    policy: TolerancePolicy,
+    case: str,
+    paths: list[str],
+    layers: int = 1,
+) -> None:
+    """Refuse (ToleranceError) a tolerance that makes a tap uncheckable for this golden:
+
+    * a float tap where an all-zero answer would pass for most elements
+      (``|expected| <= atol + rtol * |expected|`` for over half of them, so ``rtol >= 1``
+      always), and
+    * a ``scores`` atol larger than the median selection margin of the rows that are not
+      exact ties: then the tolerance alone makes most selections ambiguous, and the
+      ``indices`` check is switched off for them.
+    """
+    margins = []
+    for i in range(layers):
+        prefix = "" if layers == 1 else f"{i}/"
+        keys, _ = layer_weights(weights, layers, i)
+        m = selection_margins(expected[prefix + "query"], keys, config.knn)
+        margins.append(m[m > 0])
+    nonzero = np.concatenate(margins) if margins else np.zeros(0)
+    median_margin = float(np.median(nonzero)) if nonzero.size else np.inf
+    for path in paths:
+        for name in tap_names(layers):
+            tap = name.rpartition("/")[2]
+            tol = policy.resolve(case, path, tap)
+            e = np.abs(np.asarray(expected[name], np.float64))
+            where = f"{policy.source}: tolerance of {tap!r} for case {case!r}, path {path!r}"
+            if tap != "indices" and e.size and np.mean(e <= tol.atol + tol.rtol * e) > 0.5:
+                raise ToleranceError(
+                    f"{where} (atol {tol.atol:g}, rtol {tol.rtol:g}) would accept zeros for most elements of "
+                    f"{name} (its mean magnitude is {float(e.mean()):.3g}): it checks nothing. Limits: rtol < 1 "
+                    "and atol well below the tap's typical magnitude"
                 )
-            elif (differs & ambiguous).any():
-                result.message = f"{int((differs & ambiguous).sum())} ambiguous row(s) selected differently"
-            results[name] = result
-        elif name == "output":
-            tokens_differ = differs.reshape(-1, config.heads).any(axis=1)  # (bs,)
-            g2, e2 = g.reshape(-1, config.v_dim), e.reshape(-1, config.v_dim)
-            result, err = _compare_float(name, g2, e2, tol, skip_rows=tokens_differ)
-            if tokens_differ.any() and "indices" in got and "weights" in got:
-                n = config.heads * config.knn
-                idx = np.asarray(got["indices"]).reshape(-1, n)[tokens_differ]
-                w = np.asarray(got["weights"], np.float64).reshape(-1, n)[tokens_differ]
-                own = np.einsum("bn,bnd->bd", w, values[idx].astype(np.float64))
-                check, _ = _compare_float(name, g2[tokens_differ], own, tol)
-                if not check:
-                    result.status, result.mismatches = "fail", result.mismatches + check.mismatches
-                    result.message = (result.message + "; " if result.message else "") + (
-                        "tokens with a different (ambiguous) selection do not equal the weighted sum of the "
-                        f"rows they selected: {check.message}"
-                    )
-            result.ambiguous_rows = int(tokens_differ.sum())
-            results[name] = result
-            if not result:
-                errors[name] = err
-        else:
-            result, err = _compare_float(name, g, e, tol)
-            results[name] = result
-            if not result:
-                errors[name] = err
-    return Comparison([results[name] for name in TAPS], errors)
+            if tap == "scores" and tol.atol > median_margin:
+                raise ToleranceError(
+                    f"{where}: scores atol {tol.atol:g} exceeds the median top-k margin {median_margin:.3g} of "
+                    "this case's selections, so most rows would count as ties and their indices go unchecked. "
+                    "Limit: the scores atol must stay below the typical margin"
+                )

@@ -1,4 +1,4 @@
-"""The golden store: one folder per case under ``golden/``, in DESIGN.md's layout.
+"""The golden store: one folder per case under ``golden/`` (layout in docs/design.md).
 
 ::
 
@@ -7,12 +7,18 @@
     golden/<case>/model.onnx            tapped torch-fast export (stored cases only)
     golden/<case>/test_data_set_0/      input_0.pb, output_<k>.pb (k-th tap of case.json)
 
+Reading trusts nothing in the folder: every file case.json names must be a plain relative
+name inside the folder with no symbolic link on the way, every byte is hashed as it is
+read (the bytes parsed are the bytes checked), tensors must be finite, and the weights
+must have the case's names, shapes and dtype. Any of that wrong is a GoldenError (bad
+data, exit 2), never a path's failure. Readers hold ``golden/.lock`` shared and a
+regeneration holds it exclusively, so a run never reads a half-replaced store.
+
 Goldens come from the PyTorch reference on CPU in float32. Regeneration is deterministic
 (bytes depend only on the case and the machine's arithmetic; the provenance date is kept
 when no tensor changed) and atomic: the new folder is written beside the old one, synced,
 and swapped in with one ``renameat2(RENAME_EXCHANGE)``, so a regeneration killed at any
-moment leaves the old golden intact. One regeneration at a time holds ``golden/.lock``.
-"""
+moment leaves the old golden intact."""
 
 from __future__ import annotations
 
@@ -36,7 +42,9 @@ import onnx
 from onnx import numpy_helper
 
 from conformance.cases import Case
-from pkm_models.config import TAPS
+from conformance.files import FileProblem, confined
+from pkm_models.config import ConfigError, PKMConfig, tap_names
+from pkm_models.convert import ConversionError, check_weights, expected_shapes
 from pkm_models.errors import PKMError
 
 DATA_SET = "test_data_set_0"
@@ -54,6 +62,7 @@ class Golden:
     input: np.ndarray
     taps: dict[str, np.ndarray]
     weights: dict[str, np.ndarray] | None
+    digest: str = ""  # sha256 of case.json: names this exact golden (it lists every file's sha256)
 
 
 def default_golden_dir() -> Path:
@@ -68,15 +77,29 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_tensor(path: Path) -> np.ndarray:
+_HEX = frozenset("0123456789abcdef")
+
+
+def _parse_tensor(data: bytes, path: Path) -> np.ndarray:
     tensor = onnx.TensorProto()
     try:
-        tensor.ParseFromString(path.read_bytes())
-        return numpy_helper.to_array(tensor)
-    except FileNotFoundError:
-        raise GoldenError(f"{path}: missing") from None
+        tensor.ParseFromString(data)
+        array = numpy_helper.to_array(tensor)
     except Exception as exc:
         raise GoldenError(f"{path}: not a readable ONNX TensorProto ({type(exc).__name__}: {exc})") from exc
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+        raise GoldenError(
+            f"{path}: holds {int(np.isnan(array).sum())} NaN and {int(np.isinf(array).sum())} Inf values; "
+            "a golden must be finite"
+        )
+    return array
+
+
+def _read_tensor(path: Path) -> np.ndarray:
+    try:
+        return _parse_tensor(path.read_bytes(), path)
+    except FileNotFoundError:
+        raise GoldenError(f"{path}: missing") from None
 
 
 def _write_tensor(path: Path, array: np.ndarray, name: str) -> None:
@@ -104,48 +127,64 @@ class GoldenStore:
             raise GoldenError(f"{path}: missing") from None
         except (OSError, ValueError) as exc:
             raise GoldenError(f"{path}: not valid JSON ({exc})") from exc
-        required = ("name", "config", "input", "taps", "sha256", "provenance")
-        missing = [k for k in required if not isinstance(meta, dict) or k not in meta]
-        if missing:
-            raise GoldenError(f"{path}: missing field(s) {missing}")
-        if list(meta["taps"]) != list(TAPS):
-            raise GoldenError(f"{path}: taps {meta['taps']} differ from the contract {list(TAPS)}")
-        return meta
+        return _check_meta(meta, path)
 
-    def verify(self, name: str) -> dict:
-        """Check that every file listed in case.json exists with its sha256 and that every
-        file in the folder is listed; returns the parsed case.json."""
-        meta = self.read_meta(name)
+    def _load(self, name: str) -> tuple[dict, dict[str, bytes], str]:
+        """case.json and the bytes of every file it lists, each checked against its sha256
+        as read, after checking that the folder holds exactly those files and no link."""
         folder = self.case_dir(name)
-        if not (folder / DATA_SET).is_dir():
+        meta = self.read_meta(name)
+        digest = hashlib.sha256((folder / "case.json").read_bytes()).hexdigest()
+        if not (folder / DATA_SET).is_dir() or (folder / DATA_SET).is_symlink():
             raise GoldenError(f"{folder / DATA_SET}: missing")
         listed = meta["sha256"]
-        expected_files = [f"{DATA_SET}/input_0.pb"] + [f"{DATA_SET}/output_{k}.pb" for k in range(len(TAPS))]
+        layers = meta.get("layers", 1)
+        expected_files = [f"{DATA_SET}/input_0.pb"] + [
+            f"{DATA_SET}/output_{k}.pb" for k in range(len(tap_names(layers)))
+        ]
         unlisted = [f for f in expected_files if f not in listed]
         if unlisted:
             raise GoldenError(f"{folder / 'case.json'}: sha256 has no entry for {unlisted}")
+        links = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_symlink())
+        if links:
+            raise GoldenError(f"{folder}: symbolic link(s) in a golden folder are refused: {links}")
         present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {"case.json"}
         extra = sorted(present - set(listed))
         if extra:
             raise GoldenError(f"{folder}: file(s) not listed in case.json: {extra}")
-        for rel, digest in listed.items():
-            path = folder / rel
+        contents = {}
+        for rel, expected in listed.items():
+            try:
+                path = confined(folder, rel, f"{folder / 'case.json'}: sha256")
+            except FileProblem as exc:
+                raise GoldenError(str(exc)) from None
             if not path.is_file():
                 raise GoldenError(f"{path}: missing (listed in case.json)")
-            actual = sha256(path)
-            if actual != digest:
-                raise GoldenError(f"{path}: sha256 {actual[:12]}... does not match case.json's {digest[:12]}...")
-        return meta
+            data = path.read_bytes()
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != expected:
+                raise GoldenError(f"{path}: sha256 {actual[:12]}... does not match case.json's {expected[:12]}...")
+            contents[rel] = data
+        return meta, contents, digest
+
+    def verify(self, name: str) -> dict:
+        """Check everything :meth:`read` checks (files, hashes, finite tensors, weights);
+        returns the parsed case.json."""
+        return self.read(name).meta
 
     def read(self, name: str) -> Golden:
-        meta = self.verify(name)
-        folder = self.case_dir(name) / DATA_SET
-        taps = {tap: _read_tensor(folder / f"output_{k}.pb") for k, tap in enumerate(meta["taps"])}
+        """The golden of case ``name``, every file checked (see the module docstring)."""
+        meta, contents, digest = self._load(name)
+        folder = self.case_dir(name)
+        taps = {
+            tap: _parse_tensor(contents[f"{DATA_SET}/output_{k}.pb"], folder / DATA_SET / f"output_{k}.pb")
+            for k, tap in enumerate(meta["taps"])
+        }
+        x = _parse_tensor(contents[f"{DATA_SET}/input_0.pb"], folder / DATA_SET / "input_0.pb")
         weights = None
-        if (self.case_dir(name) / "weights.npz").is_file():
-            with np.load(self.case_dir(name) / "weights.npz") as data:
-                weights = {k: data[k] for k in data.files}
-        return Golden(name, meta, _read_tensor(folder / "input_0.pb"), taps, weights)
+        if "weights.npz" in contents:
+            weights = _parse_weights(contents["weights.npz"], folder / "weights.npz", meta)
+        return Golden(name, meta, x, taps, weights, digest)
 
     def names(self) -> list[str]:
         if not self.root.is_dir():
@@ -155,16 +194,43 @@ class GoldenStore:
     # --- writing ------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Exclusive: one regeneration at a time, and no reader while it writes."""
         path = self.root / ".lock"
-        with open(path, "a") as handle:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a")  # noqa: SIM115 (closed below)
+        except OSError as exc:
+            raise GoldenError(f"cannot regenerate in {self.root}: {exc.strerror or exc}") from exc
+        with handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise GoldenError(
-                    f"{self.root} is being regenerated by another process (it holds {path}); "
+                    f"{self.root} is being regenerated by another process, or read by a run (they hold {path}); "
                     "try again when it has finished"
                 ) from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def reading(self, wait_message=None) -> Iterator[None]:
+        """Shared: readers wait while a regeneration holds the lock. A store where the lock
+        file cannot be created cannot be regenerated either, and is read as it is."""
+        path = self.root / ".lock"
+        try:
+            handle = open(path, "a")  # noqa: SIM115 (closed below)
+        except OSError:
+            yield
+            return
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if wait_message:
+                    wait_message(f"waiting for the regeneration of {self.root} to finish ...")
+                fcntl.flock(handle, fcntl.LOCK_SH)
             try:
                 yield
             finally:
@@ -187,30 +253,93 @@ class GoldenStore:
         model_writer: Callable[[Path], None] | None,
         previous: dict | None,
     ) -> Path:
-        """Write the case's golden into a staging folder and swap it in atomically."""
-        staging = Path(tempfile.mkdtemp(prefix=f".staging-{case.name}-", dir=self.root))
+        """Write the case's golden into a staging folder and swap it in atomically. Refuses
+        non-finite tensors; a write that fails (full disk, read-only folder) is a GoldenError
+        and leaves the old golden as it was."""
+        names = case.spec.output_names(tapped=True)
+        for name, array in [("input", x), *((n, taps[n]) for n in names)]:
+            if not np.all(np.isfinite(array)):
+                raise GoldenError(f"{case.name}: the reference computed non-finite values in {name!r}; not written")
         try:
-            data = staging / DATA_SET
-            data.mkdir()
-            _write_tensor(data / "input_0.pb", x, "input")
-            for k, tap in enumerate(TAPS):
-                _write_tensor(data / f"output_{k}.pb", taps[tap], tap)
-            if weights is not None:
-                _write_npz(staging / "weights.npz", weights)
-            if model_writer is not None:
-                model_writer(staging / "model.onnx")
-            files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
-            digests = {rel: sha256(staging / rel) for rel in files}
-            provenance = _provenance()
-            if previous is not None and previous.get("sha256") == digests:
-                provenance = previous["provenance"]  # same bytes: keep the date, stay byte-identical
-            meta = {**case.to_json(), "taps": list(TAPS), "provenance": provenance, "sha256": digests}
-            (staging / "case.json").write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
-            _fsync_tree(staging)
+            staging = Path(tempfile.mkdtemp(prefix=f".staging-{case.name}-", dir=self.root))
+        except OSError as exc:
+            raise GoldenError(f"cannot write a golden in {self.root}: {exc.strerror or exc}") from exc
+        try:
+            self._write_staging(staging, case, taps, x, weights, model_writer, previous, names)
             _swap_in(staging, self.case_dir(case.name))
+        except OSError as exc:
+            raise GoldenError(
+                f"cannot write the golden of {case.name} in {self.root}: {exc.strerror or exc}; the old golden is kept"
+            ) from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return self.case_dir(case.name)
+
+    def _write_staging(self, staging, case, taps, x, weights, model_writer, previous, names) -> None:
+        """Every file of the golden, and case.json listing their sha256, into ``staging``."""
+        data = staging / DATA_SET
+        data.mkdir()
+        _write_tensor(data / "input_0.pb", x, "input")
+        for k, tap in enumerate(names):
+            _write_tensor(data / f"output_{k}.pb", taps[tap], tap)
+        if weights is not None:
+            _write_npz(staging / "weights.npz", weights)
+        if model_writer is not None:
+            model_writer(staging / "model.onnx")
+        files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+        digests = {rel: sha256(staging / rel) for rel in files}
+        provenance = _provenance()
+        if previous is not None and previous.get("sha256") == digests:
+            provenance = previous["provenance"]  # same bytes: keep the date, stay byte-identical
+        meta = {**case.to_json(), "taps": names, "provenance": provenance, "sha256": digests}
+        (staging / "case.json").write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+        _fsync_tree(staging)
+
+
+def _check_meta(meta, path: Path) -> dict:
+    """case.json's fields, checked by type (a damaged file is bad data, not a traceback)."""
+    required = ("name", "config", "input", "taps", "sha256", "provenance")
+    if not isinstance(meta, dict):
+        raise GoldenError(f"{path}: expected a JSON object")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise GoldenError(f"{path}: missing field(s) {missing}")
+    layers = meta.get("layers", 1)
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise GoldenError(f"{path}: layers must be a positive integer, got {layers!r}")
+    if meta["taps"] != tap_names(layers):
+        raise GoldenError(f"{path}: taps {meta['taps']} differ from the contract {tap_names(layers)}")
+    listed = meta["sha256"]
+    if not isinstance(listed, dict):
+        raise GoldenError(f"{path}: sha256 must map file names to digests, got {type(listed).__name__}")
+    for rel, digest in listed.items():
+        if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= _HEX):
+            raise GoldenError(f"{path}: sha256 of {rel!r} is not 64 lower-case hex digits: {digest!r}")
+    if not isinstance(meta["config"], dict):
+        raise GoldenError(f"{path}: config must be an object")
+    return meta
+
+
+def _parse_weights(data: bytes, path: Path, meta: dict) -> dict[str, np.ndarray]:
+    """weights.npz: plain float32 arrays (no pickles) with the case's names and shapes, finite."""
+    import io
+
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            weights = {k: npz[k] for k in npz.files}
+    except Exception as exc:
+        raise GoldenError(f"{path}: not a readable .npz of plain arrays ({type(exc).__name__}: {exc})") from exc
+    try:
+        config = PKMConfig.from_dict(meta["config"])
+        check_weights(weights, expected_shapes(config, meta.get("layers", 1)), str(path))
+    except (ConfigError, ConversionError) as exc:
+        raise GoldenError(str(exc)) from None
+    for name, array in weights.items():
+        if array.dtype != np.float32:
+            raise GoldenError(f"{path}: {name} is {array.dtype}, expected float32")
+        if not np.all(np.isfinite(array)):
+            raise GoldenError(f"{path}: {name} holds NaN or Inf values")
+    return weights
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

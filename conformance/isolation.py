@@ -1,19 +1,29 @@
-"""Running one piece of work in a fresh Python process, and turning its death into a reason;
-and the worker side: one JSON request in, one JSON line out.
+"""Processes: running one piece of work in a fresh Python process and turning its death
+into a reason; the worker side (one JSON request in, one JSON line out); ending every
+worker when the toolkit itself is interrupted or terminated; and keeping third-party
+start-up logs quiet.
 
 Used by the conformance run and the benchmark: a path that segfaults, is killed for
 memory or hangs becomes that path's ``error``, with the cause, and the others go on.
+Each worker runs in its own process group, so that it and anything it started (compiler
+processes) can be ended together: by its time-out, or by :func:`end_workers` when the
+toolkit receives SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
+
+_LIVE: set[subprocess.Popen] = set()
+_LIVE_LOCK = threading.Lock()
 
 
 def signal_name(returncode: int) -> str:
@@ -23,29 +33,98 @@ def signal_name(returncode: int) -> str:
         return f"signal {-returncode}"
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(OSError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def end_workers() -> None:
+    """Kill every running worker and whatever it started (their process groups)."""
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for proc in live:
+        _kill_group(proc)
+
+
 def run_json_worker(module: str, request: dict, timeout: float) -> tuple[dict | None, str]:
     """``python -m module REQUEST``; returns (the JSON its last stdout line holds, "") or
     (None, why it gave none)."""
     cmd = [sys.executable, "-m", module, json.dumps(request)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    with _LIVE_LOCK:
+        _LIVE.add(proc)
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        proc.communicate()
         return None, f"timed out after {timeout:.0f} s"
-    lines = done.stdout.strip().splitlines()
-    if done.returncode == 0 and lines:
+    finally:
+        _kill_group(proc)  # anything the worker left running in its group
+        with _LIVE_LOCK:
+            _LIVE.discard(proc)
+    lines = stdout.strip().splitlines()
+    if proc.returncode == 0 and lines:
         try:
             return json.loads(lines[-1]), ""
         except ValueError:
             pass
-    tail = "\n".join(done.stderr.strip().splitlines()[-5:])
-    if done.returncode < 0:
-        why = f"the process died of {signal_name(done.returncode)}"
-        if done.returncode == -signal.SIGKILL:
+    tail = "\n".join(stderr.strip().splitlines()[-5:])
+    if proc.returncode < 0:
+        why = f"the process died of {signal_name(proc.returncode)}"
+        if proc.returncode == -signal.SIGKILL:
             why += " (killed: out of memory?)"
     else:
-        why = f"the process exited with {done.returncode}"
+        why = f"the process exited with {proc.returncode}"
     return None, f"{why}: {tail}" if tail else why
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt is for SIGINT, so that
+    every ``finally`` (temporary folders, staging folders, locks) runs."""
+
+
+def handle_signals() -> None:
+    """On SIGINT or SIGTERM: end every worker first (threads waiting on them then return),
+    then raise KeyboardInterrupt or :class:`Terminated` in the main thread."""
+
+    def on_signal(signum, _frame):
+        end_workers()
+        if signum == signal.SIGTERM:
+            raise Terminated()
+        raise KeyboardInterrupt()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+
+def quiet_third_party(verbose: bool) -> None:
+    """TensorFlow logs to stderr from C++ at import and at device set-up, before any
+    Python setting applies: unless ``verbose``, start it with stderr pointed at /dev/null."""
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    if verbose:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow as tf
+
+        from conformance.paths.tf_paths import grow_gpu_memory
+
+        grow_gpu_memory()  # this process must not take the GPU's memory from the paths it starts
+        tf.constant(0)  # device discovery logs here
+    except Exception:  # a broken TensorFlow shows itself later, on the paths that need it
+        pass
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def serve(work: Callable[[dict], dict]) -> int:

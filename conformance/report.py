@@ -1,4 +1,5 @@
-"""Reports of a conformance run: the terminal table, report.json, junit.xml, report.md.
+"""Reports of a conformance run: the terminal table, report.json, junit.xml, report.md,
+and the obtained tensors of every failing path (``obtained/<case>/<path>.npz``).
 
 Files are written to a temporary name in the report folder and renamed into place, so a
 full disk or a killed run never leaves a partial report.json behind.
@@ -12,12 +13,10 @@ import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from conformance.runner import PathResult, RunResult
-from pkm_models.errors import PKMError
+from conformance.files import FileProblem, atomic_output
+from conformance.results import ERROR, FAIL, UNAVAILABLE, PathResult, RunResult
 
-
-class ReportError(PKMError):
-    """The report folder cannot be written."""
+ReportError = FileProblem  # the report folder cannot be written
 
 
 def _fmt(value: float | None) -> str:
@@ -53,7 +52,7 @@ def table(result: RunResult, verbose: bool = False) -> str:
         f"{case.name} {p.name}: {p.status}: {p.reason}"
         for case in result.cases
         for p in case.paths
-        if p.status in ("fail", "error") or (verbose and p.reason)
+        if p.status in (FAIL, ERROR) or (verbose and p.reason)
     ]
     counts: dict[str, int] = {}
     for case in result.cases:
@@ -64,25 +63,12 @@ def table(result: RunResult, verbose: bool = False) -> str:
     return "\n".join(blocks)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def junit(result: RunResult) -> bytes:
     suites = ET.Element("testsuites", name="pkm-conformance")
     for case in result.cases:
-        failures = sum(p.status == "fail" for p in case.paths)
-        errors = sum(p.status == "error" for p in case.paths)
-        skipped = sum(p.status == "unavailable" for p in case.paths)
+        failures = sum(p.status == FAIL for p in case.paths)
+        errors = sum(p.status == ERROR for p in case.paths)
+        skipped = sum(p.status == UNAVAILABLE for p in case.paths)
         suite = ET.SubElement(
             suites,
             "testsuite",
@@ -94,11 +80,11 @@ def junit(result: RunResult) -> bytes:
         )
         for p in case.paths:
             tc = ET.SubElement(suite, "testcase", classname=case.name, name=p.name, time=f"{p.seconds or 0:.3f}")
-            if p.status == "fail":
+            if p.status == FAIL:
                 ET.SubElement(tc, "failure", message=p.reason[:500]).text = p.reason
-            elif p.status == "error":
+            elif p.status == ERROR:
                 ET.SubElement(tc, "error", message=p.reason[:500]).text = p.reason
-            elif p.status == "unavailable":
+            elif p.status == UNAVAILABLE:
                 ET.SubElement(tc, "skipped", message=p.reason[:500])
     return ET.tostring(suites, encoding="utf-8", xml_declaration=True)
 
@@ -125,7 +111,8 @@ def _histogram(path: Path, case: str, p: PathResult, tap: str) -> None:
     ax.set_xlabel("absolute error")
     ax.set_ylabel("elements")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
 
 
@@ -139,6 +126,20 @@ def markdown(result: RunResult, folder: Path) -> bytes:
         for p in case.paths:
             reason = p.reason.replace("|", "\\|").replace("\n", " ")
             lines.append(f"| {case.name} | {p.name} | {p.status} | {p.first_divergence or ''} | {reason} |")
+    worst = []
+    for case in result.cases:
+        for p in case.paths:
+            for t in p.tensors:
+                if t.worst_elements:
+                    worst += [f"### {case.name} / {p.name} / {t.name}", "", t.message.replace("|", "\\|"), ""]
+                    worst += ["| index | obtained | expected | difference |", "|---|---|---|---|"]
+                    worst += [
+                        f"| {e['index']} | {e['obtained']:.9g} | {e['expected']:.9g} | {e['difference']:.3g} |"
+                        for e in t.worst_elements
+                    ]
+                    worst.append("")
+    if worst:
+        lines += ["", "## Worst elements of failing tensors", "", *worst]
     plots = []
     for case in result.cases:
         for p in case.paths:
@@ -152,14 +153,37 @@ def markdown(result: RunResult, folder: Path) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_@." else "_" for c in name)
+
+
+def write_obtained(result: RunResult, folder: Path) -> list[Path]:
+    """The obtained taps of every failing path: ``obtained/<case>/<path>.npz``, to diff
+    against the golden's ``test_data_set_0/output_<k>.pb``."""
+    import numpy as np
+
+    written = []
+    for case in result.cases:
+        for p in case.paths:
+            if p.obtained:
+                target = folder / "obtained" / _safe(case.name) / f"{_safe(p.name)}.npz"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_output(target) as tmp, open(tmp, "wb") as f:
+                    np.savez(f, **p.obtained)
+                written.append(target)
+    return written
+
+
 def write_reports(result: RunResult, folder: Path) -> list[Path]:
-    """report.json, junit.xml and report.md (with its PNGs): all written to temporary
-    names first and renamed only when every one is complete, so a full disk leaves no
-    partial or mismatched report behind."""
+    """report.json, junit.xml and report.md (with its PNGs), and the obtained tensors of
+    failing paths: the three reports are written to temporary names first and renamed
+    only when every one is complete, so a full disk leaves no partial or mismatched
+    report behind."""
     folder = Path(folder)
     staged: list[tuple[str, Path]] = []
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        obtained = write_obtained(result, folder)
         payloads = {
             "report.json": (json.dumps(result.to_json(), indent=2) + "\n").encode(),
             "junit.xml": junit(result),
@@ -174,9 +198,10 @@ def write_reports(result: RunResult, folder: Path) -> list[Path]:
                 os.fsync(f.fileno())
         for name, tmp in staged:
             os.replace(tmp, folder / name)
-        return [folder / name for name in payloads]
-    except OSError as exc:
-        raise ReportError(f"cannot write the report to {folder}: {exc.strerror or exc}") from exc
+        return [folder / name for name in payloads] + obtained
+    except (OSError, FileProblem) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ReportError(f"cannot write the report to {folder}: {why}") from exc
     finally:
         for _, tmp in staged:
             tmp.unlink(missing_ok=True)

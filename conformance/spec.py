@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pkm_models.config import TAPS, ConfigError, PKMConfig, Preset
+from pkm_models.config import ConfigError, PKMConfig, Preset, check_stackable, tap_names
 from pkm_models.convert import check_weights, expected_shapes
 from pkm_models.weights import Weights, make_weights
 
@@ -33,6 +33,7 @@ class ModelSpec:
     weights_file: Path | None = None
 
     def __post_init__(self) -> None:
+        check_stackable(self.config, self.layers, self.name)
         if self.duplicate_subkeys < 0 or 2 * self.duplicate_subkeys > self.config.n_keys:
             raise ConfigError(
                 f"{self.name}: duplicate_subkeys must be in [0, n_keys/2 = {self.config.n_keys // 2}], "
@@ -44,7 +45,7 @@ class ModelSpec:
         return cls(name=preset.name, config=preset.config, layers=preset.layers, seed=seed)
 
     def output_names(self, tapped: bool) -> list[str]:
-        return list(TAPS) if tapped else ["output"]
+        return tap_names(self.layers) if tapped else ["output"]
 
     @property
     def weight_bytes(self) -> int:
@@ -67,17 +68,19 @@ class ModelSpec:
         check_weights(weights, expected_shapes(self.config, self.layers), str(self.weights_file))
         return weights
 
-    def torch_model(self):
+    def torch_model(self, weights: Weights | None = None):
+        """The PyTorch reference in eval mode, with ``weights`` (default: :meth:`weights`)."""
         from pkm_models.torch_pkm import build_torch_model
 
-        model = build_torch_model(self.config, self.layers, seed=None)
-        model.load_weights(self.weights())
-        return model.eval()
+        return build_torch_model(
+            self.config, self.layers, weights=self.weights() if weights is None else weights
+        ).eval()
 
-    def keras_model(self, method: str = "einsum"):
+    def keras_model(self, weights: Weights | None = None, method: str = "einsum"):
+        """The Keras port with ``weights`` (default: :meth:`weights`) and this weighted-sum method."""
         from pkm_models.convert import set_keras_weights
         from pkm_models.keras_pkm import build_keras_model
 
         model = build_keras_model(self.config, self.layers, seed=None, method=method)
-        set_keras_weights(model, self.weights())
+        set_keras_weights(model, self.weights() if weights is None else weights)
         return model

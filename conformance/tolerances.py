@@ -27,7 +27,10 @@ case, case+tap. Each entry may set any of atol, rtol and statistic. ``statistic 
 |expected|``; ``"mean"`` requires the mean absolute error to be at most atol. The
 integer ``indices`` tap always compares exactly, except in rows whose selection is
 ambiguous (a top-k margin below the ``scores`` atol, see ``conformance.compare``).
-Unknown keys, taps, cases and path globs that match no path are errors.
+Unknown keys, taps, cases and path globs that match no path are errors, and so is a
+tolerance that would switch a check off for a golden (``rtol >= 1``, an atol above most
+of a tap's values, a ``scores`` atol above the typical top-k margin):
+:func:`conformance.compare.check_checkable` refuses those before a run.
 """
 
 from __future__ import annotations
@@ -122,6 +125,9 @@ def parse_policy(
     data: dict[str, Any], source: str, known_paths: Iterable[str], known_cases: Iterable[str]
 ) -> TolerancePolicy:
     where = source
+    for table in ("default", "tap", "path", "case"):
+        if table in data and not isinstance(data[table], dict):
+            raise ToleranceError(f"{where}: [{table}] must be a table, got {data[table]!r}")
     unknown = sorted(set(data) - {"default", "tap", "path", "case"})
     if unknown:
         raise ToleranceError(f"{where}: unknown table(s) {unknown}; known: ['default', 'tap', 'path', 'case']")

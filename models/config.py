@@ -16,6 +16,20 @@ from pkm_models.errors import PKMError
 TAPS = ("query", "scores", "indices", "weights", "output")
 
 
+def tap_names(layers: int) -> list[str]:
+    """The taps of a network of ``layers`` PKM layers, in pipeline order: the bare
+    :data:`TAPS` for one layer; ``<i>/<tap>`` for every layer ``i`` of more."""
+    if layers == 1:
+        return list(TAPS)
+    return [f"{i}/{tap}" for i in range(layers) for tap in TAPS]
+
+
+def split_tap(name: str) -> tuple[int, str]:
+    """``"2/indices"`` -> ``(2, "indices")``; a bare tap is layer 0."""
+    layer, _, tap = name.rpartition("/")
+    return (int(layer) if layer else 0), tap
+
+
 class ConfigError(PKMError, ValueError):
     """A config field is missing, unknown, of the wrong type or out of range."""
 
@@ -98,6 +112,16 @@ class PKMConfig:
         return PKMConfig.from_dict({**self.to_dict(), **changes})
 
 
+def check_stackable(config: PKMConfig, layers: int, what: str) -> None:
+    """Raise ConfigError unless ``layers`` layers of ``config`` can run in sequence."""
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise ConfigError(f"{what}: layers must be an integer >= 1, got {layers!r}")
+    if layers > 1 and config.input_dim != config.output_dim:
+        raise ConfigError(
+            f"{what}: stacked layers need input_dim == output_dim, got {config.input_dim} -> {config.output_dim}"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class Preset:
     """A named model: ``layers`` identical-shape PKM layers applied in sequence, and a
@@ -110,13 +134,7 @@ class Preset:
     description: str
 
     def __post_init__(self) -> None:
-        if self.layers < 1:
-            raise ConfigError(f"preset {self.name!r}: layers must be >= 1, got {self.layers}")
-        if self.layers > 1 and self.config.input_dim != self.config.output_dim:
-            raise ConfigError(
-                f"preset {self.name!r}: stacked layers need input_dim == output_dim, "
-                f"got {self.config.input_dim} -> {self.config.output_dim}"
-            )
+        check_stackable(self.config, self.layers, f"preset {self.name!r}")
 
 
 PRESETS: dict[str, Preset] = {

@@ -26,7 +26,7 @@ import math
 import keras
 from keras import ops
 
-from pkm_models.config import ConfigError, PKMConfig
+from pkm_models.config import ConfigError, PKMConfig, check_stackable
 
 METHODS = ("einsum", "reduce_sum", "accumulate", "fused")
 FUSED_SLOTS = 16  # slots gathered and summed together by the "fused" method
@@ -58,13 +58,6 @@ def _fused_sum(values, indices, weights, n: int, slots: int = FUSED_SLOTS):
         _compiled_blockwise_sum = tf.function(_blockwise_sum, jit_compile=True, reduce_retracing=True)
     # a tensor, not the variable: a resource input would not export (tf2onnx)
     return _compiled_blockwise_sum(tf.convert_to_tensor(values), indices, weights, n, slots)
-
-
-def _check_stackable(config: PKMConfig, layers: int) -> None:
-    if layers < 1:
-        raise ConfigError(f"layers must be >= 1, got {layers}")
-    if layers > 1 and config.input_dim != config.output_dim:
-        raise ConfigError(f"stacked layers need input_dim == output_dim, got {config.input_dim} -> {config.output_dim}")
 
 
 @keras.saving.register_keras_serializable(package="pkm")
@@ -342,7 +335,7 @@ def build_keras_model(
 
     if input_rank < 2:
         raise ConfigError(f"input_rank must be >= 2 for a Keras model, got {input_rank}")
-    _check_stackable(config, layers)
+    check_stackable(config, layers, "build_keras_model")
     model = keras.Sequential(
         [keras.Input(shape=(None,) * (input_rank - 2) + (config.input_dim,))]
         + [ProductKeyMemory.from_pkm_config(config, method=method, name=f"pkm_{i}") for i in range(layers)],

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pkm_models.stack import call_module, stack_forward
 from pkm_models.torch_pkm import HashingMemory, PKMStack
 
 
@@ -92,9 +93,7 @@ class FastPKMStack(nn.Module):
         self.layers = nn.ModuleList(FastHashingMemory(layer, chunk) for layer in reference.layers)
 
     def forward(self, input: torch.Tensor, return_taps: bool = False):
-        for layer in self.layers[:-1]:
-            input = layer(input)
-        return self.layers[-1](input, return_taps=return_taps)
+        return stack_forward(self.layers, input, call_module, return_taps)
 
 
 def fast_module(reference: nn.Module) -> nn.Module:

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pkm_models.config import ConfigError, PKMConfig
+from pkm_models.config import PKMConfig, check_stackable
+from pkm_models.stack import call_module, stack_forward
 from pkm_models.weights import make_weights
 
 
@@ -212,16 +213,13 @@ class PKMStack(nn.Module):
     """``layers`` HashingMemory layers applied in sequence (the seed's benchmark net).
 
     ``state_dict`` names are ``layers.<i>.<HashingMemory name>``. With
-    ``return_taps=True`` the taps are those of the last layer.
+    ``return_taps=True`` the taps of every layer, ``<i>/<tap>``
+    (:func:`pkm_models.stack.stack_forward`).
     """
 
     def __init__(self, config: PKMConfig, layers: int):
         super().__init__()
-        if layers < 1 or (layers > 1 and config.input_dim != config.output_dim):
-            raise ConfigError(
-                f"PKMStack: need layers >= 1 and input_dim == output_dim to stack, got {layers} layer(s) "
-                f"of {config.input_dim} -> {config.output_dim}"
-            )
+        check_stackable(config, layers, "PKMStack")
         self.config = config
         self.layers = nn.ModuleList(HashingMemory(**config.to_dict()) for _ in range(layers))
 
@@ -238,13 +236,18 @@ class PKMStack(nn.Module):
         self.load_state_dict(numpy_to_state_dict(weights, self.state_dict()))
 
     def forward(self, input, return_taps: bool = False):
-        for layer in self.layers[:-1]:
-            input = layer(input)
-        return self.layers[-1](input, return_taps=return_taps)
+        return stack_forward(self.layers, input, call_module, return_taps)
 
 
-def build_torch_model(config: PKMConfig, layers: int = 1, seed: int | None = 0) -> nn.Module:
-    """A single ``HashingMemory`` for ``layers == 1``, else a ``PKMStack``."""
-    if layers == 1:
-        return HashingMemory.from_config(config, seed)
-    return PKMStack.from_config(config, layers, seed)
+def build_torch_model(
+    config: PKMConfig, layers: int = 1, seed: int | None = 0, weights: Mapping[str, np.ndarray] | None = None
+) -> nn.Module:
+    """A single ``HashingMemory`` for ``layers == 1``, else a ``PKMStack``: with the
+    deterministic weights of ``seed``, or with ``weights`` (torch-named numpy arrays,
+    checked by name and shape) when given. The one way this project builds a torch model."""
+    if weights is not None:
+        seed = None
+    model = HashingMemory.from_config(config, seed) if layers == 1 else PKMStack.from_config(config, layers, seed)
+    if weights is not None:
+        model.load_weights(weights)
+    return model

@@ -31,11 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from conformance.bench.seed_baseline import SeedBaselinePath
 from conformance.isolation import run_json_worker
-from conformance.paths import PATHS, ExecutionPath
-from conformance.paths.tf_paths import TFPath
-from conformance.tolerances import path_matches
+from conformance.paths import ExecutionPath
+from conformance.results import ERROR, OK
 from pkm_models.config import get_preset
 from pkm_models.errors import PKMError
 
@@ -84,33 +82,12 @@ BENCH_PRESETS = {
     )
 }
 
-# Benchmark-only paths: the Keras port's other weighted-sum methods and the seed baseline.
-BENCH_PATHS: list[ExecutionPath] = [
-    *PATHS,
-    TFPath("function", "cpu", method="reduce_sum"),
-    TFPath("function", "cpu", method="accumulate"),
-    TFPath("xla", "cpu", method="accumulate"),
-    SeedBaselinePath("eager"),
-    SeedBaselinePath("function"),
-    SeedBaselinePath("xla"),
-]
-BENCH_PATH_NAMES = [p.name for p in BENCH_PATHS]
-
 
 def get_bench_preset(name: str) -> BenchPreset:
     try:
         return BENCH_PRESETS[name]
     except KeyError:
         raise BenchError(f"unknown bench preset {name!r}; available: {sorted(BENCH_PRESETS)}") from None
-
-
-def select_bench_paths(globs: list[str] | None) -> list[ExecutionPath]:
-    if not globs:
-        return [p for p in BENCH_PATHS if not p.name.startswith("onnx-reference")]
-    for glob in globs:
-        if not any(path_matches(name, glob) for name in BENCH_PATH_NAMES):
-            raise BenchError(f"--path {glob!r} matches no path; known: {BENCH_PATH_NAMES}")
-    return [p for p in BENCH_PATHS if any(path_matches(p.name, g) for g in globs)]
 
 
 def time_calls(fn, runs: int) -> list[float]:
@@ -155,7 +132,7 @@ def pool_rounds(results: list[dict]) -> dict:
     """One path's results from several rounds: the first that is not ``ok`` if any, else
     one result over all their passes (peak memories: the largest)."""
     for r in results:
-        if r.get("status") != "ok":
+        if r.get("status") != OK:
             return r
     times = [t for r in results for t in r["times_s"]]
     devices = [r["peak_device_mb"] for r in results if r.get("peak_device_mb") is not None]
@@ -173,7 +150,7 @@ def run_worker(preset: BenchPreset, path: str, runs: int, warmup: int, export_di
     """One path in a fresh process; its crash or time-out is its result."""
     request = {"preset": preset.name, "path": path, "runs": runs, "warmup": warmup, "export_dir": str(export_dir)}
     result, why = run_json_worker("conformance.bench.worker", request, timeout)
-    return {"name": path, **result} if result is not None else {"name": path, "status": "error", "reason": why}
+    return {"name": path, **result} if result is not None else {"name": path, "status": ERROR, "reason": why}
 
 
 def run_bench(
@@ -193,7 +170,7 @@ def run_bench(
     for option, value, least in (("--runs", runs, 1), ("--rounds", rounds, 1), ("--warmup", warmup, 0)):
         if value < least:
             raise BenchError(f"{option} must be >= {least}, got {value}")
-    from conformance.runner import environment
+    from conformance.environment import environment
 
     bandwidth = memory_bandwidth_gbs()
     done: dict[str, list[dict]] = {p.name: [] for p in paths}
@@ -202,7 +179,7 @@ def run_bench(
         for round_ in range(rounds):
             for path in paths:
                 previous = done[path.name]
-                if previous and previous[-1].get("status") != "ok":
+                if previous and previous[-1].get("status") != OK:
                     continue  # unavailable or failed: once is enough
                 if progress:
                     progress(step, total, path.name + (f" (round {round_ + 1}/{rounds})" if rounds > 1 else ""))
@@ -212,9 +189,9 @@ def run_bench(
             progress(total, total, "")
     results = [pool_rounds(done[p.name]) for p in paths]
     value_bytes = preset.value_bytes()
-    eager = {r["device"]: r["median_s"] for r in results if r.get("status") == "ok" and r.get("eager_reference")}
+    eager = {r["device"]: r["median_s"] for r in results if r.get("status") == OK and r.get("eager_reference")}
     for r in results:
-        if r.get("status") != "ok":
+        if r.get("status") != OK:
             continue
         r["tokens_per_s"] = preset.tokens / r["median_s"]
         r["value_gb_per_s"] = value_bytes / r["median_s"] / 1e9

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"--shape: needs positive sizes ending in the preset's input_dim "
                 f"({PRESETS[args.preset].config.input_dim}), got {args.shape!r}"
             )
-    from conformance.cli import quiet_third_party
+    from conformance.isolation import quiet_third_party
 
     quiet_third_party(verbose=False)  # before TensorFlow loads (with keras_pkm)
     from pkm_models import get_preset

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be >= 1")
-    from conformance.cli import quiet_third_party
+    from conformance.isolation import quiet_third_party
 
     quiet_third_party(verbose=False)
     with tempfile.TemporaryDirectory(prefix="pkm-profile-") as tmp:

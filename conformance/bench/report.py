@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conformance.report import ReportError, _atomic_write
+from conformance.files import FileProblem, atomic_output, atomic_write
+from conformance.results import ERROR, OK
 
 
 def _row(r: dict, runs: int) -> list[str]:
-    if r.get("status") != "ok":
-        return [r["name"], r.get("status", "error"), "", "", "", "", "", "", "", r.get("reason", "")[:140]]
+    if r.get("status") != OK:
+        return [r["name"], r.get("status", ERROR), "", "", "", "", "", "", "", r.get("reason", "")[:140]]
     ratio = r.get("ratio_to_torch_eager")
     return [
         r["name"],
-        "ok",
+        OK,
         f"{r['median_s'] * runs:.2f} s",
         f"{r['median_s'] * 1e3:.1f}",
         f"{r['p10_s'] * 1e3:.1f} / {r['p90_s'] * 1e3:.1f}",
@@ -96,7 +97,7 @@ def chart(bench: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in bench["paths"] if r.get("status") == "ok"]
+    ok = [r for r in bench["paths"] if r.get("status") == OK]
     ok.sort(key=lambda r: r["median_s"])
     fig, ax = plt.subplots(figsize=(8, 0.35 * max(len(ok), 3) + 1))
     names = [r["name"] for r in ok]
@@ -105,17 +106,20 @@ def chart(bench: dict, path: Path) -> None:
     ax.set_xlabel("median time per forward pass (ms)")
     ax.set_title(f"preset {bench['preset']}: input {tuple(bench['input_shape'])}")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
 
 
 def write(bench: dict, folder: Path) -> list[Path]:
+    """bench.json, bench.md and bench.png, each written beside and renamed into place."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(folder / "bench.json", (json.dumps(bench, indent=2) + "\n").encode())
-        _atomic_write(folder / "bench.md", markdown(bench).encode())
+        atomic_write(folder / "bench.json", (json.dumps(bench, indent=2) + "\n").encode())
+        atomic_write(folder / "bench.md", markdown(bench).encode())
         chart(bench, folder / "bench.png")
-    except OSError as exc:
-        raise ReportError(f"cannot write the benchmark report to {folder}: {exc.strerror or exc}") from exc
+    except (OSError, FileProblem) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise FileProblem(f"cannot write the benchmark report to {folder}: {why}") from exc
     return [folder / "bench.json", folder / "bench.md", folder / "bench.png"]

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tokens < 1 or args.runs < 1:
         parser.error("--tokens and --runs must be >= 1")
-    from conformance.cli import quiet_third_party
+    from conformance.isolation import quiet_third_party
 
     quiet_third_party(verbose=False)
     result = measure(args.preset, args.tokens, args.runs)

@@ -11,18 +11,19 @@ from pathlib import Path
 
 from conformance.bench.device_memory import PeakSampler
 from conformance.isolation import memory_mb, serve
+from conformance.results import OK, UNAVAILABLE
 
 
 def measure(request: dict) -> dict:
-    from conformance.bench import BENCH_PATHS, get_bench_preset, summarize, time_calls
+    from conformance.bench import get_bench_preset, summarize, time_calls
     from conformance.export import ExportUnsupported
-    from conformance.paths import CaseContext, PathUnavailable
+    from conformance.paths import CaseContext, PathUnavailable, get_path
     from pkm_models.weights import make_input
 
     bench = get_bench_preset(request["preset"])
-    path = next(p for p in BENCH_PATHS if p.name == request["path"])
+    path = get_path(request["path"])
     case = bench.case()
-    device = "cuda" if any(s in path.name for s in ("cuda", "gpu", "tensorrt")) else "cpu"
+    device = path.device
     result = {"name": path.name, "device": device, "eager_reference": path.name == f"torch-eager-{device}"}
     sampler = PeakSampler() if device == "cuda" else None
     with sampler or contextlib.nullcontext():  # sampling while preparing and warming up
@@ -31,7 +32,7 @@ def measure(request: dict) -> dict:
             context = CaseContext(case, case.spec.weights(), export_dir=Path(request["export_dir"]))
             fn = path.prepare_timed(context, make_input(bench.input_shape, seed=0))
         except (PathUnavailable, ExportUnsupported) as exc:
-            return {**result, "status": "unavailable", "reason": str(exc)}
+            return {**result, "status": UNAVAILABLE, "reason": str(exc)}
         for _ in range(request["warmup"]):
             fn()
     times = time_calls(fn, request["runs"])  # input already on the device; returns once it has finished
@@ -44,7 +45,7 @@ def measure(request: dict) -> dict:
         peak_device = torch.cuda.max_memory_allocated() / 2**20
     return {
         **result,
-        "status": "ok",
+        "status": OK,
         "reason": "",
         **summarize(times),
         "times_s": times,

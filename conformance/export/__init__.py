@@ -5,8 +5,12 @@ Every exporter writes ``<out_dir>/<name>.onnx`` from a :class:`ModelSpec` with a
 axes are dynamic, and either
 
 * the deployment variant: one output, ``output``; or
-* the tapped variant: the DESIGN.md taps ``query``, ``scores``, ``indices``,
-  ``weights``, ``output`` (of the last layer), in that order.
+* the tapped variant: the conformance taps (``query``, ``scores``, ``indices``,
+  ``weights``, ``output``; ``<i>/<tap>`` for each layer of a stack), in that order.
+
+The files are written into a private folder beside the destination, checked, and only
+then moved into place (the external-data file first), so an export that fails, or a full
+disk, leaves an existing file at the destination as it was.
 
 Adding an exporter is a function in one of the family modules and a line in
 :data:`EXPORTERS`.
@@ -14,11 +18,14 @@ Adding an exporter is a function in one of the family modules and a line in
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 from conformance.export.onnx_files import ExportReport, check_model, describe
+from conformance.files import fsync_dir, staging_dir
 from conformance.spec import ModelSpec
 from pkm_models.config import TAPS
 from pkm_models.errors import PKMError
@@ -70,13 +77,28 @@ def export(
     if opset not in SUPPORTED_OPSETS:
         raise ExportError(f"opset {opset} is not supported; choose one of {list(SUPPORTED_OPSETS)}")
     out_dir = Path(out_dir)
-    path = out_dir / f"{exporter}.onnx"
-    _exporter(exporter)(spec, path, opset, tapped)
-    check_model(path)
-    report = describe(path, exporter)
-    expected = spec.output_names(tapped)
-    if report.inputs != ["input"] or report.outputs != expected:
-        raise ExportError(
-            f"{exporter}: expected inputs ['input'] and outputs {expected}, got {report.inputs} and {report.outputs}"
-        )
-    return report
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot create {out_dir}: {exc.strerror or exc}") from exc
+    with staging_dir(out_dir, f".{exporter}-") as staging:
+        staged = staging / f"{exporter}.onnx"
+        _exporter(exporter)(spec, staged, opset, tapped)
+        check_model(staged)
+        report = describe(staged, exporter)
+        expected = spec.output_names(tapped)
+        if report.inputs != ["input"] or report.outputs != expected:
+            raise ExportError(
+                f"{exporter}: expected inputs ['input'] and outputs {expected}, "
+                f"got {report.inputs} and {report.outputs}"
+            )
+        path = out_dir / staged.name
+        data = staged.with_name(staged.name + ".data")
+        try:
+            if data.exists():
+                os.replace(data, path.with_name(data.name))
+            os.replace(staged, path)
+            fsync_dir(out_dir)
+        except OSError as exc:
+            raise ExportError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    return dataclasses.replace(report, path=path)

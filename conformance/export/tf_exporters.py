@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from conformance.export import TAPS, ExportUnsupported, ModelSpec
+from conformance.export import ExportUnsupported, ModelSpec
 from conformance.export.onnx_files import (
     order_outputs,
     quiet_exporters,
@@ -18,6 +18,7 @@ from conformance.export.onnx_files import (
     save_model,
 )
 from pkm_models.convert import pkm_layers, set_keras_weights, split_layers, torch_to_keras
+from pkm_models.stack import call_module, stack_forward
 
 TF2ONNX_MAX_OPSET = 18
 
@@ -65,12 +66,16 @@ def _convert_structure(spec: ModelSpec, opset: int, tapped: bool):
     signature += [tf.TensorSpec(v.shape, v.dtype, name=f"w{i}") for i, (_, v) in enumerate(variables)]
 
     def forward(input, *weights):
-        x, it = input, iter(weights)
-        for i, (layer, (tv, ntv)) in enumerate(zip(layers, groups, strict=True)):
+        it = iter(weights)
+
+        def call(layer_and_groups, x, return_taps):
+            layer, (tv, ntv) = layer_and_groups
             trainable, non_trainable = [next(it) for _ in tv], [next(it) for _ in ntv]
-            last = i == len(layers) - 1
-            x, _ = layer.stateless_call(trainable, non_trainable, x, return_taps=tapped and last)
-        return dict(x) if tapped else {"output": x}
+            y, _ = layer.stateless_call(trainable, non_trainable, x, return_taps=return_taps)
+            return dict(y) if return_taps else y
+
+        out = stack_forward(list(zip(layers, groups, strict=True)), input, call, return_taps=tapped)
+        return {name: out[name] for name in spec.output_names(True)} if tapped else {"output": out}
 
     with quiet_exporters():
         proto, _ = tf2onnx.convert.from_function(
@@ -107,13 +112,8 @@ def export_keras(spec: ModelSpec, path: Path, opset: int, tapped: bool) -> None:
     inputs = keras.Input((None, spec.config.input_dim), name="input")
     x = inputs
     layers = [ProductKeyMemory.from_pkm_config(spec.config, name=f"pkm_{i}") for i in range(spec.layers)]
-    for layer in layers[:-1]:
-        x = layer(x)
-    if tapped:
-        taps = layers[-1](x, return_taps=True)
-        outputs = [taps[name] for name in TAPS]
-    else:
-        outputs = [layers[-1](x)]
+    out = stack_forward(layers, x, call_module, return_taps=tapped)
+    outputs = [out[name] for name in spec.output_names(True)] if tapped else [out]
     model = keras.Model(inputs, outputs)
     set_keras_weights(model, spec.weights())
     model(np.zeros((2, 3, spec.config.input_dim), np.float32))  # export needs a called model

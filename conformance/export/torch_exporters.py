@@ -8,7 +8,7 @@ import onnx
 import torch
 from torch import nn
 
-from conformance.export import TAPS, ModelSpec
+from conformance.export import ModelSpec
 from conformance.export.onnx_files import EXTERNAL_DATA_THRESHOLD, quiet_exporters, save_model
 from pkm_models.torch_fast import fast_module
 
@@ -23,20 +23,20 @@ class _Deployment(nn.Module):
 
 
 class _Tapped(nn.Module):
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, names: list[str]):
         super().__init__()
-        self.module = module
+        self.module, self.names = module, names
 
     def forward(self, input):
         taps = self.module(input, return_taps=True)
-        return tuple(taps[name] for name in TAPS)
+        return tuple(taps[name] for name in self.names)
 
 
 def _wrapped(spec: ModelSpec, tapped: bool, fast: bool) -> nn.Module:
     module = spec.torch_model()
     if fast:
         module = fast_module(module)
-    return (_Tapped if tapped else _Deployment)(module).eval()
+    return (_Tapped(module, spec.output_names(True)) if tapped else _Deployment(module)).eval()
 
 
 def _example(spec: ModelSpec) -> torch.Tensor:
@@ -51,7 +51,8 @@ def _weight_bytes(module: nn.Module) -> int:
 def _dynamic_axes(spec: ModelSpec, tapped: bool) -> dict[str, dict[int, str]]:
     axes = {"input": {0: "batch", 1: "sequence"}, "output": {0: "batch", 1: "sequence"}}
     if tapped:
-        axes.update({name: {0: "rows"} for name in TAPS if name != "output"})
+        axes.update({name: {0: "rows"} for name in spec.output_names(True) if not name.endswith("output")})
+        axes.update({name: {0: "batch", 1: "sequence"} for name in spec.output_names(True) if name.endswith("output")})
     return axes
 
 

@@ -1,6 +1,10 @@
-"""The registry of execution paths: one line per path, one file per family.
+"""The one registry of execution paths, for the conformance run and the benchmark alike:
+one line per path, one file per family.
 
-Names say runtime, mode, device and, for ONNX paths, which export they run.
+Names say runtime, mode, device and, for ONNX paths, which export they run. A path marked
+``benchmark_only`` (the Keras port's slower weighted-sum methods, the seed's approach) is
+timed by ``bench`` but not part of the conformance run. Adding a path is a class in a
+family file (or a new family file) and a line here.
 """
 
 from __future__ import annotations
@@ -9,12 +13,19 @@ from conformance.export import EXPORTER_NAMES
 from conformance.paths.base import CaseContext, ExecutionPath, PathUnavailable
 from conformance.paths.onnx_reference import ReferencePath
 from conformance.paths.ort_paths import OrtPath
+from conformance.paths.seed_baseline import SeedBaselinePath
 from conformance.paths.tf_paths import TFPath
 from conformance.paths.torch_paths import TorchPath
 from conformance.tolerances import path_matches
 from pkm_models.errors import PKMError
 
-PATHS: list[ExecutionPath] = [
+
+def benchmark_only(path: ExecutionPath) -> ExecutionPath:
+    path.benchmark_only = True
+    return path
+
+
+REGISTRY: list[ExecutionPath] = [
     TorchPath("cpu", compiled=False),
     TorchPath("cpu", compiled=True),
     TorchPath("cuda", compiled=False),
@@ -31,23 +42,50 @@ PATHS: list[ExecutionPath] = [
     *(OrtPath("cuda", e) for e in EXPORTER_NAMES),
     OrtPath("tensorrt", "torch-fast"),
     *(ReferencePath(e) for e in EXPORTER_NAMES),
+    # timed by bench only: the Keras port's other weighted-sum methods and the seed's approach
+    benchmark_only(TFPath("function", "cpu", method="reduce_sum")),
+    benchmark_only(TFPath("function", "cpu", method="accumulate")),
+    benchmark_only(TFPath("xla", "cpu", method="accumulate")),
+    *(benchmark_only(SeedBaselinePath(mode)) for mode in ("eager", "function", "xla")),
 ]
+PATHS: list[ExecutionPath] = [p for p in REGISTRY if not p.benchmark_only]  # the conformance run's
 PATH_NAMES = [p.name for p in PATHS]
+REGISTRY_NAMES = [p.name for p in REGISTRY]
 
-__all__ = ["PATHS", "PATH_NAMES", "CaseContext", "ExecutionPath", "PathUnavailable", "select_paths"]
+__all__ = [
+    "PATHS",
+    "PATH_NAMES",
+    "REGISTRY",
+    "CaseContext",
+    "ExecutionPath",
+    "PathUnavailable",
+    "get_path",
+    "select_paths",
+]
 
 
 class PathSelectionError(PKMError):
     pass
 
 
-def select_paths(globs: list[str] | None) -> list[ExecutionPath]:
-    """Paths whose names match any glob (all paths when none given), in registry order.
+def get_path(name: str) -> ExecutionPath:
+    for path in REGISTRY:
+        if path.name == name:
+            return path
+    raise PathSelectionError(f"no execution path {name!r}; available: {REGISTRY_NAMES}")
+
+
+def select_paths(globs: list[str] | None, bench: bool = False) -> list[ExecutionPath]:
+    """Paths whose names match any glob, in registry order. Without globs: every
+    conformance path, or for ``bench`` every path that is not ONNX's (slow) reference
+    evaluator. The conformance run selects among conformance paths; bench among all.
 
     ``[`` and ``]`` are literal. Each glob must match something: a typo is an error listing the known names."""
+    pool = REGISTRY if bench else PATHS
     if not globs:
-        return list(PATHS)
+        return [p for p in pool if not (bench and p.family == "onnx-reference")]
+    names = [p.name for p in pool]
     for glob in globs:
-        if not any(path_matches(name, glob) for name in PATH_NAMES):
-            raise PathSelectionError(f"--path {glob!r} matches no execution path; known: {PATH_NAMES}")
-    return [p for p in PATHS if any(path_matches(p.name, g) for g in globs)]
+        if not any(path_matches(name, glob) for name in names):
+            raise PathSelectionError(f"--path {glob!r} matches no execution path; known: {names}")
+    return [p for p in pool if any(path_matches(p.name, g) for g in globs)]

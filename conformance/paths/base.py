@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -22,15 +21,21 @@ class PathUnavailable(PKMError):
 class CaseContext:
     """What the paths of one case share, built on first use and dropped with the case:
     the weights, the native models, and the tapped ONNX exports (in ``export_dir`` when
-    given, where an existing export is reused, else in a temporary folder)."""
+    given, where an existing export is reused, else in a temporary folder).
+
+    ``weights`` may be None: then they are the case's generated weights, made on first
+    use (paths on an existing export never need them). ``shares_weights`` says that the
+    weights are not the generated ones and travel to worker processes as a file."""
 
     def __init__(
         self,
         case: Case,
-        weights: dict[str, np.ndarray] | Callable[[], dict[str, np.ndarray]],
+        weights: dict[str, np.ndarray] | None = None,
         export_dir: Path | None = None,
+        shares_weights: bool = False,
     ):
         self.case = case
+        self.shares_weights = shares_weights
         self._weights = weights
         self._exports: dict[str, Path | Exception] = {}
         self._keras: dict[str, object] = {}
@@ -43,27 +48,16 @@ class CaseContext:
 
     @cached_property
     def weights(self) -> dict[str, np.ndarray]:
-        """The case's weights; a callable given instead is called on first use (paths on
-        an existing export never need them)."""
-        return self._weights() if callable(self._weights) else self._weights
+        return self.case.spec.weights() if self._weights is None else self._weights
 
     @cached_property
     def torch_model(self):
-        from pkm_models.torch_pkm import build_torch_model
-
-        model = build_torch_model(self.case.config, self.case.spec.layers, seed=None)
-        model.load_weights(self.weights)
-        return model.eval()
+        return self.case.spec.torch_model(self.weights)
 
     def keras_model_with(self, method: str = "einsum"):
         """The Keras port with this weighted-sum method (one model per method)."""
-        from pkm_models.convert import set_keras_weights
-        from pkm_models.keras_pkm import build_keras_model
-
         if method not in self._keras:
-            model = build_keras_model(self.case.config, self.case.spec.layers, seed=None, method=method)
-            set_keras_weights(model, self.weights)
-            self._keras[method] = model
+            self._keras[method] = self.case.spec.keras_model(self.weights, method)
         return self._keras[method]
 
     def export(self, exporter: str) -> Path:
@@ -77,28 +71,14 @@ class CaseContext:
             try:
                 if not self._own_dir and existing.is_file():
                     self._exports[exporter] = existing
-                else:
-                    self._exports[exporter] = self._export_atomically(exporter, export)
+                else:  # written beside and moved in: a killed export never leaves a file to reuse
+                    self._exports[exporter] = export(self.case.spec, exporter, self._dir, tapped=True).path
             except Exception as exc:  # remembered: every path on this export reports it
                 self._exports[exporter] = exc
         result = self._exports[exporter]
         if isinstance(result, Exception):
             raise result
         return result
-
-    def _export_atomically(self, exporter: str, export) -> Path:
-        """Export into a private folder, then move the files in (data first): a process
-        killed while exporting never leaves a file that a later one would reuse."""
-        staging = Path(tempfile.mkdtemp(prefix=f".{exporter}-", dir=self._dir))
-        try:
-            made = export(self.case.spec, exporter, staging, tapped=True).path
-            data = made.with_name(made.name + ".data")
-            if data.exists():
-                os.replace(data, self._dir / data.name)
-            os.replace(made, self._dir / made.name)
-            return self._dir / made.name
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     def close(self) -> None:
         if self._dir is not None and self._own_dir:
@@ -126,6 +106,8 @@ class ExecutionPath:
 
     name: str = ""
     family: str = ""
+    device: str = "cpu"  # where it computes: "cpu" or "cuda"
+    benchmark_only: bool = False  # a variant timed by bench but not part of the conformance run
 
     def check(self, case: Case | None) -> None:
         """Raise PathUnavailable if this path cannot run ``case`` (any case if None) here."""

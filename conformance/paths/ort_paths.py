@@ -50,7 +50,8 @@ class OrtPath(ExecutionPath):
     family = "ort"
 
     def __init__(self, kind: str, exporter: str):
-        self.kind, self.exporter = kind, exporter
+        self.kind, self.exporter = kind, exporter  # kind: the execution provider
+        self.device = "cpu" if kind == "cpu" else "cuda"
         self.name = f"ort-{kind}[{exporter}]"
 
     def check(self, case) -> None:
@@ -82,7 +83,7 @@ class OrtPath(ExecutionPath):
         import onnxruntime as ort
 
         session = self.session(context.export(self.exporter))
-        device = "cpu" if self.kind == "cpu" else "cuda"
+        device = self.device
         binding = session.io_binding()
         binding.bind_ortvalue_input("input", ort.OrtValue.ortvalue_from_numpy(x, device, 0))
         for name in TAPS:

@@ -7,8 +7,7 @@ import contextlib
 import numpy as np
 
 from conformance.paths.base import CaseContext, ExecutionPath, PathUnavailable
-
-MODES = ("eager", "function", "xla")
+from pkm_models.stack import call_module, stack_forward
 
 
 def grow_gpu_memory() -> None:
@@ -26,12 +25,13 @@ class TFPath(ExecutionPath):
     family = "tf"
 
     def __init__(self, mode: str, device: str, method: str = "einsum"):
-        self.mode, self.device, self.method = mode, device, method
-        # the default method keeps DESIGN.md's plain name; others are bench variants
+        self.mode, self.method = mode, method
+        self.device = "cuda" if device == "gpu" else "cpu"
+        # TensorFlow calls it GPU; the default method keeps the plain name, others carry [method]
         self.name = f"tf-{mode}-{device}" + ("" if method == "einsum" else f"[{method}]")
 
     def check(self, case) -> None:
-        if self.device == "gpu":
+        if self.device == "cuda":
             import tensorflow as tf
 
             grow_gpu_memory()
@@ -47,15 +47,13 @@ class TFPath(ExecutionPath):
         layers = context.keras_model_with(self.method).layers  # ProductKeyMemory layers
 
         def forward(t):
-            for layer in layers[:-1]:
-                t = layer(t)
-            return layers[-1](t, return_taps=True)
+            return stack_forward(layers, t, call_module, return_taps=True)
 
         return forward if self.mode == "eager" else tf.function(forward, jit_compile=self.mode == "xla")
 
     @property
     def _device(self) -> str:
-        return "/GPU:0" if self.device == "gpu" else "/CPU:0"
+        return "/GPU:0" if self.device == "cuda" else "/CPU:0"
 
     def prepare(self, context: CaseContext):
         import tensorflow as tf

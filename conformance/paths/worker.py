@@ -3,8 +3,10 @@
 
 The conformance run starts one per path so that a path that crashes its process
 (a segfault in a runtime, the kernel's out-of-memory killer) is that path's error and
-the other paths' results still come out. Writes the taps to ``out`` (.npz) and prints
-one JSON line: status, the timed seconds, or the reason it could not run.
+the other paths' results still come out. The request carries the case (as JSON), the
+input file and, where the weights are not the case's generated ones, the weights file
+that the parent wrote: the worker reads nothing else (never the golden store). Writes the
+taps to ``out`` (.npz) and prints one JSON line (:class:`conformance.results.WorkerResult`).
 """
 
 from __future__ import annotations
@@ -14,31 +16,34 @@ import time
 from pathlib import Path
 
 from conformance.isolation import serve
+from conformance.results import OK, UNAVAILABLE, WorkerResult
 
 
 def run(request: dict) -> dict:
     import numpy as np
 
-    from conformance.cases import load_cases
+    from conformance.cases import Case
     from conformance.export import ExportUnsupported
-    from conformance.golden import GoldenStore
-    from conformance.paths import PATHS, CaseContext, PathUnavailable
+    from conformance.paths import CaseContext, PathUnavailable, get_path
 
-    (case,) = load_cases(Path(request["cases_dir"]), [request["case"]])
-    golden = GoldenStore(Path(request["golden_dir"])).read(case.name)
-    weights = golden.weights if golden.weights is not None else case.spec.weights  # lazy: ORT paths skip it
-    path = next(p for p in PATHS if p.name == request["path"])
-    context = CaseContext(case, weights, export_dir=Path(request["export_dir"]))
+    case = Case.from_json(request["case"], Path(request["source"]))
+    weights = None
+    if request["weights"]:
+        with np.load(request["weights"], allow_pickle=False) as data:
+            weights = {k: data[k] for k in data.files}
+    x = np.load(request["input"], allow_pickle=False)
+    path = get_path(request["path"])
+    context = CaseContext(case, weights, export_dir=Path(request["export_dir"]), shares_weights=weights is not None)
     try:
         path.check(case)
         fn = path.prepare(context)
     except (PathUnavailable, ExportUnsupported) as exc:
-        return {"status": "unavailable", "reason": str(exc)}
+        return WorkerResult(UNAVAILABLE, str(exc)).to_json()
     t0 = time.perf_counter()
-    taps = fn(golden.input)
+    taps = fn(x)
     seconds = time.perf_counter() - t0
     np.savez(request["out"], **{k: np.asarray(v) for k, v in taps.items()})
-    return {"status": "ran", "seconds": seconds}
+    return WorkerResult(OK, seconds=seconds).to_json()
 
 
 if __name__ == "__main__":

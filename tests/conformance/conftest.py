@@ -8,7 +8,7 @@ import pytest
 from conformance.cases import load_cases
 from conformance.golden import GoldenStore
 from conformance.paths import PATH_NAMES
-from conformance.runner import regenerate
+from conformance.regenerate import regenerate
 from conformance.tolerances import load_policy
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ import pytest
 from conformance.compare import compare_taps
 from conformance.golden import GoldenError
 from conformance.paths import CaseContext, ExecutionPath, select_paths
-from conformance.runner import run_conformance, run_path
+from conformance.runner import RunOptions, run_conformance, run_path
 from conformance.tolerances import parse_policy
 from tests.conformance.helpers import rewrite_tap
 
@@ -20,8 +20,7 @@ def run(project, cases=("tiny",), paths=FAST, policy=None, isolate=False, **kwar
         select_paths(list(paths)),
         project.store,
         policy or project.policy(),
-        isolate=isolate,
-        **kwargs,
+        RunOptions(isolate=isolate, **kwargs),
     )
 
 
@@ -179,8 +178,7 @@ def test_comparison_is_truthy_and_names_first_divergence(project):
     taps = {k: v.copy() for k, v in golden.taps.items()}
     kwargs = dict(
         config=case.config,
-        keys=golden.weights["keys"],
-        values=golden.weights["values.weight"],
+        weights=golden.weights,
         policy=project.policy(),
         case="tiny",
         path="torch-eager-cpu",

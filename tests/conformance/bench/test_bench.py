@@ -13,16 +13,18 @@ from conformance.bench import (
     pool_rounds,
     run_bench,
     run_worker,
-    select_bench_paths,
 )
 from conformance.cli import main
+from conformance.paths import PathSelectionError, select_paths
 
 TINY = get_bench_preset("tiny")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    paths = select_bench_paths(["torch-eager-cpu", "ort-cpu[torch-fast]", "tf-seed-baseline-function-cpu", "*cuda*"])
+    paths = select_paths(
+        ["torch-eager-cpu", "ort-cpu[torch-fast]", "tf-seed-baseline-function-cpu", "*cuda*"], bench=True
+    )
     return run_bench(TINY, paths, runs=3, warmup=1)
 
 
@@ -83,9 +85,9 @@ def test_presets_and_selection():
     assert seed.value_bytes() == 6 * 4096 * 4 * 32 * 768 * 4  # 1.6 GB per layer, 6 layers
     with pytest.raises(BenchError, match=r"unknown bench preset 'gpu'; available: \['cpu', 'seed', 'tiny'\]"):
         get_bench_preset("gpu")
-    with pytest.raises(BenchError, match=r"--path 'jax\*' matches no path"):
-        select_bench_paths(["jax*"])
-    assert not any(p.name.startswith("onnx-reference") for p in select_bench_paths(None))
+    with pytest.raises(PathSelectionError, match=r"--path 'jax\*' matches no execution path"):
+        select_paths(["jax*"], bench=True)
+    assert not any(p.name.startswith("onnx-reference") for p in select_paths(None, bench=True))
 
 
 def test_cli_usage_errors(capsys):
@@ -108,8 +110,8 @@ def test_rounds_take_turns_and_pool_every_pass(monkeypatch):
         return real(preset, path, *args, **kwargs)
 
     monkeypatch.setattr(conformance.bench, "run_worker", recording)
-    unavailable = [p for p in select_bench_paths(None) if _unavailable_here(p)][:1]  # none on a full GPU machine
-    paths = [*select_bench_paths(["torch-eager-cpu", "tf-function-cpu"]), *unavailable]
+    unavailable = [p for p in select_paths(None, bench=True) if _unavailable_here(p)][:1]  # none on a full GPU machine
+    paths = [*select_paths(["torch-eager-cpu", "tf-function-cpu"], bench=True), *unavailable]
     bench = run_bench(TINY, paths, runs=3, warmup=0, rounds=2)
     # turns: every path once per round; an unavailable one is not asked again
     names = [p.name for p in paths]

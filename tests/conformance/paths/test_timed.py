@@ -37,9 +37,9 @@ def _host(value) -> np.ndarray:
     ],
 )
 def test_timed_pass_computes_what_the_conformance_pass_computes(context, name):
-    from conformance.bench import BENCH_PATHS
+    from conformance.paths import get_path
 
-    path = next(p for p in BENCH_PATHS if p.name == name)
+    path = get_path(name)
     x = make_input((2, 3, context.case.config.input_dim), seed=5)
     expected = path.prepare(context)(x)
     timed = path.prepare_timed(context, x)

@@ -1,7 +1,7 @@
 """The seed port's approach, kept as the benchmark's baseline.
 
 A reconstruction of the TensorFlow port the project grew from, as its README describes it
-(``../shared/seed/pkm-tf-README.md``): XLM's code translated line by line, a Python loop
+(that port is not part of this repository): XLM's code translated line by line, a Python loop
 over the heads with one top-k chain per head, and the weighted sum as ``tf.gather``
 followed by ``tf.einsum``. It is labelled ``tf-seed-baseline-*`` wherever it appears and
 returns the same taps as every path, so the conformance checks apply to it too.
@@ -13,6 +13,7 @@ import numpy as np
 
 from conformance.paths.base import CaseContext, ExecutionPath, PathUnavailable
 from conformance.paths.tf_paths import timed_tf_pass
+from pkm_models.stack import stack_forward
 
 
 def _seed_layer(w, config):
@@ -87,9 +88,7 @@ class SeedBaselinePath(ExecutionPath):
         ]
 
         def forward(t):
-            for layer in layers[:-1]:
-                t = layer(t, False)
-            return layers[-1](t, True)
+            return stack_forward(layers, t, lambda layer, x, taps: layer(x, taps), return_taps=True)
 
         return forward if self.mode == "eager" else tf.function(forward, jit_compile=self.mode == "xla")
 

@@ -1,0 +1,148 @@
+"""Files the toolkit writes and files it is told to read: one place for the rules.
+
+* Writing: everything is written beside its destination under a temporary name and
+  renamed over it only when complete (:func:`atomic_write`, :func:`atomic_output`), so a
+  full disk, a signal or a crash leaves the old file intact, never a truncated one.
+* Output folders: :func:`check_writable` answers before minutes of work whether a folder
+  could be written, without creating, writing or deleting anything.
+* Reading what a user or a data file names: :func:`confined` resolves a relative name
+  inside a folder and refuses absolute names, ``..``, and symbolic links anywhere on the
+  way; :func:`user_file` resolves a path a user gave and checks it is a regular file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from pkm_models.errors import PKMError
+
+
+class FileProblem(PKMError):
+    """A file or folder that cannot be written or must not be read."""
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _describe(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file beside it, fsync, rename)."""
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that wants a file name (``torch.save``,
+    ``model.save``); renamed over ``path`` when the block ends normally, removed otherwise.
+
+    The suffix is kept (some writers choose the format from it). An OSError (full disk,
+    read-only folder) becomes a FileProblem naming ``path``; the old file is untouched."""
+    path = Path(path)
+    if path.is_dir():
+        raise FileProblem(f"{path}: is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise FileProblem(f"{path}: the folder {path.parent} does not exist")
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
+    except OSError as exc:
+        raise FileProblem(f"cannot write {path}: {_describe(exc)}") from exc
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with contextlib.suppress(OSError):  # some writers leave the file unsynced
+            fd = os.open(tmp, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        raise FileProblem(f"cannot write {path}: {_describe(exc)}; the previous file, if any, is unchanged") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staging_dir(folder: Path, prefix: str) -> Iterator[Path]:
+    """A private temporary folder inside ``folder``, removed when the block ends."""
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=prefix, dir=folder))
+    except OSError as exc:
+        raise FileProblem(f"cannot write to {folder}: {_describe(exc)}") from exc
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_writable(folder: Path) -> None:
+    """Raise FileProblem unless ``folder`` exists as a writable folder or could be created
+    in its nearest existing ancestor. Touches nothing that exists: the probe is a new,
+    uniquely named empty folder, removed at once."""
+    folder = Path(folder)
+    probe = folder.absolute()
+    while not probe.exists():
+        if probe.is_symlink():
+            raise FileProblem(f"cannot write to output folder {folder}: {probe} is a broken symbolic link")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise FileProblem(f"cannot write to output folder {folder}: {probe} is not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".pkm-write-probe-", dir=probe))
+    except OSError as exc:
+        raise FileProblem(f"cannot write to output folder {folder}: {_describe(exc)}") from exc
+
+
+def confined(folder: Path, name: object, what: str) -> Path:
+    """``folder / name`` for a relative ``name`` that stays inside ``folder`` with no
+    symbolic link on the way; anything else raises FileProblem naming ``name`` only (never
+    anything about a file outside)."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise FileProblem(f"{what}: {name!r} is not a file name")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts or name != rel.as_posix():
+        raise FileProblem(f"{what}: {name!r} leaves its folder (absolute, '..' or not normalised); refused")
+    path = folder
+    for part in rel.parts:
+        path = path / part
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return folder / rel  # missing: the caller reports it
+        except OSError as exc:
+            raise FileProblem(f"{what}: {name!r}: {_describe(exc)}") from exc
+        if stat.S_ISLNK(mode):
+            raise FileProblem(f"{what}: {name!r} is or passes through a symbolic link; refused")
+    return folder / rel
+
+
+def user_file(base: Path, name: object, what: str) -> Path:
+    """A file a user named (relative to ``base``, or absolute): it must exist and be a
+    regular file (links are followed: the user chose this file)."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise FileProblem(f"{what}: expected a file name, got {name!r}")
+    path = Path(name).expanduser()
+    if not path.is_absolute():
+        path = base / path
+    if not path.exists():
+        raise FileProblem(f"{what}: {path} does not exist")
+    if not path.is_file():
+        raise FileProblem(f"{what}: {path} is not a regular file")
+    return path
