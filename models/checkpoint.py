@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+import sys
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -201,7 +202,7 @@ def content_format(path: Path) -> str:
     """What the bytes of ``path`` are: "torch", "npz" or "keras"; an error for anything else."""
     with open(path, "rb") as f:
         head = f.read(4)
-    if head[:2] == b"\x80\x02" or head[:1] == b"\x80":
+    if head[:1] == b"\x80":
         return "torch"  # PyTorch's legacy (pre-zip) format: a pickle stream
     if head != b"PK\x03\x04":
         if not head:
@@ -255,7 +256,8 @@ def _torch_load(path: Path) -> Any:
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # zip archives are memory-mapped: only the memories' tensors are ever read into memory
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
         what = found.group(1) if found else str(exc).strip().splitlines()[-1]
@@ -282,9 +284,8 @@ def _strip_module(key: str) -> str:
 
 
 def _is_tensor(x: Any) -> bool:
-    import torch
-
-    return isinstance(x, torch.Tensor)
+    torch = sys.modules.get("torch")  # no torch imported: no torch tensor (and no import for .npz/.keras)
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def _found_in_torch_object(obj: Any, path: Path) -> _Found:
@@ -346,7 +347,9 @@ def _found_in_keras(path: Path) -> _Found:
         sources[str(i)] = {k: f"{layer.name}/{k}" for k in memories[str(i)]}
     cfg = layers[0].get_config()
     recorded = {k: cfg[k] for k in ("knn", "input_dropout", "query_dropout", "value_dropout") if k in cfg}
-    return _Found(kind="keras", memories=memories, source_names=sources, recorded=recorded, recorded_where="its config")
+    return _Found(
+        kind="keras", memories=memories, source_names=sources, recorded=recorded, recorded_where="the layer config"
+    )
 
 
 # --- XLM ---------------------------------------------------------------------------------
@@ -424,7 +427,7 @@ def _xlm_memories(obj: Mapping, modules: list[str], params: Mapping, path: Path)
         memories={},
         source_names={},
         recorded=recorded,
-        recorded_where="params (XLM's mem_* options)",
+        recorded_where="params['mem_knn']",
         params=params,
     )
     for module, memories in per_module.items():
@@ -565,7 +568,8 @@ def _config(weights: tuple[Weights, ...], names: list[str], found: _Found, knn: 
     recorded = dict(found.recorded)
     if knn is not None and "knn" in recorded and knn != recorded["knn"]:
         raise ConversionError(
-            f"{path}: knn={knn} contradicts the checkpoint, whose {found.recorded_where} record knn={recorded['knn']}"
+            f"{path}: knn={knn} contradicts the checkpoint, which records knn={recorded['knn']} "
+            f"(in {found.recorded_where})"
         )
     if knn is None:
         knn = recorded.get("knn")

@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if not out.is_dir():
         parser.error(f"--out {out}: no such folder")
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
     torch.set_num_threads(1)  # one thread: the same sums in the same order on every run
     torch.use_deterministic_algorithms(True)
 

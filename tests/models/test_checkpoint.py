@@ -229,7 +229,9 @@ def test_knn_from_the_checkpoint_or_given_never_guessed(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "a.pt"), str(tmp_path / "a.keras"), "--knn", "3"]) == 0
     assert main(["convert", str(tmp_path / "a.keras"), str(tmp_path / "b.npz")]) == 0
     assert read_checkpoint(tmp_path / "a.keras", knn=3).config == config
-    with pytest.raises(ConversionError, match=r"knn=4 contradicts the checkpoint, whose its config record knn=3"):
+    with pytest.raises(
+        ConversionError, match=r"knn=4 contradicts the checkpoint, which records knn=3 \(in the layer config\)"
+    ):
         read_checkpoint(tmp_path / "a.keras", knn=4)
 
 
@@ -345,7 +347,8 @@ def test_knn_contradicting_the_xlm_params(tmp_path, capsys):
     path, _ = write_xlm(tmp_path)
     assert main(["convert", str(path), str(tmp_path / "o.npz"), "--knn", "5"]) == 2
     err = capsys.readouterr().err
-    assert "knn=5 contradicts the checkpoint" in err and "knn=3" in err and err.count("\n") == 1
+    assert "knn=5 contradicts the checkpoint, which records knn=3 (in params['mem_knn'])" in err
+    assert err.count("\n") == 1
     assert not (tmp_path / "o.npz").exists()
 
 
