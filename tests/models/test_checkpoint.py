@@ -185,16 +185,26 @@ def test_memories_are_picked_by_name_in_the_order_given(tmp_path):
 
 
 def test_encoder_and_decoder_memories_are_qualified(tmp_path):
-    data, _ = xlm_checkpoint(xlm_params(mem_dec_positions=[(0, "after")]))
+    data, _ = xlm_checkpoint(xlm_params(mem_dec_positions="4,0+"))  # the command line's form
     data["encoder"] = data.pop("model")
-    data["decoder"] = {"memories.0_after." + k: v for k, v in xlm_memory_tensors(7).items()}
+    data["decoder"] = {
+        f"memories.{name}.{k}": v for name in ("4_in", "0_after") for k, v in xlm_memory_tensors(7).items()
+    }
     torch.save(data, tmp_path / "mt.pth")
     checkpoint = read_checkpoint(tmp_path / "mt.pth")
-    assert checkpoint.memories == ("encoder:1_in", "encoder:4_in", "encoder:4_after", "decoder:0_after")
-    assert read_checkpoint(tmp_path / "mt.pth", memories=["0_after", "4_in"]).memories == (
+    assert checkpoint.memories == (
+        "encoder:1_in",
+        "encoder:4_in",
+        "encoder:4_after",
+        "decoder:0_after",
+        "decoder:4_in",
+    )
+    assert read_checkpoint(tmp_path / "mt.pth", memories=["0_after", "encoder:4_in"]).memories == (
         "decoder:0_after",
         "encoder:4_in",
     )
+    with pytest.raises(ConversionError, match="ambiguous '4_in'; available:"):
+        read_checkpoint(tmp_path / "mt.pth", memories=["4_in"])
 
 
 def test_plain_stack_memories_are_indices(tmp_path):
