@@ -44,11 +44,15 @@ def _seconds(text: str) -> float:
 def _add_convert(sub) -> None:
     p = sub.add_parser(
         "convert",
-        help="convert a checkpoint between PyTorch, numpy and Keras formats",
-        description="Convert a PKM checkpoint. The format is read from each file's suffix: "
-        ".pt/.pth (PyTorch state_dict), .npz (numpy arrays under state_dict names), "
-        ".keras (a Keras model of ProductKeyMemory layers).",
-        epilog="example: python -m conformance convert model.pt model.keras --knn 32",
+        help="convert a checkpoint (PyTorch, XLM, numpy, Keras) to .pt, .npz or .keras",
+        description="Convert a PKM checkpoint. SRC: a PyTorch state_dict of one HashingMemory or a stack "
+        "(.pt/.pth), an XLM training checkpoint (.pth), numpy arrays under state_dict names (.npz) or a Keras "
+        "model of ProductKeyMemory layers (.keras); the format is read from the content and must match the "
+        "suffix. DST: .pt/.pth, .npz or .keras, written beside and then renamed (an existing file survives "
+        "any failure). Several memories are written as a stack. See docs/checkpoints.md.",
+        epilog="example: python -m conformance convert model.pt model.keras --knn 32\n"
+        "example: python -m conformance convert xlm-checkpoint.pth memories.npz --memories 4_in 8_after",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("src", help="checkpoint to read")
     p.add_argument("dst", help="checkpoint to write (an existing file is replaced)")
@@ -56,7 +60,16 @@ def _add_convert(sub) -> None:
         "--knn",
         type=int,
         default=None,
-        help="value rows per head; .pt and .npz files do not store it (default: the source's, else 32)",
+        help="value rows read per head: required when SRC does not record it (.pt, .npz); must agree with it "
+        "where it does (XLM params, .keras)",
+    )
+    p.add_argument(
+        "--memories",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="memories to write, in this order: XLM names (4_in, 8_after; encoder:4_in where an encoder and "
+        "a decoder both hold memories) or indices 0, 1, ... of a stack (default: all, in layer order)",
     )
     p.set_defaults(func=_run_convert)
 
@@ -64,8 +77,11 @@ def _add_convert(sub) -> None:
 def _run_convert(args: argparse.Namespace) -> int:
     from pkm_models.convert import convert_checkpoint
 
-    config = convert_checkpoint(args.src, args.dst, knn=args.knn)
-    print(f"wrote {args.dst} ({config})")
+    checkpoint = convert_checkpoint(args.src, args.dst, knn=args.knn, memories=args.memories)
+    for note in checkpoint.notes:
+        print(f"note: {note}", file=sys.stderr)
+    memories = list(checkpoint.memories)
+    print(f"wrote {args.dst}: memories {memories} of {checkpoint.format} {args.src} ({checkpoint.config})")
     return EXIT_OK
 
 

@@ -4,17 +4,21 @@ Weights travel as numpy arrays keyed by the reference's ``state_dict`` names (th
 "torch names"); a Keras layer's weights have their own names, related by
 :data:`TORCH_TO_KERAS`. A stack of layers prefixes torch names with ``layers.<i>.``.
 
-Checkpoint formats, chosen by file suffix:
+Checkpoints are written here, in the format of the destination's suffix:
 
 ``.pt`` / ``.pth``  a PyTorch ``state_dict`` saved with ``torch.save``
 ``.npz``            numpy arrays under torch names
 ``.keras``          a Keras model (a ``Sequential`` of ``ProductKeyMemory`` layers)
+
+Reading a user's file (those formats and XLM training checkpoints) is
+:mod:`pkm_models.checkpoint`'s.
 """
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -91,13 +95,16 @@ def join_layers(layers: list[Mapping[str, np.ndarray]]) -> Weights:
     return {f"layers.{i}.{k}": v for i, layer in enumerate(layers) for k, v in layer.items()}
 
 
-def infer_config(weights: Mapping[str, np.ndarray], knn: int = 32) -> tuple[PKMConfig, int]:
-    """The (config, layer count) that ``weights`` fit. ``knn`` is not stored in weights."""
+def infer_config(weights: Mapping[str, np.ndarray], *, knn: int) -> tuple[PKMConfig, int]:
+    """The (config, layer count) that ``weights`` fit. ``knn`` is not stored in weights: the
+    caller must say it."""
     layers = split_layers(weights)
     first = layers[0]
-    for name in ("query_proj.0.weight", "keys", "values.weight"):
+    for name, rank in (("query_proj.0.weight", 2), ("keys", 4), ("values.weight", 2)):
         if name not in first:
             raise ConversionError(f"cannot infer the config: no {name!r} among {sorted(first)}")
+        if np.ndim(first[name]) != rank:
+            raise ConversionError(f"{name} must have {rank} dimensions, got shape {np.shape(first[name])}")
     heads, two, n_keys, half = np.shape(first["keys"])
     size, v_dim = np.shape(first["values.weight"])
     hk, input_dim = np.shape(first["query_proj.0.weight"])
@@ -208,55 +215,40 @@ def get_keras_weights(model) -> Weights:
 
 
 # --- checkpoint files --------------------------------------------------------------------
-def _format(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix not in FORMATS:
-        raise ConversionError(f"{path}: unknown checkpoint format {suffix!r}; known: {list(FORMATS)}")
-    return suffix
-
-
-def load_checkpoint(path: str | Path) -> tuple[Weights, PKMConfig | None]:
-    """Torch-named numpy weights from a checkpoint file, and its config when the file has one."""
+def check_destination(path: str | Path) -> Path:
+    """A checkpoint path that can be written: known suffix, an existing folder, not a directory."""
     path = Path(path)
-    fmt = _format(path)
-    if not path.is_file():
-        raise ConversionError(f"{path}: no such file")
-    try:
-        if fmt in (".pt", ".pth"):
-            import torch
-
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(state, Mapping):
-                raise ConversionError(
-                    f"{path}: expected a state_dict (a mapping of tensors), got {type(state).__name__}"
-                )
-            return state_dict_to_numpy(state), None
-        if fmt == ".npz":
-            with np.load(path) as data:
-                return {k: data[k] for k in data.files}, None
-        import keras
-
-        from pkm_models import keras_pkm  # noqa: F401  (registers ProductKeyMemory)
-
-        model = keras.saving.load_model(path)
-        layers = pkm_layers(model)
-        first = layers[0]
-        config = PKMConfig(
-            input_dim=first.input_dim,
-            **{k: v for k, v in first.get_config().items() if k in PKMConfig.__dataclass_fields__},
-        )
-        return get_keras_weights(model), config
-    except PKMError:
-        raise
-    except Exception as exc:  # a corrupt or foreign file: say which and why
-        raise ConversionError(f"{path}: cannot read as {fmt} checkpoint: {exc}") from exc
+    if path.is_dir():
+        raise ConversionError(f"{path}: is a directory; give a file name ending in one of {list(FORMATS)}")
+    if path.suffix.lower() not in FORMATS:
+        raise ConversionError(f"{path}: unknown checkpoint format {path.suffix!r}; known: {list(FORMATS)}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ConversionError(f"{path}: cannot write: the folder {folder} does not exist")
+    return path
 
 
 def save_checkpoint(weights: Mapping[str, np.ndarray], path: str | Path, config: PKMConfig) -> None:
-    path = Path(path)
-    fmt = _format(path)
+    """Write torch-named weights to ``path`` (format from the suffix).
+
+    Written beside the destination, then renamed over it: an existing file survives any failure.
+    """
+    path = check_destination(path)
+    fmt = path.suffix.lower()
     layers = len(split_layers(weights))
     check_weights(weights, expected_shapes(config, layers), "weights")
+    # same folder (so the rename is atomic), same suffix (numpy and Keras insist on theirs)
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        _write(weights, tmp, fmt, config, layers)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ConversionError(f"{path}: cannot write: {exc.strerror or exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write(weights: Mapping[str, np.ndarray], tmp: Path, fmt: str, config: PKMConfig, layers: int) -> None:
     if fmt in (".pt", ".pth"):
         import torch
 
@@ -264,26 +256,34 @@ def save_checkpoint(weights: Mapping[str, np.ndarray], path: str | Path, config:
 
         model = build_torch_model(config, layers, seed=None)
         model.load_weights(weights)
-        torch.save(model.state_dict(), path)
+        torch.save(model.state_dict(), tmp)
     elif fmt == ".npz":
-        np.savez(path, **weights)
+        np.savez(tmp, **weights)
     else:
         from pkm_models.keras_pkm import build_keras_model
 
         model = build_keras_model(config, layers, seed=None)
         set_keras_weights(model, weights)
-        model.save(path)
+        model.save(tmp)
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path, knn: int | None = None) -> PKMConfig:
-    """Convert a checkpoint between formats; returns the config it was read with.
+def convert_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    knn: int | None = None,
+    memories: Sequence[str] | None = None,
+):
+    """Convert a checkpoint (any format :func:`pkm_models.checkpoint.read_checkpoint` reads)
+    to ``.pt``, ``.npz`` or ``.keras``; returns the :class:`~pkm_models.checkpoint.Checkpoint`
+    it read.
 
-    ``knn`` is not stored in ``.pt`` / ``.npz`` files: pass it when converting those to
-    ``.keras`` (default 32, the reference's).
+    ``knn`` is required when ``src`` does not record it (``.pt``, ``.npz``), and must agree
+    with it when it does (XLM's ``params``, ``.keras``). ``memories`` picks and orders the
+    memories to write (default: all); more than one are written as a stack (``layers.<i>.``).
     """
-    weights, config = load_checkpoint(src)
-    inferred, _ = infer_config(weights, knn=knn or (config.knn if config else 32))
-    if config is not None and knn is not None:
-        config = config.replace(knn=knn)
-    save_checkpoint(weights, dst, config or inferred)
-    return config or inferred
+    from pkm_models.checkpoint import read_checkpoint
+
+    check_destination(dst)
+    checkpoint = read_checkpoint(src, knn=knn, memories=memories)
+    save_checkpoint(checkpoint.stacked_weights(), dst, checkpoint.config)
+    return checkpoint

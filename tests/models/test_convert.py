@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from pkm_models import get_preset, make_weights
+from pkm_models.checkpoint import read_checkpoint
 from pkm_models.convert import (
     ConversionError,
     check_weights,
@@ -9,7 +10,6 @@ from pkm_models.convert import (
     get_keras_weights,
     infer_config,
     keras_to_torch,
-    load_checkpoint,
     save_checkpoint,
     set_keras_weights,
     split_layers,
@@ -53,10 +53,10 @@ def test_checkpoint_conversion_chain_is_lossless(tmp_path, layers, chain):
     src = first
     for i, suffix in enumerate(chain[1:], start=1):
         dst = tmp_path / f"c{i}{suffix}"
-        got_config = convert_checkpoint(src, dst, knn=3)
-        assert got_config == config
+        got = convert_checkpoint(src, dst, knn=3)
+        assert got.config == config
         src = dst
-    loaded, _ = load_checkpoint(src)
+    loaded = read_checkpoint(src, knn=3).stacked_weights()
     assert set(loaded) == set(w)
     for name in w:
         np.testing.assert_array_equal(loaded[name], w[name])
@@ -65,8 +65,7 @@ def test_checkpoint_conversion_chain_is_lossless(tmp_path, layers, chain):
 def test_keras_checkpoint_keeps_knn(tmp_path):
     config = SQUARE.replace(knn=3)
     save_checkpoint(make_weights(config, 0), tmp_path / "m.keras", config)
-    _, loaded_config = load_checkpoint(tmp_path / "m.keras")
-    assert loaded_config == config
+    assert read_checkpoint(tmp_path / "m.keras").config == config
 
 
 def test_torch_checkpoint_loads_into_the_reference(tmp_path):
@@ -109,7 +108,7 @@ def test_infer_config_and_split_errors():
     config, layers = infer_config(make_weights(SQUARE, 0, layers=2), knn=3)
     assert (config, layers) == (SQUARE.replace(knn=3), 2)
     with pytest.raises(ConversionError, match="no 'keys'"):
-        infer_config({"query_proj.0.weight": np.zeros((2, 2)), "values.weight": np.zeros((4, 2))})
+        infer_config({"query_proj.0.weight": np.zeros((2, 2)), "values.weight": np.zeros((4, 2))}, knn=1)
     with pytest.raises(ConversionError, match=r"must all be named layers.<i>.<name>; found \['keys'\]"):
         split_layers({"layers.0.keys": 1, "keys": 2})
     with pytest.raises(ConversionError, match=r"no tensors for layer\(s\) \[1\]"):
@@ -120,12 +119,12 @@ def test_infer_config_and_split_errors():
 
 def test_bad_files(tmp_path):
     with pytest.raises(ConversionError, match=r"unknown checkpoint format '\.bin'; known: \['\.pt'"):
-        load_checkpoint(tmp_path / "x.bin")
+        read_checkpoint(tmp_path / "x.bin")
     with pytest.raises(ConversionError, match="no such file"):
-        load_checkpoint(tmp_path / "x.pt")
+        read_checkpoint(tmp_path / "x.pt")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ConversionError, match=r"cannot read as \.pt checkpoint"):
-        load_checkpoint(tmp_path / "bad.pt")
+    with pytest.raises(ConversionError, match=r"bad\.pt: not a checkpoint"):
+        read_checkpoint(tmp_path / "bad.pt")
     (tmp_path / "bad.keras").write_bytes(b"PK garbage")
     with pytest.raises(PKMError, match=r"bad\.keras"):
-        load_checkpoint(tmp_path / "bad.keras")
+        read_checkpoint(tmp_path / "bad.keras")
