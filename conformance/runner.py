@@ -20,7 +20,7 @@ import numpy as np
 from conformance.cases import Case
 from conformance.compare import Comparison, TensorResult, compare_taps
 from conformance.export import ExportUnsupported
-from conformance.golden import GoldenError, GoldenStore
+from conformance.golden import GoldenError, GoldenStore, sha256
 from conformance.isolation import run_json_worker
 from conformance.paths import CaseContext, ExecutionPath, PathUnavailable
 from conformance.tolerances import TolerancePolicy, path_matches
@@ -64,9 +64,10 @@ class PathResult:
 class CaseResult:
     name: str
     paths: list[PathResult]
+    golden: dict | None = None  # {"sha256": of the golden's case.json}: merge refuses reports of other goldens
 
     def to_json(self) -> dict:
-        return {"name": self.name, "paths": [p.to_json() for p in self.paths]}
+        return {"name": self.name, "golden": self.golden, "paths": [p.to_json() for p in self.paths]}
 
 
 @dataclasses.dataclass
@@ -116,6 +117,7 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "gpu": gpu,
         "platform": platform.platform(),
+        "machine": {"hostname": platform.node(), "cpu": cpu, "gpu": gpu},  # names the machine in a merge
     }
 
 
@@ -232,9 +234,10 @@ def run_conformance(
     With ``isolate`` every available path runs in its own process (sharing the case's
     exports through a folder), so a crash is that path's ``error``; ``jobs`` of them at
     a time (their timings then share the machine)."""
-    goldens = {}
+    goldens, digests = {}, {}
     for case in cases:  # all goldens are checked first: bad data is exit 2, not a failed path
         golden = store.read(case.name)
+        digests[case.name] = {"sha256": sha256(store.case_dir(case.name) / "case.json")}
         _check_golden_matches_case(case, golden.meta, store)
         goldens[case.name] = golden
     results = []
@@ -249,7 +252,7 @@ def run_conformance(
         case_results = _run_case(
             case, goldens[case.name], paths, store, policy, require, isolate, timeout, jobs, report
         )
-        results.append(CaseResult(case.name, case_results))
+        results.append(CaseResult(case.name, case_results, golden=digests[case.name]))
     return RunResult(results, environment())
 
 
