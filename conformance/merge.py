@@ -89,6 +89,16 @@ def _check_report(path: Path, data: dict) -> None:
         for p in case["paths"]:
             if not isinstance(p, dict) or not isinstance(p.get("name"), str) or p.get("status") not in STATUSES:
                 raise MergeError(f"{path}: case {case['name']!r} has a path entry without a name or a known status")
+            tensors, seconds = p.get("tensors", []), p.get("seconds")
+            if (
+                not isinstance(p.get("reason", ""), str)
+                or not isinstance(tensors, list)
+                or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tensors)
+                or not (seconds is None or isinstance(seconds, int | float))
+            ):
+                raise MergeError(
+                    f"{path}: case {case['name']!r}, path {p['name']!r}: malformed reason, tensors or seconds"
+                )
 
 
 def machine_label(environment: dict, fallback: str) -> str:
@@ -150,7 +160,11 @@ def _merge_path(entries: list[tuple[str, dict]]) -> tuple[dict, dict | None]:
     ran = [(m, p) for m, p in entries if _ran(p)]
     if not ran:  # unavailable everywhere (a required path's failure stays)
         first = next((p for _, p in entries if p["status"] == "fail"), entries[0][1])
-        reason = "; ".join(f"{m}: {p.get('reason', '')}" for m, p in entries) if len(entries) > 1 else first["reason"]
+        reason = (
+            "; ".join(f"{m}: {p.get('reason', '')}" for m, p in entries)
+            if len(entries) > 1
+            else first.get("reason", "")
+        )
         return {**first, "reason": reason, "machine": None, "machines": machines}, None
     where = ", ".join(dict.fromkeys(m for m, _ in ran))
     verdicts = {p["status"] for _, p in ran}
@@ -219,7 +233,9 @@ def _worst(p: dict) -> dict | None:
     failing = [t for t in tensors if t.get("status") != "pass"]
     if failing:
         return failing[0]
-    scored = [t for t in tensors if t.get("max_abs") is not None and t.get("atol")]
+    number = (int, float)
+    scored = [t for t in tensors if isinstance(t.get("max_abs"), number) and isinstance(t.get("atol"), number)]
+    scored = [t for t in scored if t["atol"]]
     return max(scored, key=lambda t: t["max_abs"] / t["atol"], default=None)
 
 
@@ -239,7 +255,7 @@ def table(merged: dict) -> str:
                     status,
                     p.get("machine") or "-",
                     worst["name"] if worst else "-",
-                    "-" if max_abs is None else f"{max_abs:.2e}",
+                    f"{max_abs:.2e}" if isinstance(max_abs, int | float) else "-",
                 )
             )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

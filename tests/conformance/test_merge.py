@@ -174,6 +174,11 @@ def test_a_report_without_golden_digests_is_refused(cpu_report, tmp_path, capsys
             '"environment": {}}',
             "without a name or a known status",
         ),
+        (
+            '{"cases": [{"name": "tiny", "golden": {"sha256": "a"}, "paths": [{"name": "x", "status": "pass", '
+            '"tensors": [3]}]}], "environment": {}}',
+            "malformed reason, tensors or seconds",
+        ),
         ("MISSING", "cannot read"),
     ],
 )
