@@ -25,6 +25,15 @@ def _check(source: Path, bench: dict) -> None:
     missing = [k for k in (*SAME, "runs") if k not in bench]
     if missing:
         raise MergeError(f"{source}: not a bench.json (no {missing})")
+    number = (int, float)
+    for r in paths:
+        timed = r.get("status") != "ok" or isinstance(r.get("median_s"), number)
+        extras = all(
+            r.get(k) is None or isinstance(r[k], number)
+            for k in ("ratio_to_torch_eager", "fraction_of_memory_bandwidth")
+        )
+        if not (timed and extras):
+            raise MergeError(f"{source}: path {r['name']!r} is ok but its median_s, ratio or fraction is not a number")
 
 
 def merge_benches(sources: list[Path], benches: list[dict]) -> dict:

@@ -108,6 +108,10 @@ def test_an_error_on_one_machine_fails_the_merge(tmp_path, capsys):
         (bench("gpu-box", "H100", {}, preset="seed"), "benchmarks something else"),
         ({**CPU, "paths": "x"}, "not a bench.json"),
         ({k: v for k, v in CPU.items() if k != "runs"}, "not a bench.json (no ['runs'])"),
+        (
+            {**CPU, "paths": [{"name": "torch-eager-cpu", "status": "ok"}]},
+            "its median_s, ratio or fraction is not a number",
+        ),
     ],
 )
 def test_benches_that_do_not_merge_exit_2(tmp_path, capsys, other, message):
