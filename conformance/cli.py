@@ -340,6 +340,34 @@ def _run_bench(args: argparse.Namespace) -> int:
     return EXIT_FAIL if failed else EXIT_OK
 
 
+# --- merge --------------------------------------------------------------------------------
+def _add_merge(sub) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="combine the report.json (or bench.json) files of several machines into one",
+        description="No machine runs every path: merge what each ran. report.json files become one matrix, "
+        "one row per (case, path) naming the machine where it ran; a path unavailable on one machine and run "
+        "on another shows the run; different verdicts on two machines are a conflict that fails the merge "
+        "(exit 1); reports of different goldens are refused (exit 2). bench.json files go side by side, one "
+        "column per machine, ratios only within a machine. One command for both kinds: the files say which "
+        "they are, and a bench's own options (--preset, --runs) mean nothing to a merge.",
+        epilog="examples:\n  python -m conformance merge ci/report.json gpu/report.json --report-dir merged/\n"
+        "  python -m conformance merge cpu/bench.json gpu/bench.json --report-dir merged-bench/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("files", nargs="+", metavar="FILE", help="report.json files, or bench.json files, one per run")
+    p.add_argument(
+        "--report-dir", default=None, help="write report.json, report.md and junit.xml (or bench.json, bench.md) here"
+    )
+    p.set_defaults(func=_run_merge)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from conformance.merge import merge_files
+
+    return EXIT_OK if merge_files(args.files, args.report_dir) else EXIT_FAIL
+
+
 # --- export -------------------------------------------------------------------------------
 def _add_export(sub) -> None:
     from conformance.export import DEFAULT_OPSET, EXPORTER_NAMES
@@ -422,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_convert(sub)
     _add_listings(sub)
+    _add_merge(sub)
     return parser
 
 

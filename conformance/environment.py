@@ -39,11 +39,12 @@ def environment() -> dict:
                 continue
         versions[module] = getattr(mod, "__version__", None)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    cpu = cpu_model()
     return {
-        "hostname": platform.node(),
+        "machine": {"hostname": platform.node(), "cpu": cpu, "gpu": gpu},  # names the machine in a merge
         "versions": versions,
         "providers": ort.get_available_providers(),
-        "cpu": cpu_model(),
+        "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "gpu": gpu,
         "platform": platform.platform(),

@@ -79,6 +79,31 @@ def atomic_output(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def write_files_together(folder: Path, payloads: dict[str, bytes]) -> list[Path]:
+    """Several files of one folder that belong together (a report's json, xml and md):
+    each written to a temporary name first and renamed only once all are complete, so a
+    failure leaves no partial or mismatched set behind. Creates ``folder`` if needed."""
+    folder = Path(folder)
+    staged: list[tuple[str, Path]] = []
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in payloads.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
+            staged.append((name, Path(tmp)))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for name, tmp in staged:
+            os.replace(tmp, folder / name)
+        return [folder / name for name in payloads]
+    except OSError as exc:
+        raise FileProblem(f"cannot write to {folder}: {_describe(exc)}") from exc
+    finally:
+        for _, tmp in staged:
+            tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def staging_dir(folder: Path, prefix: str) -> Iterator[Path]:
     """A private temporary folder inside ``folder``, removed when the block ends."""

@@ -8,12 +8,10 @@ full disk or a killed run never leaves a partial report.json behind.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from conformance.files import FileProblem, atomic_output
+from conformance.files import FileProblem, atomic_output, write_files_together
 from conformance.results import ERROR, FAIL, UNAVAILABLE, PathResult, RunResult
 
 ReportError = FileProblem  # the report folder cannot be written
@@ -180,7 +178,6 @@ def write_reports(result: RunResult, folder: Path) -> list[Path]:
     only when every one is complete, so a full disk leaves no partial or mismatched
     report behind."""
     folder = Path(folder)
-    staged: list[tuple[str, Path]] = []
     try:
         folder.mkdir(parents=True, exist_ok=True)
         obtained = write_obtained(result, folder)
@@ -189,19 +186,7 @@ def write_reports(result: RunResult, folder: Path) -> list[Path]:
             "junit.xml": junit(result),
             "report.md": markdown(result, folder),
         }
-        for name, data in payloads.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
-            staged.append((name, Path(tmp)))
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        for name, tmp in staged:
-            os.replace(tmp, folder / name)
-        return [folder / name for name in payloads] + obtained
+        return write_files_together(folder, payloads) + obtained
     except (OSError, FileProblem) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise ReportError(f"cannot write the report to {folder}: {why}") from exc
-    finally:
-        for _, tmp in staged:
-            tmp.unlink(missing_ok=True)

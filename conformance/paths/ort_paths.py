@@ -1,14 +1,23 @@
 """ONNX Runtime on each export: CPU, CUDA and TensorRT execution providers.
 
 ONNX Runtime silently falls back to the CPU when a GPU provider fails to load, so a GPU
-path checks both that the provider's library loads (the loader's error names the missing
-dependency) and that the session really runs on it (``session.get_providers()``).
+path checks both that the provider's library loads and that the session really runs on it
+(``session.get_providers()``). When the library cannot load, the reason says which of three
+things is missing: the NVIDIA driver (``libcuda.so.1``: no GPU here), the CUDA user-space
+libraries (``pip install -e '.[cuda]'`` brings them), or TensorRT.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
+import io
 import os
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
 
 from conformance.paths.base import CaseContext, ExecutionPath, PathUnavailable
 from pkm_models.config import TAPS
@@ -20,7 +29,83 @@ PROVIDERS = {
 }
 
 
-def provider_problem(kind: str) -> str | None:
+DRIVER = "libcuda.so.1"
+# What each GPU provider library links besides the C/C++ runtime (``readelf -d``: NEEDED), in
+# load order (cuBLAS needs cuBLASLt first). onnxruntime-gpu 1.31 is built for CUDA 13 and cuDNN 9.
+CUDA_LIBRARIES = {
+    "cuda": ("libcublasLt.so.13", "libcublas.so.13", "libcurand.so.10", "libcudart.so.13"),
+    "tensorrt": ("libcublasLt.so.13", "libcublas.so.13", "libcudart.so.13", "libcudnn.so.9"),
+}
+TENSORRT_LIBRARIES = ("libnvinfer.so.10", "libnvonnxparser.so.10")
+# Where pip puts them, under any folder on sys.path: nvidia/cu13/lib (CUDA 13 wheels),
+# nvidia/cudnn/lib (cuDNN), tensorrt_libs (TensorRT wheels).
+WHEEL_LIBRARY_DIRS = (("nvidia", "cu13", "lib"), ("nvidia", "cudnn", "lib"), ("tensorrt_libs",))
+INSTALL_CUDA = "pip install -e '.[cuda]'"
+
+
+def load_library(name: str) -> None:
+    """dlopen ``name`` (a file name for the loader's search, or a path); OSError if it cannot load."""
+    ctypes.CDLL(name)
+
+
+@functools.cache
+def preload_gpu_libraries() -> None:
+    """Make the CUDA, cuDNN and TensorRT libraries installed from the package index loadable
+    before a GPU session is made: the loader does not search Python's folders by itself.
+
+    ``onnxruntime.preload_dlls()`` loads CUDA 13 and cuDNN 9 from ``nvidia/`` in the
+    site-packages folder that holds onnxruntime, then by the loader's default search; its
+    messages about what is missing are dropped here (the reasons of ``provider_problem``
+    say it). The same libraries are then looked for under every folder on sys.path (a user
+    site, ``pip install --target``), each loaded by full path so that the provider library
+    finds it already loaded."""
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):
+        with (
+            contextlib.redirect_stdout(io.StringIO()),
+            warnings.catch_warnings(),
+            contextlib.suppress(Exception),
+        ):
+            warnings.simplefilter("ignore")
+            ort.preload_dlls()
+    names = dict.fromkeys([*CUDA_LIBRARIES["cuda"], *CUDA_LIBRARIES["tensorrt"], *TENSORRT_LIBRARIES])
+    for name in names:
+        for root in sys.path:
+            found = [Path(root or ".", *d, name) for d in WHEEL_LIBRARY_DIRS]
+            candidate = next((f for f in found if f.is_file()), None)
+            if candidate is not None:
+                with contextlib.suppress(OSError):
+                    load_library(str(candidate))
+                    break
+
+
+def _loads(name: str, load: Callable[[str], None]) -> bool:
+    try:
+        load(name)
+    except OSError:
+        return False
+    return True
+
+
+def gpu_library_problem(kind: str, load: Callable[[str], None] = load_library) -> str | None:
+    """What is missing for the ``kind`` GPU provider, in words that say what to do, or None.
+
+    ``load`` dlopens one library by name (a stand-in in tests)."""
+    missing = [name for name in CUDA_LIBRARIES[kind] if not _loads(name, load)]
+    problems = []
+    if not _loads(DRIVER, load):
+        problems.append(f"no NVIDIA driver ({DRIVER} not found): no GPU here")
+    if missing:
+        problems.append(f"CUDA libraries missing: {', '.join(missing)} (install them: {INSTALL_CUDA})")
+    if kind == "tensorrt":
+        trt = [name for name in TENSORRT_LIBRARIES if not _loads(name, load)]
+        if trt:
+            problems.append(f"TensorRT 10 missing: {', '.join(trt)} (install TensorRT 10 for CUDA 13)")
+    return "; ".join(problems) or None
+
+
+def provider_problem(kind: str, load: Callable[[str], None] = load_library) -> str | None:
     """Why ONNX Runtime's ``kind`` provider cannot run here, or None."""
     import onnxruntime as ort
 
@@ -28,9 +113,12 @@ def provider_problem(kind: str) -> str | None:
     if provider not in ort.get_available_providers():
         return f"onnxruntime {ort.__version__} ({ort.get_device()} build) has no {provider}"
     if library is not None:
-        path = os.path.join(os.path.dirname(ort.__file__), "capi", library)
+        preload_gpu_libraries()
+        problem = gpu_library_problem(kind, load)
+        if problem:
+            return f"{provider}: {problem}"
         try:
-            ctypes.CDLL(path)
+            load(os.path.join(os.path.dirname(ort.__file__), "capi", library))
         except OSError as exc:
             return f"{provider} cannot load: {exc}"
     return None
@@ -63,6 +151,8 @@ class OrtPath(ExecutionPath):
         import onnxruntime as ort
 
         provider = PROVIDERS[self.kind][0]
+        if self.kind != "cpu":
+            preload_gpu_libraries()
         options = session_options()
         fallback = [] if provider == "CPUExecutionProvider" else ["CPUExecutionProvider"]
         session = ort.InferenceSession(str(path), options, providers=[provider, *fallback])

@@ -38,7 +38,13 @@ class TFPath(ExecutionPath):
             if not tf.config.list_physical_devices("GPU"):
                 built = tf.test.is_built_with_cuda()
                 raise PathUnavailable(
-                    f"TensorFlow {tf.__version__} sees no GPU" + ("" if built else " (this build has no CUDA support)")
+                    f"TensorFlow {tf.__version__} sees no GPU"
+                    + (
+                        " (it needs the NVIDIA driver and the CUDA libraries of tensorflow[and-cuda]: "
+                        "pip install -e '.[cuda]')"
+                        if built
+                        else " (this build has no CUDA support)"
+                    )
                 )
 
     def _function(self, context: CaseContext):

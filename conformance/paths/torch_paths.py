@@ -18,7 +18,11 @@ class TorchPath(ExecutionPath):
         import torch
 
         if self.device == "cuda" and not torch.cuda.is_available():
-            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            why = (
+                "this torch build has no CUDA: install the package index's default torch wheel, a CUDA build"
+                if torch.version.cuda is None
+                else "no CUDA device is visible"
+            )
             raise PathUnavailable(f"{why} (torch {torch.__version__})")
 
     def _model(self, context: CaseContext, example=None):

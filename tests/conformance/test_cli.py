@@ -108,7 +108,7 @@ def test_paths_and_cases_listings(capsys):
     assert main(["paths"]) == 0
     out = capsys.readouterr().out
     assert "torch-eager-cpu" in out and "available" in out
-    assert "ort-cuda[torch-fast]" in out and "unavailable: CUDAExecutionProvider cannot load" in out
+    assert "ort-cuda[torch-fast]" in out and "unavailable: CUDAExecutionProvider" in out
     assert main(["cases"]) == 0
     assert "near-tie" in capsys.readouterr().out
 
