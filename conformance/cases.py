@@ -19,6 +19,26 @@ seed) and how its golden is stored. Adding one is writing a file and running
     [weights]                   # optional
     store = true                # keep weights.npz and model.onnx in the golden (default: under 8 MB)
     duplicate_subkeys = 0       # pairs of identical sub-keys per head and half (forces ties)
+
+The user's own model and data instead of a preset and a seed::
+
+    [weights]
+    checkpoint = "model.pth"    # relative to this file, or absolute: a PyTorch state_dict,
+                                # an XLM training checkpoint, .npz or .keras
+    memories = ["4_in", "8_after"]  # which memories, in order (default: all, in layer order)
+
+    [config]
+    knn = 32                    # only what the file does not record; anything else that
+                                # contradicts the file is an error naming both values
+
+    [input]
+    file = "activations.npy"    # .npy, .npz (with key = "name") or an ONNX TensorProto .pb:
+                                # float32, any leading shape, last dimension input_dim
+
+With a checkpoint, ``preset`` and ``seed`` are not used and the config comes from the file;
+``layers`` (if given) must equal the number of memories. The golden pins the checkpoint and
+the input file by sha256: a changed or missing file is bad data (exit 2) until the golden is
+regenerated. Loading never executes code from a file (``pkm_models.checkpoint``).
 """
 
 from __future__ import annotations
@@ -32,7 +52,8 @@ from typing import Any
 
 import numpy as np
 
-from conformance.spec import ModelSpec
+from conformance.files import FileProblem, user_file
+from conformance.spec import CheckpointRef, ModelSpec
 from pkm_models.config import ConfigError, PKMConfig, get_preset
 from pkm_models.errors import PKMError
 from pkm_models.weights import make_input
@@ -45,13 +66,27 @@ _SCHEMA: dict[str, set[str] | None] = {
     "seed": None,
     "layers": None,
     "config": None,
-    "input": {"shape", "seed"},
-    "weights": {"store", "duplicate_subkeys"},
+    "input": {"shape", "seed", "file", "key"},
+    "weights": {"store", "duplicate_subkeys", "checkpoint", "memories"},
 }
+# what a checkpoint's tensors determine: a case may not say otherwise
+_FROM_WEIGHTS = ("input_dim", "output_dim", "k_dim", "heads", "n_keys", "query_batchnorm")
 
 
 class CaseError(PKMError):
     """A case file that is missing, unreadable or invalid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InputFile:
+    """Real activations a case names."""
+
+    path: Path
+    key: str | None
+    sha256: str
+
+    def load(self) -> np.ndarray:
+        return read_input_file(self.path, self.key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +98,19 @@ class Case:
     input_seed: int
     store_weights: bool
     source: Path
+    input_file: InputFile | None = None
 
     @property
     def config(self) -> PKMConfig:
         return self.spec.config
 
     def make_input(self) -> np.ndarray:
+        if self.input_file is not None:
+            x = self.input_file.load()
+            digest = _digest(self.input_file.path)
+            if digest != self.input_file.sha256:
+                raise CaseError(f"{self.input_file.path}: changed while in use")
+            return x
         return make_input(self.input_shape, self.input_seed)
 
     def memory_bytes(self) -> int:
@@ -96,25 +138,36 @@ class Case:
     @classmethod
     def from_json(cls, data: dict[str, Any], source: Path) -> Case:
         """The inverse of :meth:`to_json` (how a worker process receives its case)."""
+        source = Path(source)
+        checkpoint = None
+        if "checkpoint" in data:
+            c = data["checkpoint"]
+            checkpoint = CheckpointRef(_resolve(source, c["file"]), tuple(c["memories"]), c["sha256"], c["size"])
         spec = ModelSpec(
             name=data["name"],
             config=PKMConfig.from_dict(data["config"]),
             layers=data["layers"],
             seed=data["weight_seed"],
             duplicate_subkeys=data["duplicate_subkeys"],
+            checkpoint=checkpoint,
         )
+        given = data["input"]
+        input_file = None
+        if "file" in given:
+            input_file = InputFile(_resolve(source, given["file"]), given.get("key"), given["sha256"])
         return cls(
             name=data["name"],
             description=data["description"],
             spec=spec,
-            input_shape=tuple(data["input"]["shape"]),
-            input_seed=data["input"]["seed"],
+            input_shape=tuple(given["shape"]),
+            input_seed=given.get("seed", 0),
             store_weights=data["weights_stored"],
-            source=Path(source),
+            source=source,
+            input_file=input_file,
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "description": self.description,
             "config": self.config.to_dict(),
@@ -124,6 +177,16 @@ class Case:
             "input": {"shape": list(self.input_shape), "seed": self.input_seed},
             "weights_stored": self.store_weights,
         }
+        if self.input_file is not None:
+            out["input"] = {
+                "shape": list(self.input_shape),
+                "file": _shown(self.source, self.input_file.path),
+                **({"key": self.input_file.key} if self.input_file.key else {}),
+                "sha256": self.input_file.sha256,
+            }
+        if self.spec.checkpoint is not None:
+            out["checkpoint"] = self.spec.checkpoint.to_json(self.source.parent)
+        return out
 
 
 def available_memory() -> int | None:
@@ -135,6 +198,101 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _resolve(source: Path, name: str) -> Path:
+    path = Path(name)
+    return path if path.is_absolute() else source.parent / path
+
+
+def _shown(source: Path, path: Path) -> str:
+    return str(path.relative_to(source.parent)) if path.is_relative_to(source.parent) else str(path)
+
+
+def _digest(path: Path) -> str:
+    from pkm_models.checkpoint import file_digest
+
+    return file_digest(path)[0]
+
+
+def read_input_file(path: Path, key: str | None = None) -> np.ndarray:
+    """Activations from ``.npy``, ``.npz`` (``key`` names the array; optional when there is
+    one) or an ONNX TensorProto ``.pb``: float32, finite, at least 2-D, never unpickled."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            x = np.load(path, allow_pickle=False)
+        elif suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                if key is None and len(data.files) != 1:
+                    raise CaseError(f'{path}: holds {sorted(data.files)}; say which with [input] key = "..."')
+                name = key if key is not None else data.files[0]
+                if name not in data.files:
+                    raise CaseError(f"{path}: no array {name!r}; it holds {sorted(data.files)}")
+                x = data[name]
+        elif suffix == ".pb":
+            import onnx
+            from onnx import numpy_helper
+
+            tensor = onnx.TensorProto()
+            tensor.ParseFromString(path.read_bytes())
+            x = numpy_helper.to_array(tensor)
+        else:
+            raise CaseError(f"{path}: an input file is .npy, .npz or .pb (ONNX TensorProto), got {suffix!r}")
+    except CaseError:
+        raise
+    except Exception as exc:
+        raise CaseError(f"{path}: cannot read the input ({type(exc).__name__}: {exc})") from exc
+    if key is not None and suffix != ".npz":
+        raise CaseError(f"{path}: [input] key is only for .npz files")
+    if x.dtype != np.float32:
+        raise CaseError(f"{path}: the input must be float32, got {x.dtype} (convert it with .astype('float32'))")
+    if x.ndim < 2 or x.size == 0:
+        raise CaseError(f"{path}: the input must be (..., input_dim) with at least one token, got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise CaseError(f"{path}: the input holds {int(np.isnan(x).sum())} NaN and {int(np.isinf(x).sum())} Inf values")
+    return x
+
+
+def _checkpoint(path: Path, weights: dict, config_table: dict, layers_given) -> tuple[PKMConfig, CheckpointRef]:
+    """The config and checkpoint reference of a case that names a checkpoint."""
+    from pkm_models.checkpoint import read_checkpoint
+    from pkm_models.convert import ConversionError
+
+    try:
+        file = user_file(path.parent, weights["checkpoint"], f"{path}: [weights] checkpoint")
+    except FileProblem as exc:
+        raise CaseError(str(exc)) from None
+    memories = weights.get("memories")
+    if memories is not None and (
+        not isinstance(memories, list) or not memories or not all(isinstance(m, str) for m in memories)
+    ):
+        raise CaseError(f"{path}: [weights] memories must be a non-empty list of names, got {memories!r}")
+    knn = config_table.get("knn")
+    try:
+        read = read_checkpoint(file, knn=knn, memories=memories)
+    except ConversionError as exc:
+        raise CaseError(f"{path}: [weights] checkpoint: {exc}") from None
+    for field in _FROM_WEIGHTS:
+        if field in config_table and config_table[field] != getattr(read.config, field):
+            raise CaseError(
+                f"{path}: [config] {field} = {config_table[field]!r} contradicts the checkpoint's "
+                f"{field} = {getattr(read.config, field)!r} ({file})"
+            )
+    unknown = sorted(
+        set(config_table) - set(_FROM_WEIGHTS) - {"knn", "input_dropout", "query_dropout", "value_dropout"}
+    )
+    if unknown:
+        raise CaseError(f"{path}: unknown [config] field(s) {unknown}")
+    if layers_given is not None and layers_given != read.layers:
+        raise CaseError(
+            f"{path}: layers = {layers_given} but the checkpoint's selected memories are {list(read.memories)}"
+        )
+    try:
+        config = read.config.replace(**{k: v for k, v in config_table.items() if k.endswith("_dropout")})
+    except ConfigError as exc:
+        raise CaseError(f"{path}: {exc}") from None
+    return config, CheckpointRef(file, read.memories, read.sha256, read.size, knn)
 
 
 def default_cases_dir() -> Path:
@@ -168,40 +326,79 @@ def load_case(path: Path) -> Case:
             extra = sorted(set(data[table]) - keys)
             if extra:
                 raise CaseError(f"{path}: unknown key(s) {extra} in [{table}]; known: {sorted(keys)}")
-    try:
-        preset = get_preset(data.get("preset", ""))
-        if preset.layers != 1:
-            raise CaseError(
-                f"{path}: cases use single-layer presets and say `layers = N`; {preset.name!r} has {preset.layers}"
-            )
-        config = preset.config
-        if "config" in data:
-            config = PKMConfig.from_dict({**config.to_dict(), **data["config"]})
-    except ConfigError as exc:
-        raise CaseError(f"{path}: {exc}") from exc
-    if "input" not in data or "shape" not in data["input"]:
-        raise CaseError(f"{path}: [input] shape is required, e.g. shape = [2, 7, {config.input_dim}]")
-    shape = data["input"]["shape"]
-    if (
-        not isinstance(shape, list)
-        or len(shape) != 3
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
-    ):
-        raise CaseError(
-            f"{path}: [input] shape must be 3 positive integers (batch, sequence, input_dim), got {shape!r}"
-        )
-    if shape[-1] != config.input_dim:
-        raise CaseError(
-            f"{path}: [input] shape {shape} ends in {shape[-1]}, but the model's input_dim is {config.input_dim}"
-        )
     weights = data.get("weights", {})
+    config_table = data.get("config", {})
+    if not isinstance(config_table, dict):
+        raise CaseError(f"{path}: [config] must be a table")
+    checkpoint = None
+    layers = _int(data.get("layers", 1), f"{path}: layers", minimum=1)
+    if "checkpoint" in weights:
+        for clash in ("preset", "seed"):
+            if clash in data:
+                raise CaseError(f"{path}: {clash} does not apply to a case with [weights] checkpoint")
+        if "duplicate_subkeys" in weights:
+            raise CaseError(f"{path}: [weights] duplicate_subkeys does not apply to a checkpoint")
+        config, checkpoint = _checkpoint(path, weights, config_table, data.get("layers"))
+        layers = len(checkpoint.memories)
+    else:
+        if "memories" in weights:
+            raise CaseError(f"{path}: [weights] memories needs [weights] checkpoint")
+        try:
+            preset = get_preset(data.get("preset", ""))
+            if preset.layers != 1:
+                raise CaseError(
+                    f"{path}: cases use single-layer presets and say `layers = N`; {preset.name!r} has {preset.layers}"
+                )
+            config = preset.config
+            if config_table:
+                config = PKMConfig.from_dict({**config.to_dict(), **config_table})
+        except ConfigError as exc:
+            raise CaseError(f"{path}: {exc}") from exc
+    given = data.get("input", {})
+    input_file = None
+    if "file" in given:
+        if "shape" in given or "seed" in given:
+            raise CaseError(f"{path}: [input] takes a file or a shape and seed, not both")
+        try:
+            file = user_file(path.parent, given["file"], f"{path}: [input] file")
+        except FileProblem as exc:
+            raise CaseError(str(exc)) from None
+        key = given.get("key")
+        if key is not None and not isinstance(key, str):
+            raise CaseError(f"{path}: [input] key must be a string, got {key!r}")
+        x = read_input_file(file, key)
+        if x.shape[-1] != config.input_dim:
+            raise CaseError(
+                f"{file}: the input's last dimension is {x.shape[-1]}, the model's input_dim is {config.input_dim}"
+            )
+        shape = list(x.shape)
+        input_file = InputFile(file, key, _digest(file))
+    else:
+        if "key" in given:
+            raise CaseError(f"{path}: [input] key needs [input] file")
+        if "shape" not in given:
+            raise CaseError(f"{path}: [input] shape (or file) is required, e.g. shape = [2, 7, {config.input_dim}]")
+        shape = given["shape"]
+        if (
+            not isinstance(shape, list)
+            or len(shape) != 3
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+        ):
+            raise CaseError(
+                f"{path}: [input] shape must be 3 positive integers (batch, sequence, input_dim), got {shape!r}"
+            )
+        if shape[-1] != config.input_dim:
+            raise CaseError(
+                f"{path}: [input] shape {shape} ends in {shape[-1]}, but the model's input_dim is {config.input_dim}"
+            )
     try:
         spec = ModelSpec(
             name=name,
             config=config,
-            layers=_int(data.get("layers", 1), f"{path}: layers", minimum=1),
+            layers=layers,
             seed=_int(data.get("seed", 0), f"{path}: seed"),
             duplicate_subkeys=_int(weights.get("duplicate_subkeys", 0), f"{path}: [weights] duplicate_subkeys"),
+            checkpoint=checkpoint,
         )
     except ConfigError as exc:
         raise CaseError(f"{path}: {exc}") from exc
@@ -216,9 +413,10 @@ def load_case(path: Path) -> Case:
         description=description,
         spec=spec,
         input_shape=tuple(shape),
-        input_seed=_int(data["input"].get("seed", 0), f"{path}: [input] seed"),
+        input_seed=_int(given.get("seed", 0), f"{path}: [input] seed"),
         store_weights=store,
         source=path,
+        input_file=input_file,
     )
 
 

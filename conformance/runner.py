@@ -49,16 +49,24 @@ class RunOptions:
 
 
 def check_golden_matches_case(case: Case, golden: Golden, store: GoldenStore) -> None:
+    """The golden was made from this case as it is now: same model, same weights (a named
+    checkpoint with the same sha256), same input (a named input file with the same sha256)."""
     expected = case.to_json()
-    stale = [
-        k
-        for k in ("config", "layers", "weight_seed", "duplicate_subkeys", "input")
-        if golden.meta.get(k) != expected[k]
-    ]
+    regenerate = f"python -m conformance golden regenerate --case {case.name}"
+    for key, what in (("checkpoint", "checkpoint"), ("input", "input file")):
+        old, new = golden.meta.get(key) or {}, expected.get(key) or {}
+        if "sha256" in old and "sha256" in new and old["sha256"] != new["sha256"]:
+            raise GoldenError(
+                f"{case.source}: the {what} {new.get('file')} changed since its golden was made (sha256 now "
+                f"{new['sha256'][:12]}..., size {new.get('size', '?')}; the golden has {old['sha256'][:12]}..., "
+                f"size {old.get('size', '?')}). If the change is intended: {regenerate}"
+            )
+    keys = ("config", "layers", "weight_seed", "duplicate_subkeys", "input", "checkpoint")
+    stale = [k for k in keys if golden.meta.get(k) != expected.get(k)]
     if stale:
         raise GoldenError(
             f"{store.case_dir(case.name) / 'case.json'}: {stale} differ from {case.source}; the case changed "
-            f"since its golden was made: run python -m conformance golden regenerate --case {case.name}"
+            f"since its golden was made: run {regenerate}"
         )
 
 
@@ -202,7 +210,8 @@ def _run_case(
     report: Callable[[PathResult], None],
 ) -> list[PathResult]:
     folder = Path(tempfile.mkdtemp(prefix=f"pkm-{case.name}-")) if options.isolate else None
-    context = CaseContext(case, weights, export_dir=folder, shares_weights=golden.weights is not None)
+    shares = golden.weights is not None or case.spec.checkpoint is not None  # not derivable from a seed
+    context = CaseContext(case, weights, export_dir=folder, shares_weights=shares)
     try:
         if folder is not None:  # what every worker of this case reads
             np.save(folder / "input.npy", golden.input, allow_pickle=False)

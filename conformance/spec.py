@@ -17,12 +17,31 @@ from pkm_models.weights import Weights, make_weights
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointRef:
+    """A user's checkpoint file as a case names it: which memories, in which order, and the
+    sha256 and size it had when the case was loaded (a golden pins them)."""
+
+    path: Path
+    memories: tuple[str, ...]
+    sha256: str
+    size: int
+    knn: int | None = None  # given by the case where the file does not record it
+
+    def to_json(self, relative_to: Path | None = None) -> dict:
+        shown = self.path
+        if relative_to is not None and self.path.is_relative_to(relative_to):
+            shown = self.path.relative_to(relative_to)
+        return {"file": str(shown), "memories": list(self.memories), "sha256": self.sha256, "size": self.size}
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """``layers`` PKM layers of ``config`` with the weights of ``seed``.
 
     ``duplicate_subkeys``: in every head and half, sub-key ``2i + 1`` is made a copy of
     sub-key ``2i`` for ``i < duplicate_subkeys``, so that candidate scores tie exactly.
     ``weights_file``: a ``.npz`` of torch-named weights used instead of the generated ones.
+    ``checkpoint``: a user's checkpoint whose memories are the layers (instead of a seed).
     """
 
     name: str
@@ -31,6 +50,7 @@ class ModelSpec:
     seed: int = 0
     duplicate_subkeys: int = 0
     weights_file: Path | None = None
+    checkpoint: CheckpointRef | None = None
 
     def __post_init__(self) -> None:
         check_stackable(self.config, self.layers, self.name)
@@ -61,12 +81,27 @@ class ModelSpec:
         return weights
 
     def weights(self) -> Weights:
+        if self.checkpoint is not None:
+            return self.checkpoint_weights()
         if self.weights_file is None:
             return self.generated_weights()
         with np.load(self.weights_file) as data:
             weights = {k: data[k] for k in data.files}
         check_weights(weights, expected_shapes(self.config, self.layers), str(self.weights_file))
         return weights
+
+    def checkpoint_weights(self) -> Weights:
+        """The checkpoint's memories as this spec's layers; the file must still be the one
+        the case was loaded with."""
+        from pkm_models.checkpoint import read_checkpoint
+
+        ref = self.checkpoint
+        read = read_checkpoint(ref.path, knn=self.config.knn, memories=list(ref.memories))
+        if read.sha256 != ref.sha256:
+            raise ConfigError(
+                f"{ref.path} changed while in use (sha256 {read.sha256[:12]}..., was {ref.sha256[:12]}...)"
+            )
+        return read.stacked_weights()
 
     def torch_model(self, weights: Weights | None = None):
         """The PyTorch reference in eval mode, with ``weights`` (default: :meth:`weights`)."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 
 from conformance.paths.base import CaseContext, ExecutionPath, PathUnavailable
-from pkm_models.config import TAPS
 
 MAX_WEIGHT_BYTES = 8 << 20
 
@@ -54,4 +53,5 @@ class ReferencePath(ExecutionPath):
         from onnx.reference import ReferenceEvaluator
 
         evaluator = ReferenceEvaluator(str(context.export(self.exporter)), new_ops=[_gather_elements_op()])
-        return lambda x: dict(zip(TAPS, evaluator.run(list(TAPS), {"input": x}), strict=True))
+        names = context.case.spec.output_names(tapped=True)
+        return lambda x: dict(zip(names, evaluator.run(names, {"input": x}), strict=True))

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from conformance.paths.base import CaseContext, ExecutionPath, PathUnavailable
-from pkm_models.config import TAPS
 
 PROVIDERS = {
     "cpu": ("CPUExecutionProvider", None),
@@ -164,7 +163,8 @@ class OrtPath(ExecutionPath):
 
     def prepare(self, context: CaseContext):
         session = self.session(context.export(self.exporter))
-        return lambda x: dict(zip(TAPS, session.run(list(TAPS), {"input": x}), strict=True))
+        names = context.case.spec.output_names(tapped=True)
+        return lambda x: dict(zip(names, session.run(names, {"input": x}), strict=True))
 
     def prepare_timed(self, context: CaseContext, x):
         """I/O binding: the input is copied to the provider's device once and the outputs
@@ -176,7 +176,7 @@ class OrtPath(ExecutionPath):
         device = self.device
         binding = session.io_binding()
         binding.bind_ortvalue_input("input", ort.OrtValue.ortvalue_from_numpy(x, device, 0))
-        for name in TAPS:
+        for name in context.case.spec.output_names(tapped=True):
             binding.bind_output(name, device)
 
         def timed():

@@ -1,0 +1,250 @@
+"""The user's own model through the conformance run: cases from checkpoints (XLM's layout
+included) and input files, networks of several layers with per-layer taps, ties at the
+selection boundary, and selections that must still be a correct top-k."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conformance.cli import main
+from conformance.golden import GoldenError
+from conformance.paths import CaseContext, ExecutionPath
+from conformance.runner import run_path
+from tests.conformance.helpers import rewrite_tap
+from tests.models.test_checkpoint import DIM, KNN, write_xlm, xlm_forward
+
+RUN = ["run", "--path", "torch-eager-cpu", "--in-process"]
+
+
+def _one_error_line(err: str, *fragments: str) -> None:
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+
+
+def _xlm_case(project, tmp_path, memories=("1_in", "4_after"), extra=""):
+    checkpoint, raw = write_xlm(tmp_path)
+    x = np.random.default_rng(0).standard_normal((2, 5, DIM)).astype(np.float32)
+    np.save(tmp_path / "acts.npy", x)
+    (project.cases_dir / "xlm-user.toml").write_text(
+        f'description = "an XLM checkpoint"\n[weights]\ncheckpoint = "{checkpoint}"\n'
+        f'memories = {json.dumps(list(memories))}\n[input]\nfile = "{tmp_path / "acts.npy"}"\n{extra}'
+    )
+    return checkpoint, raw, x
+
+
+def test_a_golden_from_an_xlm_checkpoint_is_what_xlm_computes(project, tmp_path, capsys):
+    checkpoint, raw, x = _xlm_case(project, tmp_path)
+    assert main(["golden", "regenerate", "--case", "xlm-user", *project.cli_args()]) == 0
+    golden = project.store.read("xlm-user")
+    meta = golden.meta
+    assert meta["checkpoint"]["memories"] == ["1_in", "4_after"] and meta["layers"] == 2
+    assert meta["checkpoint"]["size"] == checkpoint.stat().st_size and len(meta["checkpoint"]["sha256"]) == 64
+    # XLM's forward, transcribed on the raw tensors: memory 1_in, then 4_after on its output
+    h = torch.from_numpy(x.reshape(-1, DIM))
+    for i, name in enumerate(["1_in", "4_after"]):
+        indices, out = xlm_forward(h, raw[name], KNN)
+        np.testing.assert_array_equal(golden.taps[f"{i}/indices"], indices.numpy())
+        np.testing.assert_allclose(golden.taps[f"{i}/output"].reshape(-1, DIM), out.numpy(), rtol=1e-5, atol=1e-6)
+        h = out
+    assert main([*RUN, "--path", "ort-cpu[torch-fast]", "--case", "xlm-user", *project.cli_args()]) == 0
+
+
+def test_a_changed_or_missing_checkpoint_is_bad_data(project, tmp_path, capsys):
+    checkpoint, _, _ = _xlm_case(project, tmp_path)
+    assert main(["golden", "regenerate", "--case", "xlm-user", *project.cli_args()]) == 0
+    capsys.readouterr()
+    checkpoint2, _ = write_xlm(tmp_path, name="other.pth", batchnorm=True, bias=False)
+    checkpoint.write_bytes(checkpoint2.read_bytes())  # the same file name, other weights
+    assert main([*RUN, "--case", "xlm-user", *project.cli_args()]) == 2
+    _one_error_line(capsys.readouterr().err, "checkpoint", "changed since its golden was made", "regenerate")
+    checkpoint.unlink()
+    assert main([*RUN, "--case", "xlm-user", *project.cli_args()]) == 2
+    _one_error_line(capsys.readouterr().err, "does not exist")
+
+
+@pytest.mark.parametrize(
+    ("extra_config", "match"),
+    [
+        ("[config]\nk_dim = 64\n", "k_dim = 64 contradicts the checkpoint's k_dim = "),
+        (f"[config]\nknn = {KNN + 1}\n", f"{KNN + 1}"),
+        ("layers = 2\n", "layers = 2 but the checkpoint's selected memories are"),
+    ],
+)
+def test_a_case_that_contradicts_its_checkpoint_names_both(project, tmp_path, capsys, extra_config, match):
+    checkpoint = write_xlm(tmp_path)[0]
+    np.save(tmp_path / "acts.npy", np.zeros((2, 3, DIM), np.float32))
+    top, _, table = extra_config.partition("[config]")
+    (project.cases_dir / "bad.toml").write_text(
+        f'{top}[weights]\ncheckpoint = "{checkpoint}"\n[input]\nfile = "{tmp_path / "acts.npy"}"\n'
+        + (f"[config]{table}" if table else "")
+    )
+    assert main(["golden", "regenerate", "--case", "bad", *project.cli_args()]) == 2
+    _one_error_line(capsys.readouterr().err, match)
+    assert not project.store.case_dir("bad").exists()
+
+
+def _bad_inputs(tmp_path):
+    x = np.ones((2, 3, 16), np.float32)
+    nan = x.copy()
+    nan[0, 0, 0] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    np.save(tmp_path / "f64.npy", x.astype(np.float64))
+    np.save(tmp_path / "wide.npy", np.ones((2, 3, 17), np.float32))
+    np.savez(tmp_path / "two.npz", a=x, b=x)
+    (tmp_path / "junk.pb").write_bytes(b"\x08\x01garbage")
+    return {
+        "nan.npy": "1 NaN and 0 Inf",
+        "f64.npy": "must be float32, got float64",
+        "wide.npy": "last dimension is 17, the model's input_dim is 16",
+        "two.npz": "say which with [input] key",
+        "junk.pb": "cannot read the input",
+        "absent.npy": "does not exist",
+    }
+
+
+def test_bad_input_files_exit_2_naming_the_file_and_write_nothing(project, tmp_path, capsys):
+    for name, match in _bad_inputs(tmp_path).items():
+        (project.cases_dir / "bad.toml").write_text(f'preset = "tiny"\n[input]\nfile = "{tmp_path / name}"\n')
+        assert main(["golden", "regenerate", "--case", "bad", *project.cli_args()]) == 2, name
+        _one_error_line(capsys.readouterr().err, name, match)
+        assert not project.store.case_dir("bad").exists()
+
+
+def test_an_input_file_that_changed_since_its_golden_is_bad_data(project, tmp_path, capsys):
+    np.save(tmp_path / "acts.npy", np.ones((2, 3, 16), np.float32))
+    (project.cases_dir / "real.toml").write_text(f'preset = "tiny"\n[input]\nfile = "{tmp_path / "acts.npy"}"\n')
+    assert main(["golden", "regenerate", "--case", "real", *project.cli_args()]) == 0
+    assert main([*RUN, "--case", "real", *project.cli_args()]) == 0
+    np.save(tmp_path / "acts.npy", np.full((2, 3, 16), 2, np.float32))
+    capsys.readouterr()
+    assert main([*RUN, "--case", "real", *project.cli_args()]) == 2
+    _one_error_line(capsys.readouterr().err, "input file", "changed since its golden was made")
+
+
+# --- several layers --------------------------------------------------------------------------
+STACK = 'preset = "tiny"\nlayers = 3\n[config]\noutput_dim = 16\n[input]\nshape = [2, 3, 16]\nseed = 4\n'
+
+
+class StubPath(ExecutionPath):
+    name = "torch-eager-cpu"
+
+    def __init__(self, golden, edit):
+        self.golden, self.edit = golden, edit
+
+    def prepare(self, context):
+        return lambda x: self.edit({k: v.copy() for k, v in self.golden.taps.items()})
+
+
+def _stub(project, name, edit):
+    case = project.cases(name)[0]
+    golden = project.store.read(name)
+    return run_path(StubPath(golden, edit), CaseContext(case, golden.weights), golden, project.policy(), False)
+
+
+@pytest.fixture
+def stacked(project):
+    (project.cases_dir / "stack.toml").write_text(STACK)
+    project.regenerate("stack")
+    return project
+
+
+def test_a_stack_has_per_layer_taps_and_passes(stacked, capsys):
+    golden = stacked.store.read("stack")
+    assert list(golden.taps)[:6] == ["0/query", "0/scores", "0/indices", "0/weights", "0/output", "1/query"]
+    assert len(golden.taps) == 15
+    paths = ["--path", "tf-function-cpu", "--path", "ort-cpu[torch-fast]", "--path", "onnx-reference[torch-script]"]
+    assert main([*RUN, *paths, "--case", "stack", *stacked.cli_args()]) == 0
+
+
+@pytest.mark.parametrize("tap", ["query", "weights", "output"])
+def test_an_error_planted_in_layer_1_is_reported_at_layer_1(stacked, tap):
+    def plant(taps):
+        taps[f"1/{tap}"] = taps[f"1/{tap}"] + 1e-2
+        return taps
+
+    result = _stub(stacked, "stack", plant)
+    assert result.status == "fail" and result.first_divergence == f"1/{tap}", result.reason
+    assert all(t for t in result.tensors if t.name.startswith("0/"))
+
+
+# --- ties at the boundary, and what an ambiguous row must still be -------------------------
+BOUNDARY = (
+    'preset = "small"\nseed = 11\n[config]\nknn = 5\n[input]\nshape = [2, 6, 64]\nseed = 11\n'
+    "[weights]\nduplicate_subkeys = 16\n"
+)
+
+
+def test_boundary_ties_pass_with_the_differing_rows_counted_ambiguous(project):
+    (project.cases_dir / "boundary.toml").write_text(BOUNDARY)
+    project.regenerate("boundary")
+    golden = project.store.read("boundary")
+    case = project.cases("boundary")[0]
+    n_keys = case.config.n_keys
+    values = golden.weights["values.weight"]
+
+    def twin_at_the_boundary(taps):  # the k-th slot's twin: same score, another slot
+        idx = taps["indices"]
+        hi, lo = idx[:, -1] // n_keys, idx[:, -1] % n_keys
+        idx[:, -1] = hi * n_keys + (lo ^ 1)
+        taps["indices"] = idx
+        w = taps["weights"].reshape(-1, case.config.heads * case.config.knn).astype(np.float64)
+        rows = values[idx.reshape(w.shape)]
+        taps["output"] = np.einsum("bn,bnd->bd", w, rows).astype(np.float32).reshape(taps["output"].shape)
+        return taps
+
+    result = _stub(project, "boundary", twin_at_the_boundary)
+    indices = next(t for t in result.tensors if t.name == "indices")
+    assert result.status == "pass", result.reason
+    assert indices.ambiguous_rows > 0 and "selected differently" in indices.message
+
+
+def test_an_ambiguous_row_must_still_select_a_correct_top_k(project):
+    """tiny-tie: every row is ambiguous. A path that swaps its last slot for slot 0, with a
+    self-consistent output, must fail at indices."""
+    golden = project.store.read("tiny-tie")
+    case = project.cases("tiny-tie")[0]
+    values = golden.weights["values.weight"]
+
+    def slot_zero(taps):
+        idx = taps["indices"]
+        idx[:, -1] = 0
+        w = taps["weights"].reshape(-1, case.config.heads * case.config.knn).astype(np.float64)
+        rows = values[idx.reshape(w.shape)]
+        taps["output"] = np.einsum("bn,bnd->bd", w, rows).astype(np.float32).reshape(taps["output"].shape)
+        return taps
+
+    result = _stub(project, "tiny-tie", slot_zero)
+    assert result.status == "fail" and result.first_divergence == "indices", result.reason
+    assert "not a correct top-4" in result.reason
+
+
+# --- what a failing path leaves for the user ------------------------------------------------
+def test_a_failing_path_shows_its_worst_elements_and_keeps_what_it_obtained(project, tmp_path, capsys):
+    rewrite_tap(
+        project, "tiny", 4, lambda a: (a + np.where(np.arange(a.size).reshape(a.shape) == 5, 0.5, 0)).astype(a.dtype)
+    )
+    reports = tmp_path / "reports"
+    assert main([*RUN, "--case", "tiny", *project.cli_args(), "--report-dir", str(reports)]) == 1
+    md = (reports / "report.md").read_text()
+    assert "## Worst elements of failing tensors" in md and "| index | obtained | expected | difference |" in md
+    assert "| [0, 0, 5] |" in md  # element 5 of (3, 5, 8): the planted one, first
+    report = json.loads((reports / "report.json").read_text())
+    worst = report["cases"][0]["paths"][0]["tensors"][4]["worst_elements"][0]
+    assert worst["index"] == [0, 0, 5] and abs(worst["difference"] - 0.5) < 1e-6
+    with np.load(reports / "obtained" / "tiny" / "torch-eager-cpu.npz") as obtained:
+        assert set(obtained.files) == {"query", "scores", "indices", "weights", "output"}
+        golden = project.store.read("tiny").taps["output"]
+        assert abs(float(golden[0, 0, 5] - obtained["output"][0, 0, 5]) - 0.5) < 1e-6
+
+
+def test_a_golden_folder_of_a_stack_with_the_wrong_tap_count_is_bad_data(stacked):
+    path = stacked.store.case_dir("stack") / "case.json"
+    meta = json.loads(path.read_text())
+    meta["layers"] = 2
+    path.write_text(json.dumps(meta))
+    with pytest.raises(GoldenError, match="differ from the contract"):
+        stacked.store.read("stack")
