@@ -15,6 +15,7 @@ import dataclasses
 
 import numpy as np
 
+from conformance.precision import reduced_precision_rules
 from conformance.tolerances import Tolerance, TolerancePolicy
 from pkm_models.config import TAPS, PKMConfig
 from pkm_models.selection import selection_margins
@@ -32,6 +33,7 @@ class TensorResult:
     ambiguous_rows: int = 0
     message: str = ""
     first_mismatches: list[dict] = dataclasses.field(default_factory=list)
+    figures: dict = dataclasses.field(default_factory=dict)  # reduced precision: conformance.precision
 
     def __bool__(self) -> bool:
         return self.status == "pass"
@@ -47,6 +49,7 @@ class TensorResult:
             "mismatches": self.mismatches,
             "ambiguous_rows": self.ambiguous_rows,
             "message": self.message,
+            **({"figures": self.figures} if self.figures else {}),
         }
 
 
@@ -124,6 +127,8 @@ def compare_taps(
     """Compare every tap in pipeline order; see the module docstring for the rules."""
     results: dict[str, TensorResult] = {}
     errors: dict[str, np.ndarray] = {}
+    # precision hook: a path named "...@fp16|bf16|int8" is judged by conformance.precision's rules
+    rules = reduced_precision_rules(path, got, expected, keys, values, config, policy.resolve(case, path, "query"))
 
     # shape, dtype and finiteness first: nothing else is meaningful without them
     for name in TAPS:
@@ -142,20 +147,32 @@ def compare_taps(
                 mismatches=int((~np.isfinite(g)).sum()),
                 message=f"{int(np.isnan(g).sum())} NaN and {int(np.isinf(g).sum())} Inf values",
             )
+        elif rules is not None and (why := rules.type_problem(name, g)):
+            results[name] = TensorResult(name, "fail", message=why)
 
     # which rows may legitimately select differently
     score_tol = policy.resolve(case, path, "scores")
     margins = selection_margins(expected["query"], keys, config.knn)  # (bs*heads,)
-    ambiguous = margins <= score_tol.atol
+    if rules is not None:
+        margins = rules.margins(expected["query"], margins)
+    threshold = np.broadcast_to(score_tol.atol if rules is None else rules.tie_threshold(score_tol.atol), margins.shape)
+    ambiguous = margins <= threshold
     differs = np.zeros_like(ambiguous)
     if "indices" not in results:
-        differs = np.any(np.asarray(got["indices"]) != expected["indices"], axis=1)
+        differs = (
+            np.any(np.asarray(got["indices"]) != expected["indices"], axis=1)
+            if rules is None
+            else rules.differs(got["indices"], expected["indices"])
+        )
 
     for name in TAPS:
         if name in results:
             continue
         g, e = np.asarray(got[name]), expected[name]
         tol = policy.resolve(case, path, name)
+        if rules is not None and (judged := rules.judge(name, g, e, tol, got)) is not None:
+            results[name] = judged
+            continue
         if name == "indices":
             wrong = differs & ~ambiguous
             result = TensorResult(
@@ -171,7 +188,8 @@ def compare_taps(
                 rows = np.flatnonzero(wrong)
                 result.message = (
                     f"{len(rows)} row(s) select other memory slots without a near-tie "
-                    f"(margin > scores atol {score_tol.atol:g}); first: row {rows[0]}, "
+                    f"(margin > {'scores atol' if rules is None else rules.precision + ' near-tie margin'} "
+                    f"{float(threshold[rows[0]]):g}); first: row {rows[0]}, "
                     f"expected {e[rows[0]].tolist()}, got {g[rows[0]].tolist()}"
                 )
             elif (differs & ambiguous).any():
@@ -202,4 +220,7 @@ def compare_taps(
             results[name] = result
             if not result:
                 errors[name] = err
+    if rules is not None:
+        for name, figures in rules.figures(got, expected, ambiguous).items():
+            results[name].figures = figures
     return Comparison([results[name] for name in TAPS], errors)

@@ -62,18 +62,36 @@ def check_exporter_names(names: list[str]) -> None:
 
 
 def export(
-    spec: ModelSpec, exporter: str, out_dir: Path, opset: int = DEFAULT_OPSET, tapped: bool = False
+    spec: ModelSpec,
+    exporter: str,
+    out_dir: Path,
+    opset: int = DEFAULT_OPSET,
+    tapped: bool = False,
+    precision: str = "fp32",
 ) -> ExportReport:
     """Write ``out_dir/<exporter>.onnx``, check it (onnx.checker full check with shape
-    inference) and return its report."""
+    inference) and return its report.
+
+    ``precision`` other than fp32 (or an ``exporter`` named ``<exporter>@<precision>``)
+    writes ``out_dir/<exporter>@<precision>.onnx`` (see :mod:`conformance.export.precision`)."""
+    if "@" in exporter:
+        from conformance.precision import split_name
+
+        exporter, named = split_name(exporter)
+        precision = named if precision == "fp32" else precision
     check_exporter_names([exporter])
     if opset not in SUPPORTED_OPSETS:
         raise ExportError(f"opset {opset} is not supported; choose one of {list(SUPPORTED_OPSETS)}")
     out_dir = Path(out_dir)
-    path = out_dir / f"{exporter}.onnx"
-    _exporter(exporter)(spec, path, opset, tapped)
-    check_model(path)
-    report = describe(path, exporter)
+    if precision != "fp32":  # precision hook: conformance.export.precision
+        from conformance.export.precision import export_at_precision
+
+        report = export_at_precision(spec, exporter, out_dir, opset, tapped, precision)
+    else:
+        path = out_dir / f"{exporter}.onnx"
+        _exporter(exporter)(spec, path, opset, tapped)
+        check_model(path)
+        report = describe(path, exporter)
     expected = spec.output_names(tapped)
     if report.inputs != ["input"] or report.outputs != expected:
         raise ExportError(

@@ -9,6 +9,7 @@ from conformance.export import EXPORTER_NAMES
 from conformance.paths.base import CaseContext, ExecutionPath, PathUnavailable
 from conformance.paths.onnx_reference import ReferencePath
 from conformance.paths.ort_paths import OrtPath
+from conformance.paths.precision import precision_variants
 from conformance.paths.tf_paths import TFPath
 from conformance.paths.torch_paths import TorchPath
 from conformance.tolerances import path_matches
@@ -32,6 +33,19 @@ PATHS: list[ExecutionPath] = [
     OrtPath("tensorrt", "torch-fast"),
     *(ReferencePath(e) for e in EXPORTER_NAMES),
 ]
+# reduced-precision variants (docs/precision.md): a few per family, to keep the run short
+PATHS += precision_variants(
+    PATHS,
+    {
+        "torch-eager-cpu": ("fp16", "bf16", "int8"),
+        "torch-compile-cpu": ("fp16",),
+        "torch-eager-cuda": ("fp16", "bf16", "int8"),
+        "tf-function-cpu": ("fp16", "bf16"),
+        "ort-cpu[torch-fast]": ("fp16", "bf16", "int8"),
+        "ort-cuda[torch-fast]": ("fp16", "int8"),
+        "onnx-reference[torch-fast]": ("fp16", "int8"),
+    },
+)
 PATH_NAMES = [p.name for p in PATHS]
 
 __all__ = ["PATHS", "PATH_NAMES", "CaseContext", "ExecutionPath", "PathUnavailable", "select_paths"]
