@@ -119,17 +119,25 @@ class PrecisionPath(ExecutionPath):
         return self.base.prepare_timed(self._view(context), x)
 
     def model_bytes(self, context: CaseContext) -> int | None:
-        """Bytes of the model this path runs (its export's file for ONNX paths)."""
+        """Bytes of the model this path runs (its export's files for ONNX paths)."""
         exporter = getattr(self, "exporter", None)
         if exporter is not None:
-            path = context.export(exporter)
-            data = path.with_name(path.name + ".data")
-            return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+            return export_bytes(context, exporter)
         if self.family == "torch":
             from pkm_models.torch_precision import model_bytes
 
             return model_bytes(self._view(context).torch_model)
+        if self.family == "tf":
+            model = self._view(context).keras_model_with(getattr(self.base, "method", "einsum"))
+            return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights)
         return None
+
+
+def export_bytes(context: CaseContext, exporter: str) -> int:
+    """Bytes on disk of the case's export by ``exporter`` (with its external data)."""
+    path = context.export(exporter)
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def precision_variants(paths: list[ExecutionPath], variants: dict[str, tuple[str, ...]]) -> list[ExecutionPath]:
@@ -141,3 +149,17 @@ def precision_variants(paths: list[ExecutionPath], variants: dict[str, tuple[str
     return [
         PrecisionPath(by_name[name], precision) for name, precisions in variants.items() for precision in precisions
     ]
+
+
+def precision_fields(path: ExecutionPath, context: CaseContext) -> dict:
+    """``precision`` and ``model_bytes`` of a prepared path, for the benchmark: an ONNX path
+    counts its export's files, a native one its weights as stored (float32 for fp32)."""
+    from conformance.precision import precision_of
+
+    if isinstance(path, PrecisionPath):
+        size = path.model_bytes(context)
+    elif getattr(path, "exporter", None):
+        size = export_bytes(context, path.exporter)
+    else:
+        size = context.case.spec.weight_bytes
+    return {"precision": precision_of(path.name), "model_bytes": size}
