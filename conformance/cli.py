@@ -396,6 +396,13 @@ def _add_export(sub) -> None:
     )
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--tapped", action="store_true", help="also output the conformance taps (query ... output)")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "bf16", "int8"),
+        default="fp32",
+        help="fp16/bf16: the model in that type; int8: uint8 value rows with per-row scales; writes "
+        "OUT/<exporter>@<precision>.onnx, torch-fast only (default fp32; docs/precision.md)",
+    )
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.set_defaults(func=_run_export)
 
@@ -414,7 +421,7 @@ def _run_export(args: argparse.Namespace) -> int:
         spec = load_cases(cases_dir, [args.case])[0].spec
     else:
         spec = ModelSpec.from_preset(get_preset(args.preset), seed=args.seed)
-    names = args.exporters or list(EXPORTER_NAMES)
+    names = args.exporters or (list(EXPORTER_NAMES) if args.precision == "fp32" else ["torch-fast"])
     check_exporter_names(names)
     if args.opset not in SUPPORTED_OPSETS:
         raise PKMError(f"--opset {args.opset} is not supported; choose one of {list(SUPPORTED_OPSETS)}")
@@ -424,7 +431,7 @@ def _run_export(args: argparse.Namespace) -> int:
     for i, name in enumerate(names, start=1):
         print(f"[{i}/{len(names)}] {name} ...", flush=True)
         try:
-            report = export(spec, name, out, opset=args.opset, tapped=args.tapped)
+            report = export(spec, name, out, opset=args.opset, tapped=args.tapped, precision=args.precision)
         except Exception as exc:  # one exporter failing must not stop the others
             failed.append(name)
             print(f"{name}: FAILED: {type(exc).__name__}: {exc}", flush=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from conformance.precision import reduced_precision_rules
 from conformance.results import FAIL, PASS, Comparison, TensorResult
 from conformance.tolerances import Tolerance, ToleranceError, TolerancePolicy
 from pkm_models.config import TAPS, PKMConfig, tap_names
@@ -158,9 +159,15 @@ def _compare_layer(
     tolerance,
     prefix: str,
     skip_tokens: np.ndarray | None,
+    path: str,
 ) -> tuple[list[TensorResult], dict[str, np.ndarray], np.ndarray]:
     """One layer's five taps (names ``prefix + tap``); returns the results, the errors of
-    failing float taps, and the tokens whose selection legitimately differs here."""
+    failing float taps, and the tokens whose selection legitimately differs here.
+
+    A reduced-precision path (``...@fp16``) is judged by :mod:`conformance.precision`'s
+    rules where they differ from float32's: the type of ``query``, the near-tie margin,
+    and the ``indices``, ``scores``, ``weights`` and ``output`` taps, with figures."""
+    rules = reduced_precision_rules(path, got, expected, keys, values, config, tolerance("query"))
     results: dict[str, TensorResult] = {}
     errors: dict[str, np.ndarray] = {}
     heads = config.heads
@@ -184,20 +191,30 @@ def _compare_layer(
                 mismatches=int((~np.isfinite(g)).sum()),
                 message=f"{int(np.isnan(g).sum())} NaN and {int(np.isinf(g).sum())} Inf values",
             )
+        elif rules is not None and (why := rules.type_problem(name, g)):
+            results[name] = TensorResult(full, FAIL, message=why)
 
     # which rows may legitimately select differently
     score_tol = tolerance("scores")
     margins = selection_margins(expected["query"], keys, config.knn)  # (bs*heads,)
-    ambiguous = margins <= score_tol.atol
+    threshold = score_tol.atol
+    if rules is not None:
+        margins = rules.margins(expected["query"], margins)
+        threshold = rules.tie_threshold(score_tol.atol)
+    ambiguous = margins <= threshold
     differs = np.zeros_like(ambiguous)
     if "indices" not in results:
-        differs = np.any(np.asarray(got["indices"]) != expected["indices"], axis=1)
+        differs = (
+            np.any(np.asarray(got["indices"]) != expected["indices"], axis=1)
+            if rules is None
+            else rules.differs(got["indices"], expected["indices"])
+        )
     if skip_rows is not None:
         differs &= ~skip_rows
     invalid = np.zeros_like(differs)
     invalid_why = ""
     check_rows = differs & ambiguous
-    if check_rows.any() and "scores" not in results and "indices" not in results:
+    if rules is None and check_rows.any() and "scores" not in results and "indices" not in results:
         bad, invalid_why = _invalid_selections(
             got, expected["query"], keys, config.knn, np.flatnonzero(check_rows), score_tol.atol
         )
@@ -209,6 +226,10 @@ def _compare_layer(
         full = prefix + name
         g, e = np.asarray(got[name]), expected[name]
         tol = tolerance(name)
+        if rules is not None and (judged := rules.judge(name, g, e, tol, got)) is not None:
+            judged.name = full
+            results[name] = judged
+            continue
         if name == "indices":
             wrong = differs & (~ambiguous | invalid)
             result = TensorResult(
@@ -225,7 +246,8 @@ def _compare_layer(
                 rows = np.flatnonzero(unambiguous)
                 result.message = (
                     f"{len(rows)} row(s) select other memory slots without a near-tie "
-                    f"(margin > scores atol {score_tol.atol:g}); first: row {rows[0]}, "
+                    f"(margin > near-tie threshold {float(np.broadcast_to(threshold, margins.shape)[rows[0]]):g}); "
+                    f"first: row {rows[0]}, "
                     f"expected {e[rows[0]].tolist()}, got {g[rows[0]].tolist()}"
                 )
             elif invalid.any():
@@ -272,6 +294,9 @@ def _compare_layer(
             results[name] = result
             if not result:
                 errors[full] = err
+    if rules is not None:
+        for name, figures in rules.figures(got, expected, ambiguous).items():
+            results[name].figures = figures
     flipped = differs.reshape(-1, heads).any(axis=1)
     return [results[name] for name in TAPS], errors, flipped
 
@@ -317,6 +342,7 @@ def compare_taps(
             tolerance=tolerance,
             prefix=prefix,
             skip_tokens=downstream,
+            path=path,
         )
         tensors += results
         errors.update(errs)

@@ -42,6 +42,7 @@ class TensorResult:
     message: str = ""
     # the worst elements: {"index", "obtained", "expected", "difference"}, largest difference first
     worst_elements: list[dict] = dataclasses.field(default_factory=list)
+    figures: dict = dataclasses.field(default_factory=dict)  # reduced precision: see conformance.precision
 
     def __bool__(self) -> bool:
         return self.status == PASS
@@ -58,6 +59,7 @@ class TensorResult:
             "ambiguous_rows": self.ambiguous_rows,
             "message": self.message,
             "worst_elements": self.worst_elements,
+            **({"figures": self.figures} if self.figures else {}),
         }
 
 

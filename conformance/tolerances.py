@@ -21,12 +21,20 @@
     [case.xlm.tap.query]            # per case and tap
     atol = 5e-5
 
-Later entries in this order are more specific and win: default, tap, path, path+tap,
-case, case+tap. Each entry may set any of atol, rtol and statistic. ``statistic = "max"``
-(the default) requires every element to satisfy ``|got - expected| <= atol + rtol *
-|expected|``; ``"mean"`` requires the mean absolute error to be at most atol. The
-integer ``indices`` tap always compares exactly, except in rows whose selection is
-ambiguous (a top-k margin below the ``scores`` atol, see ``conformance.compare``).
+    [precision.fp16.tap.query]      # per precision (and tap): paths named "...@fp16"
+    atol = 4e-3
+
+Later entries in this order are more specific and win: default, tap, precision,
+precision+tap, path, path+tap, case, case+tap. A precision entry applies to the paths
+with that suffix (``fp16``, ``bf16``, ``int8``; see ``conformance.precision``) and is
+also a floor for them: path and case entries, tuned for float32 rounding, may loosen a
+reduced-precision path's atol or rtol but never tighten them below its precision's.
+Each entry may set any of atol, rtol and statistic. ``statistic = "max"`` (the default)
+requires every element to satisfy ``|got - expected| <= atol + rtol * |expected|``;
+``"mean"`` requires the mean absolute error to be at most atol. The integer ``indices``
+tap always compares exactly, except in rows whose selection is ambiguous (a top-k margin
+below the ``scores`` atol, or a reduced precision's near-tie margin, see
+``conformance.compare``).
 Unknown keys, taps, cases and path globs that match no path are errors, and so is a
 tolerance that would switch a check off for a golden (``rtol >= 1``, an atol above most
 of a tap's values, a ``scores`` atol above the typical top-k margin):
@@ -47,6 +55,7 @@ from pkm_models.config import TAPS
 from pkm_models.errors import PKMError
 
 STATISTICS = ("max", "mean")
+REDUCED_PRECISIONS = ("fp16", "bf16", "int8")  # conformance.precision.REDUCED (kept import-free)
 FIELDS = ("atol", "rtol", "statistic")
 
 
@@ -75,10 +84,13 @@ class TolerancePolicy:
     path: dict[str, dict[str, Any]]  # glob -> fields, with optional "tap" sub-table
     case: dict[str, dict[str, Any]]  # name -> fields, with optional "tap" sub-table
     source: str = "<built-in>"
+    precision: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # fp16 -> fields, "tap"
 
     def resolve(self, case: str, path: str, tap: str) -> Tolerance:
         fields = dataclasses.asdict(self.default)
         fields.update(_fields(self.tap.get(tap, {})))
+        floor = self._precision_fields(path, tap)
+        fields.update(floor)
         for glob, entry in self.path.items():  # file order; later matching globs win
             if path_matches(path, glob):
                 fields.update(_fields(entry))
@@ -86,7 +98,15 @@ class TolerancePolicy:
         entry = self.case.get(case, {})
         fields.update(_fields(entry))
         fields.update(_fields(entry.get("tap", {}).get(tap, {})))
+        for key in ("atol", "rtol"):
+            if key in floor:
+                fields[key] = max(fields[key], floor[key])
         return Tolerance(**fields)
+
+    def _precision_fields(self, path: str, tap: str) -> dict[str, Any]:
+        precision = path.rpartition("@")[2] if "@" in path else None
+        entry = self.precision.get(precision, {}) if precision else {}
+        return {**_fields(entry), **_fields(entry.get("tap", {}).get(tap, {}))}
 
 
 def _fields(entry: dict[str, Any]) -> dict[str, Any]:
@@ -125,12 +145,13 @@ def parse_policy(
     data: dict[str, Any], source: str, known_paths: Iterable[str], known_cases: Iterable[str]
 ) -> TolerancePolicy:
     where = source
-    for table in ("default", "tap", "path", "case"):
+    tables = ["default", "tap", "precision", "path", "case"]
+    for table in tables:
         if table in data and not isinstance(data[table], dict):
             raise ToleranceError(f"{where}: [{table}] must be a table, got {data[table]!r}")
-    unknown = sorted(set(data) - {"default", "tap", "path", "case"})
+    unknown = sorted(set(data) - set(tables))
     if unknown:
-        raise ToleranceError(f"{where}: unknown table(s) {unknown}; known: ['default', 'tap', 'path', 'case']")
+        raise ToleranceError(f"{where}: unknown table(s) {unknown}; known: {tables}")
     if "default" not in data:
         raise ToleranceError(f"{where}: a [default] table with atol and rtol is required")
     _check_fields(data["default"], f"{where}: default", allow_tap=False)
@@ -143,6 +164,13 @@ def parse_policy(
         if not any(path_matches(p, glob) for p in known_paths):
             raise ToleranceError(f"{where}: path {glob!r} matches no execution path; known: {known_paths}")
         _check_fields(entry, f"{where}: path.{glob}", allow_tap=True)
+    precision = data.get("precision", {})
+    if not isinstance(precision, dict):
+        raise ToleranceError(f"{where}: precision: expected a table of precisions")
+    for name, entry in precision.items():
+        if name not in REDUCED_PRECISIONS:
+            raise ToleranceError(f"{where}: unknown precision {name!r}; known: {list(REDUCED_PRECISIONS)}")
+        _check_fields(entry, f"{where}: precision.{name}", allow_tap=True)
     known_cases = sorted(known_cases)
     for name, entry in data.get("case", {}).items():
         if name not in known_cases:
@@ -154,6 +182,7 @@ def parse_policy(
         path=data.get("path", {}),
         case=data.get("case", {}),
         source=source,
+        precision=precision,
     )
 
 

@@ -325,11 +325,13 @@ def build_keras_model(
     seed: int | None = 0,
     method: str = "einsum",
     input_rank: int = 3,
+    dtype: str | None = None,
 ) -> keras.Sequential:
     """A built ``Sequential`` of ``layers`` ProductKeyMemory layers taking
     ``(batch, ..., input_dim)`` inputs of rank ``input_rank`` with dynamic leading
     dimensions, loaded with the deterministic weights of ``(config, seed)`` unless
-    ``seed`` is None."""
+    ``seed`` is None. ``dtype``: the layers' Keras dtype policy (e.g. ``"float16"``:
+    variables and computation in that type); default float32."""
     from pkm_models.convert import set_keras_weights
     from pkm_models.weights import make_weights
 
@@ -338,7 +340,9 @@ def build_keras_model(
     check_stackable(config, layers, "build_keras_model")
     model = keras.Sequential(
         [keras.Input(shape=(None,) * (input_rank - 2) + (config.input_dim,))]
-        + [ProductKeyMemory.from_pkm_config(config, method=method, name=f"pkm_{i}") for i in range(layers)],
+        + [
+            ProductKeyMemory.from_pkm_config(config, method=method, name=f"pkm_{i}", dtype=dtype) for i in range(layers)
+        ],
         name="pkm" if layers == 1 else f"pkm_stack_{layers}",
     )
     if seed is not None:

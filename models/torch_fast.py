@@ -38,6 +38,18 @@ class FastHashingMemory(nn.Module):
         self.heads, self.k_dim, self.knn, self.n_keys, self.v_dim = c.heads, c.k_dim, c.knn, c.n_keys, c.v_dim
         self.input_dim = c.input_dim
 
+    def weighted_sum(self, flat_indices: torch.Tensor, flat_weights: torch.Tensor) -> torch.Tensor:
+        """(bs,n) indices and (bs,1,n) weights -> (bs,v_dim): Gather + batched MatMul, in
+        chunks of slots so that each gathered block stays in cache."""
+        n = flat_indices.shape[1]
+        chunk = self.chunk or n
+        output = None
+        for start in range(0, n, chunk):
+            rows = F.embedding(flat_indices[:, start : start + chunk], self.reference.values.weight)  # (bs,chunk,v_dim)
+            part = torch.matmul(flat_weights[:, :, start : start + chunk], rows)  # (bs,1,v_dim)
+            output = part if output is None else output + part
+        return output.squeeze(1)
+
     def forward(self, input: torch.Tensor, return_taps: bool = False):
         ref = self.reference
         heads, k_dim, knn, half = self.heads, self.k_dim, self.knn, self.k_dim // 2
@@ -61,18 +73,11 @@ class FastHashingMemory(nn.Module):
         indices = all_indices.gather(-1, best)  # (bs,heads,knn)
         weights = F.softmax(scores, dim=-1)  # (bs,heads,knn)
 
-        # weighted sum of the selected value rows: Gather + batched MatMul, in chunks of
-        # slots so that each gathered block stays in cache
+        # weighted sum of the selected value rows
         n = heads * knn
         flat_indices = indices.reshape(-1, n)  # (bs,heads*knn)
         flat_weights = weights.reshape(-1, 1, n)  # (bs,1,heads*knn)
-        chunk = self.chunk or n
-        output = None
-        for start in range(0, n, chunk):
-            rows = F.embedding(flat_indices[:, start : start + chunk], ref.values.weight)  # (bs,chunk,v_dim)
-            part = torch.matmul(flat_weights[:, :, start : start + chunk], rows)  # (bs,1,v_dim)
-            output = part if output is None else output + part
-        output = output.squeeze(1)  # (bs,v_dim)
+        output = self.weighted_sum(flat_indices, flat_weights)  # (bs,v_dim)
         if len(prefix_shape) >= 2:
             output = output.reshape(*prefix_shape, self.v_dim)  # (...,v_dim)
 

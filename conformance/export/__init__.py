@@ -69,10 +69,23 @@ def check_exporter_names(names: list[str]) -> None:
 
 
 def export(
-    spec: ModelSpec, exporter: str, out_dir: Path, opset: int = DEFAULT_OPSET, tapped: bool = False
+    spec: ModelSpec,
+    exporter: str,
+    out_dir: Path,
+    opset: int = DEFAULT_OPSET,
+    tapped: bool = False,
+    precision: str = "fp32",
 ) -> ExportReport:
     """Write ``out_dir/<exporter>.onnx``, check it (onnx.checker full check with shape
-    inference) and return its report."""
+    inference) and return its report.
+
+    ``precision`` other than fp32 (or an ``exporter`` named ``<exporter>@<precision>``)
+    writes ``out_dir/<exporter>@<precision>.onnx`` (see :mod:`conformance.export.precision`)."""
+    if "@" in exporter:
+        from conformance.precision import split_name
+
+        exporter, named = split_name(exporter)
+        precision = named if precision == "fp32" else precision
     check_exporter_names([exporter])
     if opset not in SUPPORTED_OPSETS:
         raise ExportError(f"opset {opset} is not supported; choose one of {list(SUPPORTED_OPSETS)}")
@@ -82,10 +95,16 @@ def export(
     except OSError as exc:
         raise ExportError(f"cannot create {out_dir}: {exc.strerror or exc}") from exc
     with staging_dir(out_dir, f".{exporter}-") as staging:
-        staged = staging / f"{exporter}.onnx"
-        _exporter(exporter)(spec, staged, opset, tapped)
-        check_model(staged)
-        report = describe(staged, exporter)
+        if precision != "fp32":  # conformance.export.precision
+            from conformance.export.precision import export_at_precision
+
+            report = export_at_precision(spec, exporter, staging, opset, tapped, precision)
+            staged = report.path
+        else:
+            staged = staging / f"{exporter}.onnx"
+            _exporter(exporter)(spec, staged, opset, tapped)
+            check_model(staged)
+            report = describe(staged, exporter)
         expected = spec.output_names(tapped)
         if report.inputs != ["input"] or report.outputs != expected:
             raise ExportError(

@@ -109,6 +109,7 @@ class ExportReport:
     inputs: list[str]
     outputs: list[str]
     warnings: list[str]
+    notes: list[str] = dataclasses.field(default_factory=list)  # e.g. a reduced precision's form and size
 
     def render(self) -> str:
         size = self.file_bytes / 2**20
@@ -118,6 +119,7 @@ class ExportReport:
             f"  inputs {self.inputs} -> outputs {self.outputs}",
             f"  ops: {ops}",
         ]
+        lines += [f"  {n}" for n in self.notes]
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 

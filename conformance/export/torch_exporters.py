@@ -108,3 +108,22 @@ def export_torchscript(spec: ModelSpec, path: Path, opset: int, tapped: bool) ->
         for f in target.parent.iterdir():
             f.unlink()
         target.parent.rmdir()
+
+
+# --- reduced precision (conformance.precision) ---------------------------------------------
+def _precision_module(spec: ModelSpec, tapped: bool, precision: str) -> nn.Module:
+    from pkm_models.torch_precision import DTYPES, CastModel, int8_module
+
+    reference = spec.torch_model()
+    if precision == "int8":  # standard ONNX: Gather codes and scales, Cast, Mul, Add, MatMul
+        module = int8_module(reference, fused=False)
+    else:  # every parameter and activation in the type; Cast at the float32 interface
+        module = CastModel(fast_module(reference), DTYPES[precision])
+    return (_Tapped(module, spec.output_names(True)) if tapped else _Deployment(module)).eval()
+
+
+def export_fast_precision(spec: ModelSpec, path: Path, opset: int, tapped: bool, precision: str) -> None:
+    """The loop-free forward at ``precision`` (fp16, bf16: the cast model; int8: the value
+    table as uint8 codes with a float32 scale and offset per row) through the dynamo
+    exporter, with a float32 input and float32 / int64 outputs."""
+    _export_dynamo(_precision_module(spec, tapped, precision), spec, path, opset, tapped)

@@ -13,6 +13,7 @@ from conformance.export import EXPORTER_NAMES
 from conformance.paths.base import CaseContext, ExecutionPath, PathUnavailable
 from conformance.paths.onnx_reference import ReferencePath
 from conformance.paths.ort_paths import OrtPath
+from conformance.paths.precision import precision_variants
 from conformance.paths.seed_baseline import SeedBaselinePath
 from conformance.paths.tf_paths import TFPath
 from conformance.paths.torch_paths import TorchPath
@@ -48,6 +49,19 @@ REGISTRY: list[ExecutionPath] = [
     benchmark_only(TFPath("xla", "cpu", method="accumulate")),
     *(benchmark_only(SeedBaselinePath(mode)) for mode in ("eager", "function", "xla")),
 ]
+# reduced-precision variants (docs/precision.md): a few per family, to keep the run short
+REGISTRY += precision_variants(
+    REGISTRY,
+    {
+        "torch-eager-cpu": ("fp16", "bf16", "int8"),
+        "torch-compile-cpu": ("fp16",),
+        "torch-eager-cuda": ("fp16", "bf16", "int8"),
+        "tf-function-cpu": ("fp16", "bf16"),
+        "ort-cpu[torch-fast]": ("fp16", "bf16", "int8"),
+        "ort-cuda[torch-fast]": ("fp16", "int8"),
+        "onnx-reference[torch-fast]": ("fp16", "int8"),
+    },
+)
 PATHS: list[ExecutionPath] = [p for p in REGISTRY if not p.benchmark_only]  # the conformance run's
 PATH_NAMES = [p.name for p in PATHS]
 REGISTRY_NAMES = [p.name for p in REGISTRY]

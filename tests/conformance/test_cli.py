@@ -40,7 +40,8 @@ def test_run_writes_reports_and_exits_0(project, tmp_path, capsys):
     import xml.etree.ElementTree as ET
 
     reports = tmp_path / "reports"
-    args = ["run", "--case", "tiny", "--path", "torch-eager-cpu", "--path", "ort-cpu[torch-fast]", "--path", "*cuda*"]
+    args = ["run", "--case", "tiny", "--path", "torch-eager-cpu", "--path", "ort-cpu[torch-fast]"]
+    args += ["--path", "*cuda", "--path", "ort-cuda[*]"]  # the float32 CUDA paths
     assert main([*args, *project.cli_args(), "--report-dir", str(reports), "--verbose"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^tiny\s+torch-eager-cpu\s+pass", out, re.M) and "OK:" in out and "  output" in out
@@ -54,7 +55,7 @@ def test_run_writes_reports_and_exits_0(project, tmp_path, capsys):
     )
     suite = ET.parse(reports / "junit.xml").getroot()[0]
     paths = report["cases"][0]["paths"]
-    assert suite.get("tests") == str(len(paths)) == "9"  # 2 named + 7 matching *cuda*
+    assert suite.get("tests") == str(len(paths)) == "9"  # 2 named + 7 float32 CUDA paths
     assert int(suite.get("skipped")) == sum(p["status"] == "unavailable" for p in paths) == 7
     assert (reports / "report.md").read_text().startswith("# Conformance report: OK")
 

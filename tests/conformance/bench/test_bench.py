@@ -23,7 +23,8 @@ TINY = get_bench_preset("tiny")
 @pytest.fixture(scope="module")
 def bench():
     paths = select_paths(
-        ["torch-eager-cpu", "ort-cpu[torch-fast]", "tf-seed-baseline-function-cpu", "*cuda*"], bench=True
+        ["torch-eager-cpu", "ort-cpu[torch-fast]", "tf-seed-baseline-function-cpu", "*cuda", "ort-cuda[*]"],
+        bench=True,
     )
     return run_bench(TINY, paths, runs=3, warmup=1)
 
@@ -37,6 +38,7 @@ def test_schema(bench):
     keys = {"name", "status", "reason", "median_s", "p10_s", "p90_s", "runs", "tokens_per_s", "peak_host_mb"}
     assert keys | {"peak_device_mb", "ratio_to_torch_eager"} <= set(eager)
     assert eager["status"] == "ok" and eager["ratio_to_torch_eager"] == 1.0
+    assert eager["precision"] == "fp32" and eager["model_bytes"] == TINY.case().spec.weight_bytes
     assert eager["p10_s"] <= eager["median_s"] <= eager["p90_s"]
     assert eager["tokens_per_s"] == pytest.approx(15 / eager["median_s"])
     assert 0 < eager["fraction_of_memory_bandwidth"] < 1

@@ -1,0 +1,250 @@
+"""Reduced-precision paths judged against the float32 goldens: names, formats, bounds, and
+planted defects that must fail at the right tap while legitimate flips pass."""
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conformance.compare import compare_taps
+from conformance.golden import GoldenStore
+from conformance.paths import PATH_NAMES
+from conformance.precision import (
+    PrecisionError,
+    check_model_bytes,
+    half_steps,
+    int8_output_bound,
+    join_name,
+    quantize_rows,
+    representable,
+    selection_agreement,
+    slot_scores,
+    split_name,
+)
+from conformance.tolerances import ToleranceError, load_policy, parse_policy
+from pkm_models.config import TAPS, PKMConfig
+from pkm_models.torch_pkm import build_torch_model
+from pkm_models.torch_precision import DTYPES, CastModel, int8_module, model_bytes, pack_rows
+
+REPO = Path(__file__).resolve().parents[2]
+CASES = [p.stem for p in (REPO / "conformance" / "cases").glob("*.toml")]
+
+
+# --- names ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "base", "precision"),
+    [
+        ("torch-eager-cpu", "torch-eager-cpu", "fp32"),
+        ("torch-eager-cpu@bf16", "torch-eager-cpu", "bf16"),
+        ("ort-cpu[torch-fast]@int8", "ort-cpu[torch-fast]", "int8"),
+        ("ort-cuda[torch-fast]@fp16", "ort-cuda[torch-fast]", "fp16"),
+    ],
+)
+def test_split_and_join_are_inverse(name, base, precision):
+    assert split_name(name) == (base, precision)
+    assert join_name(base, precision) == name
+
+
+@pytest.mark.parametrize("name", ["torch-eager-cpu@fp8", "torch-eager-cpu@fp32", "@int8"])
+def test_bad_suffixes_are_errors(name):
+    with pytest.raises(PrecisionError):
+        split_name(name)
+
+
+def test_registry_names_the_issue_variants():
+    wanted = ("torch-eager-cpu@bf16", "ort-cpu[torch-fast]@int8", "ort-cuda[torch-fast]@fp16", "tf-function-cpu@bf16")
+    assert set(wanted) <= set(PATH_NAMES)
+
+
+# --- number formats --------------------------------------------------------------------------
+def test_representable_tells_the_types_apart():
+    x = np.array([1.0, 1.0 + 2.0**-10, 1.0 + 2.0**-20], np.float32)
+    assert representable(x, "fp16").tolist() == [True, True, False]
+    assert representable(x, "bf16").tolist() == [True, False, False]
+
+
+def test_int8_rows_match_pytorch_and_stay_within_half_a_step():
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((50, 24)).astype(np.float32) * rng.uniform(0.01, 3, (50, 1)).astype(np.float32)
+    codes, scale, offset = quantize_rows(values)
+    t_codes, t_scale, t_offset = pack_rows(torch.from_numpy(values))
+    np.testing.assert_array_equal(codes, t_codes.numpy())
+    np.testing.assert_array_equal(scale, t_scale.numpy())
+    np.testing.assert_array_equal(offset, t_offset.numpy())
+    error = np.abs(codes.astype(np.float64) * scale[:, None] + offset[:, None] - values)
+    step = (values.max(1).astype(np.float64) - values.min(1)) / 255
+    assert np.all(error <= step[:, None] / 2 * (1 + 1e-4) + 1e-7)  # half a step, independently computed
+    assert np.all(error <= half_steps(values)[:, None])
+
+
+# --- a small real case: the shipped golden ---------------------------------------------------
+@pytest.fixture(scope="module")
+def small():
+    golden = GoldenStore(REPO / "golden").read("small")
+    config = PKMConfig.from_dict(golden.meta["config"])
+    model = build_torch_model(config, 1, seed=None)
+    model.load_weights(golden.weights)
+    policy = load_policy(REPO / "golden" / "tolerances.toml", PATH_NAMES, CASES)
+    return golden, config, model.eval(), policy
+
+
+def _taps(module, x) -> dict[str, np.ndarray]:
+    with torch.inference_mode():
+        taps = module(torch.tensor(x), return_taps=True)
+    return {k: v.float().numpy() if v.dtype != torch.int64 else v.numpy() for k, v in taps.items()}
+
+
+def _compare(small, got, path):
+    golden, config, _, policy = small
+    return compare_taps(
+        got,
+        golden.taps,
+        config=config,
+        weights=golden.weights,
+        policy=policy,
+        case="small",
+        path=path,
+    )
+
+
+def test_fp16_passes_with_legitimate_flips_and_reports_figures(small):
+    golden, _, model, _ = small
+    got = _taps(CastModel(copy.deepcopy(model), DTYPES["fp16"]), golden.input)
+    flipped = ~selection_agreement(got["indices"], golden.taps["indices"])
+    assert flipped.any(), "this case is meant to flip some fp16 selections"
+    result = _compare(small, got, "torch-eager-cpu@fp16")
+    assert result.ok, [t.message for t in result.tensors if not t]
+    indices = next(t for t in result.tensors if t.name == "indices")
+    assert indices.figures["selection_agreement"] == pytest.approx(1 - flipped.mean())
+    assert indices.figures["ambiguous_rows"] >= flipped.sum()
+    output = next(t for t in result.tensors if t.name == "output")
+    assert output.figures["output_rel_rms"] > 0
+
+
+def test_fp16_flip_that_no_rounding_explains_fails_at_indices(small):
+    golden, config, model, _ = small
+    got = _taps(CastModel(copy.deepcopy(model), DTYPES["fp16"]), golden.input)
+    assert _compare(small, got, "torch-eager-cpu@fp16").ok
+    # in a row that agrees with the golden, swap in the slot with the lowest exact score
+    row = int(np.flatnonzero(selection_agreement(got["indices"], golden.taps["indices"]))[0])
+    every_slot = np.arange(config.size)[None, :]
+    query = golden.taps["query"][row : row + 1]
+    head = row % config.heads
+    keys = golden.weights["keys"][head : head + 1]
+    worst = int(np.argmin(slot_scores(query, keys, every_slot)))
+    got["indices"][row, -1] = worst
+    result = _compare(small, got, "torch-eager-cpu@fp16")
+    assert result.first_divergence == "indices"
+    assert "no fp16 rounding explains" in next(t for t in result.tensors if t.name == "indices").message
+
+
+def test_float32_path_labelled_fp16_fails_at_query(small):
+    golden, _, model, _ = small
+    got = _taps(model, golden.input)
+    result = _compare(small, got, "torch-eager-cpu@fp16")
+    assert result.first_divergence == "query"
+    assert "did not compute in fp16" in next(t for t in result.tensors if t.name == "query").message
+    assert _compare(small, got, "torch-eager-cpu").ok  # the same taps under their real name
+
+
+def test_fp16_wrong_value_row_fails_at_output(small):
+    golden, config, model, _ = small
+    got = _taps(CastModel(copy.deepcopy(model), DTYPES["fp16"]), golden.input)
+    got["output"] = got["output"].copy()
+    got["output"].reshape(-1, config.v_dim)[3] += 0.05 * np.abs(got["output"]).max()
+    assert _compare(small, got, "torch-eager-cpu@fp16").first_divergence == "output"
+
+
+def test_int8_passes_within_its_derived_bound(small):
+    golden, config, model, _ = small
+    got = _taps(int8_module(copy.deepcopy(model)), golden.input)
+    result = _compare(small, got, "torch-eager-cpu@int8")
+    assert result.ok, [t.message for t in result.tensors if not t]
+    # the bound is not vacuous: the output does move, by less than the bound and more than float32 rounding
+    own = np.einsum(
+        "bn,bnd->bd",
+        got["weights"].reshape(-1, config.heads * config.knn).astype(np.float64),
+        golden.weights["values.weight"][got["indices"].reshape(-1, config.heads * config.knn)].astype(np.float64),
+    )
+    error = np.abs(got["output"].reshape(own.shape) - own).max(axis=1)
+    bound = int8_output_bound(got["indices"], got["weights"], golden.weights["values.weight"], config)
+    assert np.all(error <= bound) and error.max() > 0.1 * bound.max()
+
+
+def test_int8_wrong_scale_fails_at_output(small):
+    golden, _, model, _ = small
+    module = int8_module(copy.deepcopy(model))
+    packed = module.packed.clone()
+    scale = packed[:, -8:-4].contiguous().view(torch.float32) * 1.02  # 2% too large, every row
+    packed[:, -8:-4] = scale.view(torch.uint8)
+    module.packed = packed
+    result = _compare(small, _taps(module, golden.input), "torch-eager-cpu@int8")
+    assert result.first_divergence == "output"
+
+
+def test_int8_dropped_row_fails_at_output(small):
+    golden, _, model, _ = small
+    module = int8_module(copy.deepcopy(model))
+    plain = module.weighted_sum
+
+    def drop_last(flat_indices, flat_weights):
+        w = flat_weights.clone()
+        w[..., -1] = 0  # the last slot of every token is not read
+        return plain(flat_indices, w)
+
+    module.weighted_sum = drop_last
+    result = _compare(small, _taps(module, golden.input), "torch-eager-cpu@int8")
+    assert result.first_divergence == "output"
+
+
+def test_int8_model_bytes_and_a_mislabelled_float32_model():
+    config = PKMConfig(input_dim=16, output_dim=64, k_dim=8, heads=2, knn=4, n_keys=32)  # values dominate
+    model = build_torch_model(config, 1, seed=0).eval()
+    fp32 = model_bytes(model)
+    assert check_model_bytes("int8", model_bytes(int8_module(copy.deepcopy(model))), fp32) is None
+    assert "declared int8" in check_model_bytes("int8", fp32, fp32)
+    assert check_model_bytes("fp16", model_bytes(copy.deepcopy(model).half()), fp32) is None
+
+
+# --- tolerances: the precision level -----------------------------------------------------------
+def _policy(data):
+    return parse_policy(data, "t.toml", ["torch-eager-cpu", "torch-eager-cpu@fp16"], ["xlm"])
+
+
+def test_precision_level_applies_to_its_suffix_and_is_a_floor():
+    policy = _policy(
+        {
+            "default": {"atol": 1e-5, "rtol": 1e-4},
+            "precision": {"fp16": {"tap": {"query": {"atol": 4e-3}}}},
+            "case": {"xlm": {"atol": 3e-5}},
+        }
+    )
+    assert policy.resolve("xlm", "torch-eager-cpu", "query").atol == 3e-5
+    assert policy.resolve("xlm", "torch-eager-cpu@fp16", "query").atol == 4e-3  # the case does not tighten it
+    assert policy.resolve("other", "torch-eager-cpu@fp16", "scores").atol == 1e-5
+    assert policy.resolve("other", "torch-eager-cpu@bf16", "query").atol == 1e-5  # another precision
+
+
+def test_unknown_precision_in_tolerances_is_an_error():
+    with pytest.raises(ToleranceError, match="unknown precision 'fp8'"):
+        _policy({"default": {"atol": 1e-5, "rtol": 1e-4}, "precision": {"fp8": {"atol": 1.0}}})
+
+
+# --- an int8 ONNX export --------------------------------------------------------------------------
+def test_int8_export_is_standard_onnx_and_conforms(small, tmp_path):
+    import onnxruntime as ort
+
+    from conformance.export import export
+    from conformance.spec import ModelSpec
+
+    golden, config, _, _ = small
+    spec = ModelSpec(name="small", config=config, seed=golden.meta["weight_seed"])
+    report = export(spec, "torch-fast", tmp_path, tapped=True, precision="int8")
+    assert report.path.name == "torch-fast@int8.onnx"
+    assert "Gather" in report.op_histogram and not any(":" in op for op in report.op_histogram)
+    assert any("standard ONNX" in note for note in report.notes)
+    session = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+    got = dict(zip(TAPS, session.run(list(TAPS), {"input": golden.input}), strict=True))
+    assert _compare(small, got, "ort-cpu[torch-fast]@int8").ok
