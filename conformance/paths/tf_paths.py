@@ -25,10 +25,10 @@ def grow_gpu_memory() -> None:
 class TFPath(ExecutionPath):
     family = "tf"
 
-    def __init__(self, mode: str, device: str, method: str = "einsum"):
+    def __init__(self, mode: str, device: str, method: str = "auto"):
         self.mode, self.device, self.method = mode, device, method
-        # the default method keeps DESIGN.md's plain name; others are bench variants
-        self.name = f"tf-{mode}-{device}" + ("" if method == "einsum" else f"[{method}]")
+        # the layer's default method keeps DESIGN.md's plain name; others say theirs
+        self.name = f"tf-{mode}-{device}" + ("" if method == "auto" else f"[{method}]")
 
     def check(self, case) -> None:
         if self.device == "gpu":
