@@ -5,7 +5,8 @@ both stock exporters, and the reference's per-head Python loop becomes one ``Top
 per head. :class:`FastHashingMemory` computes the same function with plain tensor ops:
 one batched matmul for every head's sub-key scores, one ``TopK`` per selection stage
 for all heads, and the weighted sum as ``Gather`` followed by a batched ``MatMul``, in
-chunks of slots. It
+chunks of slots (or, natively, ``weighted_sum="bag"``: one ``F.embedding_bag`` over
+every head's rows, the reference's fused gather-and-sum without its loop over heads). It
 shares its parameters with the reference module it wraps (no copy), runs in inference
 mode only, and its numerical identity with the reference is tested
 (``tests/models/test_torch_fast.py``).
@@ -19,6 +20,8 @@ from torch.nn import functional as F
 
 from pkm_models.torch_pkm import HashingMemory, PKMStack
 
+WEIGHTED_SUMS = ("gather", "bag")
+
 
 class FastHashingMemory(nn.Module):
     """Inference-mode ``HashingMemory`` forward without loops. Same taps, same outputs.
@@ -27,12 +30,20 @@ class FastHashingMemory(nn.Module):
     export), so the gathered block is ``chunk / (heads * knn)`` of the full one: 12 MB
     instead of 201 MB at 512 tokens, and faster in ONNX Runtime (docs/export.md).
     ``None`` gathers every slot at once.
+
+    ``weighted_sum``: ``"gather"`` (the above; what the export needs) or ``"bag"``
+    (``F.embedding_bag`` with per-sample weights over all ``heads * knn`` rows of a token:
+    one pass over the rows, never written; the fastest PyTorch form on CPU, but stock ONNX
+    exporters turn it into a ``Loop``).
     """
 
-    def __init__(self, reference: HashingMemory, chunk: int | None = 8):
+    def __init__(self, reference: HashingMemory, chunk: int | None = 8, weighted_sum: str = "gather"):
         super().__init__()
+        if weighted_sum not in WEIGHTED_SUMS:
+            raise ValueError(f"unknown weighted_sum {weighted_sum!r}; available: {list(WEIGHTED_SUMS)}")
         self.reference = reference
         self.chunk = chunk
+        self.weighted_sum = weighted_sum
         c = reference.config
         self.heads, self.k_dim, self.knn, self.n_keys, self.v_dim = c.heads, c.k_dim, c.knn, c.n_keys, c.v_dim
         self.input_dim = c.input_dim
@@ -64,14 +75,19 @@ class FastHashingMemory(nn.Module):
         # slots so that each gathered block stays in cache
         n = heads * knn
         flat_indices = indices.reshape(-1, n)  # (bs,heads*knn)
-        flat_weights = weights.reshape(-1, 1, n)  # (bs,1,heads*knn)
-        chunk = self.chunk or n
-        output = None
-        for start in range(0, n, chunk):
-            rows = F.embedding(flat_indices[:, start : start + chunk], ref.values.weight)  # (bs,chunk,v_dim)
-            part = torch.matmul(flat_weights[:, :, start : start + chunk], rows)  # (bs,1,v_dim)
-            output = part if output is None else output + part
-        output = output.squeeze(1)  # (bs,v_dim)
+        if self.weighted_sum == "bag":
+            output = F.embedding_bag(
+                flat_indices, ref.values.weight, per_sample_weights=weights.reshape(-1, n), mode="sum"
+            )  # (bs,v_dim)
+        else:
+            flat_weights = weights.reshape(-1, 1, n)  # (bs,1,heads*knn)
+            chunk = self.chunk or n
+            output = None
+            for start in range(0, n, chunk):
+                rows = F.embedding(flat_indices[:, start : start + chunk], ref.values.weight)  # (bs,chunk,v_dim)
+                part = torch.matmul(flat_weights[:, :, start : start + chunk], rows)  # (bs,1,v_dim)
+                output = part if output is None else output + part
+            output = output.squeeze(1)  # (bs,v_dim)
         if len(prefix_shape) >= 2:
             output = output.reshape(*prefix_shape, self.v_dim)  # (...,v_dim)
 
@@ -87,9 +103,9 @@ class FastHashingMemory(nn.Module):
 
 
 class FastPKMStack(nn.Module):
-    def __init__(self, reference: PKMStack, chunk: int | None = 8):
+    def __init__(self, reference: PKMStack, chunk: int | None = 8, weighted_sum: str = "gather"):
         super().__init__()
-        self.layers = nn.ModuleList(FastHashingMemory(layer, chunk) for layer in reference.layers)
+        self.layers = nn.ModuleList(FastHashingMemory(layer, chunk, weighted_sum) for layer in reference.layers)
 
     def forward(self, input: torch.Tensor, return_taps: bool = False):
         for layer in self.layers[:-1]:
@@ -97,10 +113,10 @@ class FastPKMStack(nn.Module):
         return self.layers[-1](input, return_taps=return_taps)
 
 
-def fast_module(reference: nn.Module) -> nn.Module:
+def fast_module(reference: nn.Module, weighted_sum: str = "gather") -> nn.Module:
     """The loop-free twin of a ``HashingMemory`` or ``PKMStack`` (sharing its parameters)."""
     if isinstance(reference, HashingMemory):
-        return FastHashingMemory(reference).eval()
+        return FastHashingMemory(reference, weighted_sum=weighted_sum).eval()
     if isinstance(reference, PKMStack):
-        return FastPKMStack(reference).eval()
+        return FastPKMStack(reference, weighted_sum=weighted_sum).eval()
     raise TypeError(f"expected HashingMemory or PKMStack, got {type(reference).__name__}")
