@@ -54,8 +54,8 @@ def test_run_writes_reports_and_exits_0(project, tmp_path, capsys):
     )
     suite = ET.parse(reports / "junit.xml").getroot()[0]
     paths = report["cases"][0]["paths"]
-    assert suite.get("tests") == str(len(paths)) == "9"  # 2 named + 7 matching *cuda*
-    assert int(suite.get("skipped")) == sum(p["status"] == "unavailable" for p in paths) == 7
+    assert suite.get("tests") == str(len(paths)) == "13"  # 2 named + 11 matching *cuda*
+    assert int(suite.get("skipped")) == sum(p["status"] == "unavailable" for p in paths) == 11
     assert (reports / "report.md").read_text().startswith("# Conformance report: OK")
 
 
