@@ -5,7 +5,8 @@ both stock exporters, and the reference's per-head Python loop becomes one ``Top
 per head. :class:`FastHashingMemory` computes the same function with plain tensor ops:
 one batched matmul for every head's sub-key scores, one ``TopK`` per selection stage
 for all heads, and the weighted sum as ``Gather`` followed by a batched ``MatMul``, in
-chunks of slots. It
+chunks of slots (or, natively, ``weighted_sum="bag"``: one ``F.embedding_bag`` over
+every head's rows, the reference's fused gather-and-sum without its loop over heads). It
 shares its parameters with the reference module it wraps (no copy), runs in inference
 mode only, and its numerical identity with the reference is tested
 (``tests/models/test_torch_fast.py``).
@@ -20,6 +21,8 @@ from torch.nn import functional as F
 from pkm_models.stack import call_module, stack_forward
 from pkm_models.torch_pkm import HashingMemory, PKMStack
 
+WEIGHTED_SUMS = ("gather", "bag")
+
 
 class FastHashingMemory(nn.Module):
     """Inference-mode ``HashingMemory`` forward without loops. Same taps, same outputs.
@@ -28,20 +31,33 @@ class FastHashingMemory(nn.Module):
     export), so the gathered block is ``chunk / (heads * knn)`` of the full one: 12 MB
     instead of 201 MB at 512 tokens, and faster in ONNX Runtime (docs/export.md).
     ``None`` gathers every slot at once.
+
+    ``weighted_sum``: ``"gather"`` (the above; what the export needs) or ``"bag"``
+    (``F.embedding_bag`` with per-sample weights over all ``heads * knn`` rows of a token:
+    one pass over the rows, never written; the fastest PyTorch form on CPU, but stock ONNX
+    exporters turn it into a ``Loop``).
     """
 
-    def __init__(self, reference: HashingMemory, chunk: int | None = 8):
+    def __init__(self, reference: HashingMemory, chunk: int | None = 8, weighted_sum: str = "gather"):
         super().__init__()
+        if weighted_sum not in WEIGHTED_SUMS:
+            raise ValueError(f"unknown weighted_sum {weighted_sum!r}; available: {list(WEIGHTED_SUMS)}")
         self.reference = reference
         self.chunk = chunk
+        self.sum_form = weighted_sum  # the method below computes it in this form
         c = reference.config
         self.heads, self.k_dim, self.knn, self.n_keys, self.v_dim = c.heads, c.k_dim, c.knn, c.n_keys, c.v_dim
         self.input_dim = c.input_dim
 
     def weighted_sum(self, flat_indices: torch.Tensor, flat_weights: torch.Tensor) -> torch.Tensor:
         """(bs,n) indices and (bs,1,n) weights -> (bs,v_dim): Gather + batched MatMul, in
-        chunks of slots so that each gathered block stays in cache."""
+        chunks of slots so that each gathered block stays in cache; or, in the ``"bag"``
+        form, one ``F.embedding_bag`` with per-sample weights."""
         n = flat_indices.shape[1]
+        if self.sum_form == "bag":
+            return F.embedding_bag(
+                flat_indices, self.reference.values.weight, per_sample_weights=flat_weights.reshape(-1, n), mode="sum"
+            )  # (bs,v_dim)
         chunk = self.chunk or n
         output = None
         for start in range(0, n, chunk):
@@ -93,18 +109,18 @@ class FastHashingMemory(nn.Module):
 
 
 class FastPKMStack(nn.Module):
-    def __init__(self, reference: PKMStack, chunk: int | None = 8):
+    def __init__(self, reference: PKMStack, chunk: int | None = 8, weighted_sum: str = "gather"):
         super().__init__()
-        self.layers = nn.ModuleList(FastHashingMemory(layer, chunk) for layer in reference.layers)
+        self.layers = nn.ModuleList(FastHashingMemory(layer, chunk, weighted_sum) for layer in reference.layers)
 
     def forward(self, input: torch.Tensor, return_taps: bool = False):
         return stack_forward(self.layers, input, call_module, return_taps)
 
 
-def fast_module(reference: nn.Module) -> nn.Module:
+def fast_module(reference: nn.Module, weighted_sum: str = "gather") -> nn.Module:
     """The loop-free twin of a ``HashingMemory`` or ``PKMStack`` (sharing its parameters)."""
     if isinstance(reference, HashingMemory):
-        return FastHashingMemory(reference).eval()
+        return FastHashingMemory(reference, weighted_sum=weighted_sum).eval()
     if isinstance(reference, PKMStack):
-        return FastPKMStack(reference).eval()
+        return FastPKMStack(reference, weighted_sum=weighted_sum).eval()
     raise TypeError(f"expected HashingMemory or PKMStack, got {type(reference).__name__}")

@@ -100,16 +100,6 @@ def time_calls(fn, runs: int) -> list[float]:
     return times
 
 
-def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 7) -> float:
-    """Copy bandwidth of this machine's memory: (read + write bytes) / time of a large copy."""
-    import numpy as np
-
-    a = np.ones(megabytes * 2**20 // 4, np.float32)
-    b = np.empty_like(a)
-    np.copyto(b, a)
-    return 2 * a.nbytes / statistics.median(time_calls(lambda: np.copyto(b, a), repeats)) / 1e9
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     position = (len(ordered) - 1) * q
@@ -170,9 +160,11 @@ def run_bench(
     for option, value, least in (("--runs", runs, 1), ("--rounds", rounds, 1), ("--warmup", warmup, 0)):
         if value < least:
             raise BenchError(f"{option} must be >= {least}, got {value}")
+    from conformance.bench import machine
     from conformance.environment import environment
 
-    bandwidth = memory_bandwidth_gbs()
+    figures = machine.measure(machine.gathered_bytes(preset))  # what explains this machine's figures
+    bandwidth = figures["copy_gb_per_s"]
     done: dict[str, list[dict]] = {p.name: [] for p in paths}
     total, step = rounds * len(paths), 0
     with tempfile.TemporaryDirectory(prefix="pkm-bench-") as export_dir:
@@ -208,6 +200,6 @@ def run_bench(
         "warmup": warmup,
         "value_bytes_per_pass": value_bytes,
         "memory_bandwidth_gb_per_s": bandwidth,
-        "machine": environment(),
+        "machine": {**environment(), **figures},
         "paths": results,
     }

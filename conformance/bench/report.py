@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from conformance.bench.machine import summary
 from conformance.files import FileProblem, atomic_output, atomic_write
 from conformance.results import ERROR, OK
 
@@ -65,6 +66,7 @@ def terminal(bench: dict) -> str:
             f"{_runs(bench)} after {bench['warmup']} warm-up; memory copy bandwidth "
             f"{bench['memory_bandwidth_gb_per_s']:.1f} GB/s; value rows per pass "
             f"{bench['value_bytes_per_pass'] / 1e9:.3f} GB",
+            *summary(bench["machine"]),
             *lines,
         ]
     )
@@ -80,6 +82,12 @@ def markdown(bench: dict) -> str:
         f"{bench['warmup']} warm-up, each path in its own process. Machine: {m.get('cpu')} ({m.get('cpu_count')} "
         f"CPUs), GPU: {m.get('gpu')}; memory copy bandwidth {bench['memory_bandwidth_gb_per_s']:.1f} GB/s. "
         f"Versions: {', '.join(f'{k} {v}' for k, v in m.get('versions', {}).items())}.",
+        "",
+        "## Machine",
+        "",
+        *(f"- {line}" for line in summary(m)),
+        "",
+        "## Paths",
         "",
         "| " + " | ".join(rows[0]) + " |",
         "|" + "---|" * len(rows[0]),

@@ -58,7 +58,8 @@ def _convert_structure(spec: ModelSpec, opset: int, tapped: bool):
     from pkm_models.keras_pkm import build_keras_model
 
     # Only the structure is traced: Keras' own initial values stand in for the weights.
-    model = build_keras_model(spec.config, spec.layers, seed=None)
+    # "einsum": the default method traces to an XLA-compiled block that ONNX cannot hold.
+    model = build_keras_model(spec.config, spec.layers, seed=None, method="einsum")
     layers = pkm_layers(model)
     groups = [(list(layer.trainable_variables), list(layer.non_trainable_variables)) for layer in layers]
     variables = [(layer, v) for layer, (tv, ntv) in zip(layers, groups, strict=True) for v in (*tv, *ntv)]
@@ -111,7 +112,10 @@ def export_keras(spec: ModelSpec, path: Path, opset: int, tapped: bool) -> None:
         )
     inputs = keras.Input((None, spec.config.input_dim), name="input")
     x = inputs
-    layers = [ProductKeyMemory.from_pkm_config(spec.config, name=f"pkm_{i}") for i in range(spec.layers)]
+    # "einsum": the default method traces to an XLA-compiled block that ONNX cannot hold
+    layers = [
+        ProductKeyMemory.from_pkm_config(spec.config, method="einsum", name=f"pkm_{i}") for i in range(spec.layers)
+    ]
     out = stack_forward(layers, x, call_module, return_taps=tapped)
     outputs = [out[name] for name in spec.output_names(True)] if tapped else [out]
     model = keras.Model(inputs, outputs)

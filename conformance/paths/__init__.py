@@ -31,14 +31,23 @@ REGISTRY: list[ExecutionPath] = [
     TorchPath("cpu", compiled=True),
     TorchPath("cuda", compiled=False),
     TorchPath("cuda", compiled=True),
+    # the loop-free model behind the torch-fast export, run natively, and its fused-sum twin
+    *(
+        TorchPath(device, compiled, model=model)
+        for model in ("fast", "fast-bag")
+        for device in ("cpu", "cuda")
+        for compiled in (False, True)
+    ),
     TFPath("eager", "cpu"),
     TFPath("function", "cpu"),
     TFPath("xla", "cpu"),
     TFPath("eager", "gpu"),
     TFPath("function", "gpu"),
     TFPath("xla", "gpu"),
-    # the Keras port's fastest weighted sum (docs/equivalence.md), checked like the rest
+    # the Keras port's fastest weighted sum (docs/equivalence.md), and einsum, its
+    # exportable one (the default until "auto"), checked like the rest
     *(TFPath(mode, device, method="fused") for device in ("cpu", "gpu") for mode in ("function", "xla")),
+    *(TFPath(mode, device, method="einsum") for device in ("cpu", "gpu") for mode in ("function", "xla")),
     *(OrtPath("cpu", e) for e in EXPORTER_NAMES),
     *(OrtPath("cuda", e) for e in EXPORTER_NAMES),
     OrtPath("tensorrt", "torch-fast"),

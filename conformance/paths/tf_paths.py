@@ -24,11 +24,11 @@ def grow_gpu_memory() -> None:
 class TFPath(ExecutionPath):
     family = "tf"
 
-    def __init__(self, mode: str, device: str, method: str = "einsum"):
+    def __init__(self, mode: str, device: str, method: str = "auto"):
         self.mode, self.method = mode, method
         self.device = "cuda" if device == "gpu" else "cpu"
-        # TensorFlow calls it GPU; the default method keeps the plain name, others carry [method]
-        self.name = f"tf-{mode}-{device}" + ("" if method == "einsum" else f"[{method}]")
+        # TensorFlow calls it GPU; the layer's default method keeps the plain name, others say theirs
+        self.name = f"tf-{mode}-{device}" + ("" if method == "auto" else f"[{method}]")
 
     def check(self, case) -> None:
         if self.device == "cuda":

@@ -1,4 +1,4 @@
-"""The PyTorch reference: eager and torch.compile, on CPU and CUDA."""
+"""The PyTorch reference, and its loop-free twin: eager and torch.compile, on CPU and CUDA."""
 
 from __future__ import annotations
 
@@ -6,13 +6,25 @@ import numpy as np
 
 from conformance.paths.base import CaseContext, ExecutionPath, PathUnavailable
 
+# model name -> the weighted sum of pkm_models.torch_fast (None: the reference itself)
+MODELS = {"reference": None, "fast": "gather", "fast-bag": "bag"}
+
 
 class TorchPath(ExecutionPath):
+    """``model``: ``"reference"`` (XLM's ``HashingMemory``: a loop over heads and
+    ``EmbeddingBag``), ``"fast"`` (``pkm_models.torch_fast``, every head at once: the
+    model behind the ``torch-fast`` export, here run natively; named ``[fast]``) or
+    ``"fast-bag"`` (the same with one ``embedding_bag`` for the weighted sum)."""
+
     family = "torch"
 
-    def __init__(self, device: str, compiled: bool):
-        self.device, self.compiled = device, compiled
-        self.name = f"torch-{'compile' if compiled else 'eager'}-{device}"
+    def __init__(self, device: str, compiled: bool, model: str = "reference"):
+        if model not in MODELS:
+            raise ValueError(f"unknown torch model {model!r}; available: {list(MODELS)}")
+        self.device, self.compiled, self.model = device, compiled, model
+        self.name = f"torch-{'compile' if compiled else 'eager'}-{device}" + (
+            "" if model == "reference" else f"[{model}]"
+        )
 
     def check(self, case) -> None:
         import torch
@@ -31,6 +43,10 @@ class TorchPath(ExecutionPath):
         import torch
 
         model = context.torch_model.to(self.device)
+        if MODELS[self.model] is not None:
+            from pkm_models.torch_fast import fast_module
+
+            model = fast_module(model, weighted_sum=MODELS[self.model])  # shares the reference's parameters
         if not self.compiled:
             return model
         if example is None:

@@ -230,3 +230,16 @@ def test_isolated_and_in_process_runs_agree(project):
     for a, b in zip(isolated.cases[0].paths, in_process.cases[0].paths, strict=True):
         assert (a.name, a.status) == (b.name, b.status)
         assert [t.max_abs for t in a.tensors] == [t.max_abs for t in b.tensors]
+
+
+NATIVE_VARIANTS = ["torch-eager-cpu[fast]", "torch-eager-cpu[fast-bag]", "tf-function-cpu[einsum]", "tf-xla-cpu"]
+
+
+def test_native_variants_pass_and_a_corrupted_golden_fails_them_at_its_tap(project):
+    """The loop-free torch models run natively, and the Keras port's old default method,
+    are checked like every other path: they pass, and a corrupted output golden fails them."""
+    assert all(s == "pass" for s in statuses(run(project, paths=NATIVE_VARIANTS)).values())
+    rewrite_tap(project, "tiny", 4, lambda a: a + 1e-3)  # output_4: the output tap
+    result = run(project, paths=NATIVE_VARIANTS)
+    for path in result.cases[0].paths:
+        assert path.status == "fail" and path.first_divergence == "output", path.name

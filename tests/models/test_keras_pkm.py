@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pkm_models import ConfigError, get_preset
+from pkm_models import ConfigError, get_preset, keras_pkm
 from pkm_models.keras_pkm import METHODS, ProductKeyMemory, build_keras_model
 from pkm_models.weights import make_input
 from tests.models.helpers import assert_taps_match, build_pair, keras_taps, torch_taps
@@ -64,24 +64,96 @@ def test_every_method_matches_the_reference(method, config):
     assert_taps_match(torch_taps(torch_layer, x), keras_taps(keras_layer, x), weights, config, atol=1e-5)
 
 
-def test_fused_method_gradients_match_einsum():
+@pytest.mark.parametrize("method,graph", [("fused", False), ("auto", True)], ids=["fused-eager", "auto-function"])
+def test_fused_and_default_method_gradients_match_einsum(method, graph):
+    """The default method in a tf.function is the fused one, on padded token counts."""
     config = get_preset("small").config
     x = tf.constant(make_input((2, 3, config.input_dim), seed=3))
     grads = {}
-    for method in ("einsum", "fused"):
-        _, layer, _ = build_pair(config, method=method)
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(layer(x, training=True) ** 2)
-        grads[method] = dict(
-            zip([w.name for w in layer.trainable_weights], tape.gradient(loss, layer.trainable_weights), strict=True)
-        )
+    for name in ("einsum", method):
+        _, layer, _ = build_pair(config, method=name)
+
+        def gradients(x, layer=layer):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(layer(x, training=True) ** 2)
+            return tape.gradient(loss, layer.trainable_weights)
+
+        computed = (tf.function(gradients) if graph else gradients)(x)
+        grads[name] = dict(zip([w.name for w in layer.trainable_weights], computed, strict=True))
+    assert set(grads[method]) == set(grads["einsum"])
     for name, grad in grads["einsum"].items():
-        np.testing.assert_allclose(
-            np.asarray(tf.convert_to_tensor(grads["fused"][name])),
-            np.asarray(tf.convert_to_tensor(grad)),
-            atol=1e-5,
-            err_msg=name,
-        )
+        got = np.asarray(tf.convert_to_tensor(grads[method][name]))
+        assert np.any(got != 0), name
+        np.testing.assert_allclose(got, np.asarray(tf.convert_to_tensor(grad)), atol=1e-5, err_msg=name)
+
+
+def test_default_method_is_fused_in_graphs_and_by_size_eagerly():
+    layer = ProductKeyMemory(output_dim=768, k_dim=16, heads=4, knn=32, n_keys=64)
+    assert layer.method == "auto" and build_keras_model(TINY).layers[0].method == "auto"
+    gathered_per_token = 4 * 32 * 768 * 4  # heads x knn x v_dim x float32
+    threshold = keras_pkm.AUTO_EAGER_FUSED_BYTES // gathered_per_token + 1
+    assert layer.resolved_method(1) == "einsum"
+    assert layer.resolved_method(threshold - 2) == "einsum"
+    assert layer.resolved_method(threshold) == "fused"
+    seen = []
+    tf.function(lambda: seen.append(layer.resolved_method(1)))()
+    assert seen == ["fused"]  # traced into a graph
+    assert ProductKeyMemory(output_dim=8, method="einsum").resolved_method(10**6) == "einsum"
+
+
+def test_fused_buckets_are_the_documented_list():
+    assert keras_pkm.FUSED_BUCKETS[:8] == (64, 96, 128, 192, 256, 384, 512, 768)
+    assert [keras_pkm.fused_bucket(n) for n in (1, 64, 65, 96, 97, 511, 512, 513, 5000)] == [
+        64,
+        64,
+        96,
+        96,
+        128,
+        512,
+        512,
+        768,
+        6144,
+    ]
+    for n in range(65, 5000, 37):  # never more than 1.5x the rows
+        assert n <= keras_pkm.fused_bucket(n) <= 1.5 * n
+
+
+TOKEN_COUNTS = [1, 2, 3, 5, 8, 13, 21, 34, 55, 64, 65, 70, 96, 97, 100, 128]  # buckets 64, 96 and 128
+
+
+def test_fused_padding_gives_identical_outputs_and_one_trace_per_bucket(monkeypatch):
+    config = get_preset("small").config
+    _, fused, _ = build_pair(config, method="fused")
+    _, einsum, _ = build_pair(config, method="einsum")
+    monkeypatch.setattr(keras_pkm, "_compiled_blockwise_sum", None)  # count this test's traces only
+    for tokens in TOKEN_COUNTS:
+        x = make_input((tokens, config.input_dim), seed=tokens)
+        np.testing.assert_allclose(np.asarray(fused(x)), np.asarray(einsum(x)), atol=1e-6)
+    # eagerly, one trace, so one XLA compilation, per bucket
+    assert keras_pkm._compiled_blockwise_sum.experimental_get_tracing_count() == 3
+
+
+def test_fused_padding_in_a_graph_with_dynamic_tokens_reaches_only_buckets(monkeypatch):
+    config = get_preset("small").config
+    _, fused, _ = build_pair(config, method="fused")
+    _, einsum, _ = build_pair(config, method="einsum")
+    compiled = tf.function(keras_pkm._blockwise_sum, jit_compile=True)
+    seen = []  # the token count of every call of the compiled block, at run time
+
+    def recording(values, indices, weights, n, slots):
+        rows = tf.numpy_function(lambda k: (seen.append(int(k)), k)[1], [tf.shape(indices)[0]], tf.int32)
+        with tf.control_dependencies([rows]):
+            return tf.identity(compiled(values, indices, weights, n, slots))
+
+    monkeypatch.setattr(keras_pkm, "_compiled_blockwise_sum", recording)
+    dynamic = tf.function(fused, input_signature=[tf.TensorSpec((None, config.input_dim), tf.float32)])
+    for tokens in TOKEN_COUNTS:
+        x = make_input((tokens, config.input_dim), seed=tokens)
+        got = dynamic(tf.constant(x))
+        assert got.shape == (tokens, config.output_dim)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(einsum(x)), atol=1e-6)
+    # XLA compiles once per shape it sees: three, for sixteen token counts
+    assert len(seen) == len(TOKEN_COUNTS) and set(seen) == {64, 96, 128}
 
 
 def test_training_under_xla_updates_running_stats():
@@ -138,7 +210,7 @@ def test_dropout_only_in_training():
     [
         (
             {"method": "scatter"},
-            r"unknown method 'scatter'; available: \['einsum', 'reduce_sum', 'accumulate', 'fused'\]",
+            r"unknown method 'scatter'; available: \['auto', 'einsum', 'reduce_sum', 'accumulate', 'fused'\]",
         ),
         ({"k_dim": 7}, r"PKMConfig\.k_dim"),
         ({"knn": 100}, r"PKMConfig\.knn"),

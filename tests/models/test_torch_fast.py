@@ -11,13 +11,14 @@ from pkm_models.weights import make_input, make_weights
 from tests.models.helpers import assert_taps_match
 
 
+@pytest.mark.parametrize("weighted_sum", ["gather", "bag"])
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 @pytest.mark.parametrize("bn", [False, True])
 @pytest.mark.parametrize("lead", [(6,), (2, 3), (2, 2, 3)], ids=["2d", "3d", "4d"])
-def test_fast_forward_matches_the_reference(preset, bn, lead):
+def test_fast_forward_matches_the_reference(preset, bn, lead, weighted_sum):
     config = get_preset(preset).config.replace(query_batchnorm=bn)
     reference = HashingMemory.from_config(config, seed=1).eval()
-    fast = fast_module(reference)
+    fast = fast_module(reference, weighted_sum=weighted_sum)
     x = torch.from_numpy(make_input((*lead, config.input_dim), seed=len(lead)))
     with torch.no_grad():
         ref = {k: v.numpy() for k, v in reference(x, return_taps=True).items()}
@@ -39,3 +40,9 @@ def test_fast_stack_shares_parameters_and_matches():
 def test_rejects_other_modules():
     with pytest.raises(TypeError, match="expected HashingMemory or PKMStack"):
         fast_module(torch.nn.Linear(2, 2))
+
+
+def test_unknown_weighted_sum_lists_the_known_ones():
+    reference = HashingMemory.from_config(get_preset("tiny").config, seed=0)
+    with pytest.raises(ValueError, match=r"unknown weighted_sum 'loop'; available: \['gather', 'bag'\]"):
+        fast_module(reference, weighted_sum="loop")

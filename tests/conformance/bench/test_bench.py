@@ -31,7 +31,11 @@ def bench():
 
 def test_schema(bench):
     assert bench["preset"] == "tiny" and bench["runs"] == 3
-    assert {"cpu", "gpu", "versions"} <= set(bench["machine"])
+    machine = bench["machine"]
+    assert {"cpu", "gpu", "versions", "cpu_model", "cpu_flags", "usable_cores", "first_touch"} <= set(machine)
+    assert machine["torch_threads"] >= 1 and machine["onnxruntime_intra_op_threads"] >= 1
+    assert machine["copy_gb_per_s"] == bench["memory_bandwidth_gb_per_s"]
+    assert machine["first_touch"]["bytes"] == 15 * 2 * 4 * 8 * 4  # tiny: tokens x heads x knn x v_dim x 4 B
     assert bench["memory_bandwidth_gb_per_s"] > 0.5
     by_name = {p["name"]: p for p in bench["paths"]}
     eager = by_name["torch-eager-cpu"]
@@ -55,6 +59,7 @@ def test_reports(bench, tmp_path):
     assert [f.name for f in files] == ["bench.json", "bench.md", "bench.png"]
     assert json.loads((tmp_path / "bench.json").read_text())["preset"] == "tiny"
     md = (tmp_path / "bench.md").read_text()
+    assert "## Machine" in md and "First touch of a fresh" in md
     assert "| torch-eager-cpu | ok | " in md and "time (5 runs)" not in md  # the preset's run count is 5, ran 3
     assert (tmp_path / "bench.png").stat().st_size > 1000
 

@@ -30,6 +30,7 @@ def _host(value) -> np.ndarray:
     [
         "torch-eager-cpu",
         "torch-compile-cpu",
+        "torch-eager-cpu[fast-bag]",
         "tf-function-cpu",
         "tf-xla-cpu[fused]",
         "ort-cpu[torch-fast]",
