@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pkm_models.stack import call_module, stack_forward
 from pkm_models.torch_fast import FastHashingMemory
 from pkm_models.torch_pkm import HashingMemory, PKMStack
 
@@ -116,9 +117,7 @@ class Int8PKMStack(nn.Module):
         return sum(layer.model_bytes for layer in self.layers)
 
     def forward(self, input: torch.Tensor, return_taps: bool = False):
-        for layer in self.layers[:-1]:
-            input = layer(input)
-        return self.layers[-1](input, return_taps=return_taps)
+        return stack_forward(self.layers, input, call_module, return_taps)
 
 
 def int8_module(reference: nn.Module, fused: bool = True) -> nn.Module:

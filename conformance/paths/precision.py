@@ -82,6 +82,12 @@ class PrecisionPath(ExecutionPath):
 
     def check(self, case) -> None:
         self.base.check(case)
+        if case is not None and case.spec.layers > 1:
+            raise PathUnavailable(
+                f"{self.precision} is judged on single-layer cases only: the derived bounds assume each layer "
+                "sees the golden input, while in a network a layer's reduced-precision output feeds the next "
+                "(docs/precision.md)"
+            )
         if self.precision == "int8" and self.family == "tf":
             raise PathUnavailable("the Keras port has no int8 value table (int8 is made for torch and ONNX)")
         if self.precision == "int8" and getattr(self.base, "compiled", False):
