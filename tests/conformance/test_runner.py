@@ -14,10 +14,11 @@ FAST = ["torch-eager-cpu", "tf-function-cpu", "ort-cpu[torch-fast]"]
 
 
 def run(project, cases=("tiny",), paths=FAST, policy=None, isolate=False, **kwargs):
-    """In-process by default (fast); the isolation tests below ask for processes."""
+    """In-process by default (fast); the isolation tests below ask for processes. Any
+    registered path may be named (bench-only variants included)."""
     return run_conformance(
         project.cases(*cases),
-        select_paths(list(paths)),
+        select_paths(list(paths), bench=True),
         project.store,
         policy or project.policy(),
         RunOptions(isolate=isolate, **kwargs),
