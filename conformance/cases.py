@@ -377,7 +377,9 @@ def load_case(path: Path) -> Case:
         if "key" in given:
             raise CaseError(f"{path}: [input] key needs [input] file")
         if "shape" not in given:
-            raise CaseError(f"{path}: [input] shape is required (or [input] file), e.g. shape = [2, 7, {config.input_dim}]")
+            raise CaseError(
+                f"{path}: [input] shape is required (or [input] file), e.g. shape = [2, 7, {config.input_dim}]"
+            )
         shape = given["shape"]
         if (
             not isinstance(shape, list)
