@@ -21,6 +21,14 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2e}"
 
 
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
 def table(result: RunResult, verbose: bool = False) -> str:
     header = ("case", "path", "status", "worst tap", "max abs", "max rel", "time (s)")
     rows: list[tuple[str, ...]] = []
@@ -124,6 +132,26 @@ def markdown(result: RunResult, folder: Path) -> bytes:
         for p in case.paths:
             reason = p.reason.replace("|", "\\|").replace("\n", " ")
             lines.append(f"| {case.name} | {p.name} | {p.status} | {p.first_divergence or ''} | {reason} |")
+    precision = []
+    for case in result.cases:
+        for p in case.paths:
+            figures = {t.name.rpartition("/")[2]: t.figures for t in p.tensors if t.figures}
+            if figures:
+                sel, out = figures.get("indices", {}), figures.get("output", {})
+                bound = out.get("int8_bound_max")
+                precision.append(
+                    f"| {case.name} | {p.name} | {p.status} | {_pct(sel.get('selection_agreement'))} "
+                    f"| {sel.get('ambiguous_rows', '-')} | {_num(out.get('output_rel_rms'))} "
+                    f"| {_num(out.get('output_max_rel_rms'))} | {_num(bound)} |"
+                )
+    if precision:
+        lines += ["", "## Reduced precision", ""]
+        lines += [
+            "| case | path | status | selection agreement | ambiguous rows | output error / RMS | max error / RMS "
+            "| int8 bound (max) |",
+            "|---|---|---|---|---|---|---|---|",
+            *precision,
+        ]
     worst = []
     for case in result.cases:
         for p in case.paths:

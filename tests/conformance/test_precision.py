@@ -248,3 +248,19 @@ def test_int8_export_is_standard_onnx_and_conforms(small, tmp_path):
     session = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
     got = dict(zip(TAPS, session.run(list(TAPS), {"input": golden.input}), strict=True))
     assert _compare(small, got, "ort-cpu[torch-fast]@int8").ok
+
+
+def test_report_md_shows_the_precision_figures(tmp_path):
+    from conformance.report import markdown
+    from conformance.results import CaseResult, PathResult, RunResult, TensorResult
+
+    tensors = [
+        TensorResult(
+            "indices", "pass", figures={"precision": "int8", "selection_agreement": 0.98, "ambiguous_rows": 3}
+        ),
+        TensorResult("output", "pass", figures={"output_rel_rms": 0.007, "output_max_rel_rms": 0.02}),
+    ]
+    result = RunResult([CaseResult("xlm", [PathResult("ort-cpu[torch-fast]@int8", "pass", tensors=tensors)])], {})
+    md = markdown(result, tmp_path).decode()
+    assert "## Reduced precision" in md
+    assert "| xlm | ort-cpu[torch-fast]@int8 | pass | 98.0% | 3 | 0.007 | 0.02 | - |" in md
