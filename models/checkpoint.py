@@ -41,6 +41,7 @@ from pkm_models.convert import (
     ConversionError,
     check_weights,
     join_layers,
+    shape_config,
     split_layers,
 )
 from pkm_models.weights import Weights, weight_shapes
@@ -537,33 +538,6 @@ def _as_float32(tensors: Mapping[str, Any], sources: Mapping[str, str], path: Pa
     return out
 
 
-def _shape_config(layer: Weights, knn: int, where: str) -> PKMConfig:
-    """The config one memory's tensors fit (``knn`` given), with ranks checked first."""
-    for name, rank in (("query_proj.0.weight", 2), ("keys", 4), ("values.weight", 2)):
-        if name not in layer:
-            raise ConversionError(f"{where}: no {name!r} among {sorted(layer)}")
-        if np.ndim(layer[name]) != rank:
-            raise ConversionError(f"{where}: {name} must have {rank} dimensions, got shape {np.shape(layer[name])}")
-    heads, two, n_keys, half = np.shape(layer["keys"])
-    size, v_dim = np.shape(layer["values.weight"])
-    hk, input_dim = np.shape(layer["query_proj.0.weight"])
-    if two != 2 or size != n_keys**2 or hk != heads * 2 * half:
-        raise ConversionError(
-            f"{where}: inconsistent shapes: keys {np.shape(layer['keys'])} (heads, 2, n_keys, k_dim/2), "
-            f"values.weight {np.shape(layer['values.weight'])} (n_keys**2, v_dim), "
-            f"query_proj.0.weight {np.shape(layer['query_proj.0.weight'])} (heads*k_dim, input_dim)"
-        )
-    return PKMConfig(
-        input_dim=int(input_dim),
-        output_dim=int(v_dim),
-        k_dim=int(2 * half),
-        heads=int(heads),
-        knn=knn,
-        n_keys=int(n_keys),
-        query_batchnorm="query_proj.1.weight" in layer,
-    )
-
-
 def _config(weights: tuple[Weights, ...], names: list[str], found: _Found, knn: int | None, path: Path) -> PKMConfig:
     recorded = dict(found.recorded)
     if knn is not None and "knn" in recorded and knn != recorded["knn"]:
@@ -578,9 +552,7 @@ def _config(weights: tuple[Weights, ...], names: list[str], found: _Found, knn: 
             f"{path}: knn (value rows read per head) is not recorded in this file and a state_dict cannot "
             "carry it: give it explicitly (convert --knn N, or knn in the case's [config])"
         )
-    configs = [
-        _shape_config(layer, knn, f"{path}: memory {name!r}") for name, layer in zip(names, weights, strict=True)
-    ]
+    configs = [shape_config(layer, knn, f"{path}: memory {name!r}") for name, layer in zip(names, weights, strict=True)]
     first = configs[0]
     for name, config in zip(names[1:], configs[1:], strict=True):
         if config != first:

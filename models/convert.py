@@ -95,34 +95,40 @@ def join_layers(layers: list[Mapping[str, np.ndarray]]) -> Weights:
     return {f"layers.{i}.{k}": v for i, layer in enumerate(layers) for k, v in layer.items()}
 
 
-def infer_config(weights: Mapping[str, np.ndarray], *, knn: int) -> tuple[PKMConfig, int]:
-    """The (config, layer count) that ``weights`` fit. ``knn`` is not stored in weights: the
-    caller must say it."""
-    layers = split_layers(weights)
-    first = layers[0]
+def shape_config(layer: Mapping[str, np.ndarray], knn: int, where: str) -> PKMConfig:
+    """The config one layer's torch-named tensors fit (``knn`` given: tensors do not record
+    it), ranks and shapes checked first, every problem named with ``where``."""
+    prefix = f"{where}: " if where else ""
     for name, rank in (("query_proj.0.weight", 2), ("keys", 4), ("values.weight", 2)):
-        if name not in first:
-            raise ConversionError(f"cannot infer the config: no {name!r} among {sorted(first)}")
-        if np.ndim(first[name]) != rank:
-            raise ConversionError(f"{name} must have {rank} dimensions, got shape {np.shape(first[name])}")
-    heads, two, n_keys, half = np.shape(first["keys"])
-    size, v_dim = np.shape(first["values.weight"])
-    hk, input_dim = np.shape(first["query_proj.0.weight"])
+        if name not in layer:
+            raise ConversionError(f"{prefix}cannot infer the config: no {name!r} among {sorted(layer)}")
+        if np.ndim(layer[name]) != rank:
+            raise ConversionError(f"{prefix}{name} must have {rank} dimensions, got shape {np.shape(layer[name])}")
+    heads, two, n_keys, half = np.shape(layer["keys"])
+    size, v_dim = np.shape(layer["values.weight"])
+    hk, input_dim = np.shape(layer["query_proj.0.weight"])
     if two != 2 or size != n_keys**2 or hk != heads * 2 * half:
         raise ConversionError(
-            f"inconsistent shapes: keys {np.shape(first['keys'])} (heads, 2, n_keys, k_dim/2), "
-            f"values.weight {np.shape(first['values.weight'])} (n_keys**2, v_dim), "
-            f"query_proj.0.weight {np.shape(first['query_proj.0.weight'])} (heads*k_dim, input_dim)"
+            f"{prefix}inconsistent shapes: keys {np.shape(layer['keys'])} (heads, 2, n_keys, k_dim/2), "
+            f"values.weight {np.shape(layer['values.weight'])} (n_keys**2, v_dim), "
+            f"query_proj.0.weight {np.shape(layer['query_proj.0.weight'])} (heads*k_dim, input_dim)"
         )
-    config = PKMConfig(
+    return PKMConfig(
         input_dim=int(input_dim),
         output_dim=int(v_dim),
         k_dim=int(2 * half),
         heads=int(heads),
         knn=knn,
         n_keys=int(n_keys),
-        query_batchnorm="query_proj.1.weight" in first,
+        query_batchnorm="query_proj.1.weight" in layer,
     )
+
+
+def infer_config(weights: Mapping[str, np.ndarray], *, knn: int) -> tuple[PKMConfig, int]:
+    """The (config, layer count) that ``weights`` fit. ``knn`` is not stored in weights: the
+    caller must say it."""
+    layers = split_layers(weights)
+    config = shape_config(layers[0], knn, "")
     check_weights(weights, expected_shapes(config, len(layers)), "weights")
     return config, len(layers)
 

@@ -5,10 +5,10 @@ import pytest
 
 from conformance.compare import compare_taps
 from conformance.golden import GoldenError
-from conformance.paths import CaseContext, ExecutionPath, select_paths
-from conformance.runner import RunOptions, run_conformance, run_path
+from conformance.paths import select_paths
+from conformance.runner import RunOptions, run_conformance
 from conformance.tolerances import parse_policy
-from tests.conformance.helpers import rewrite_tap
+from tests.conformance.helpers import rewrite_tap, run_stub
 
 FAST = ["torch-eager-cpu", "tf-function-cpu", "ort-cpu[torch-fast]"]
 
@@ -94,23 +94,7 @@ def test_a_tightened_tolerance_fails_the_right_tensor(project):
     assert [t.name for t in tf.tensors if not t] == ["scores"]
 
 
-class StubPath(ExecutionPath):
-    """Returns the golden taps after ``edit``: a path whose results we choose."""
-
-    name = "torch-eager-cpu"
-
-    def __init__(self, golden, edit):
-        self.golden, self.edit = golden, edit
-
-    def prepare(self, context):
-        return lambda x: self.edit({k: v.copy() for k, v in self.golden.taps.items()})
-
-
-def _run_stub(project, case_name, edit):
-    case = project.cases(case_name)[0]
-    golden = project.store.read(case_name)
-    context = CaseContext(case, golden.weights)
-    return run_path(StubPath(golden, edit), context, golden, project.policy(), required=False), golden
+_run_stub = run_stub
 
 
 def test_nan_or_inf_fails(project):

@@ -10,9 +10,7 @@ import torch
 
 from conformance.cli import main
 from conformance.golden import GoldenError
-from conformance.paths import CaseContext, ExecutionPath
-from conformance.runner import run_path
-from tests.conformance.helpers import rewrite_tap
+from tests.conformance.helpers import rewrite_tap, run_stub
 from tests.models.test_checkpoint import DIM, KNN, write_xlm, xlm_forward
 
 RUN = ["run", "--path", "torch-eager-cpu", "--in-process"]
@@ -129,20 +127,8 @@ def test_an_input_file_that_changed_since_its_golden_is_bad_data(project, tmp_pa
 STACK = 'preset = "tiny"\nlayers = 3\n[config]\noutput_dim = 16\n[input]\nshape = [2, 3, 16]\nseed = 4\n'
 
 
-class StubPath(ExecutionPath):
-    name = "torch-eager-cpu"
-
-    def __init__(self, golden, edit):
-        self.golden, self.edit = golden, edit
-
-    def prepare(self, context):
-        return lambda x: self.edit({k: v.copy() for k, v in self.golden.taps.items()})
-
-
 def _stub(project, name, edit):
-    case = project.cases(name)[0]
-    golden = project.store.read(name)
-    return run_path(StubPath(golden, edit), CaseContext(case, golden.weights), golden, project.policy(), False)
+    return run_stub(project, name, edit)[0]
 
 
 @pytest.fixture
