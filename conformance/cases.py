@@ -144,11 +144,12 @@ class Case:
             c = data["checkpoint"]
             checkpoint = CheckpointRef(_resolve(source, c["file"]), tuple(c["memories"]), c["sha256"], c["size"])
         spec = ModelSpec(
-            name=data["name"],
+            name=data.get("model", data["name"]),
             config=PKMConfig.from_dict(data["config"]),
             layers=data["layers"],
             seed=data["weight_seed"],
             duplicate_subkeys=data["duplicate_subkeys"],
+            weights_file=Path(data["weights_file"]) if "weights_file" in data else None,
             checkpoint=checkpoint,
         )
         given = data["input"]
@@ -186,7 +187,27 @@ class Case:
             }
         if self.spec.checkpoint is not None:
             out["checkpoint"] = self.spec.checkpoint.to_json(self.source.parent)
+        if self.spec.weights_file is not None:  # a layer judged alone (see layer())
+            out["weights_file"] = str(self.spec.weights_file)
+            out["model"] = self.spec.name
         return out
+
+    def layer(self, i: int, weights_file: Path, input_file: Path) -> Case:
+        """Layer ``i`` of this case's network alone, with the weights in ``weights_file``
+        (that layer's, torch-named) and the input in ``input_file`` (the golden input of
+        that layer: the golden output of layer ``i - 1``). Keeps the case's name, so its
+        tolerances apply; the model is named ``<case>#layer<i>``."""
+        spec = dataclasses.replace(
+            self.spec, name=f"{self.name}#layer{i}", layers=1, weights_file=weights_file, checkpoint=None
+        )
+        x = np.load(input_file, allow_pickle=False)
+        return dataclasses.replace(
+            self,
+            spec=spec,
+            input_shape=tuple(x.shape),
+            store_weights=False,
+            input_file=InputFile(input_file, None, _digest(input_file)),
+        )
 
 
 def available_memory() -> int | None:

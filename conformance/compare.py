@@ -14,8 +14,10 @@ fails; so does a shape or dtype mismatch.
 A network of several layers is compared layer by layer (taps ``<i>/<tap>``), each layer
 with its own keys and values. A legitimate (ambiguous) flip in layer ``i`` changes the
 input of every later layer for that token: those tokens' taps in later layers are not
-compared with the golden; they are counted (``downstream_tokens`` in the message) and
-the token's own layer-``i`` output is still checked against its own selection.
+compared with the golden; they are counted (``Comparison.downstream_tokens``), the
+token's own layer-``i`` output is still checked against its own selection, and the
+runner then judges every later layer alone on its golden input
+(:func:`conformance.runner.judge_layerwise`).
 
 Before anything runs, :func:`check_checkable` refuses tolerances that would switch a
 check off (see docs/conformance.md, "Tolerances that check nothing").
@@ -326,6 +328,7 @@ def compare_taps(
     tensors: list[TensorResult] = []
     errors: dict[str, np.ndarray] = {}
     downstream = None  # tokens whose input to this layer legitimately differs
+    set_aside = 0
 
     def tolerance(tap: str) -> Tolerance:
         return policy.resolve(case, path, tap)
@@ -346,8 +349,10 @@ def compare_taps(
         )
         tensors += results
         errors.update(errs)
+        if downstream is not None:
+            set_aside += int(downstream.sum())
         downstream = flipped if downstream is None else downstream | flipped
-    return Comparison(tensors, errors)
+    return Comparison(tensors, errors, downstream_tokens=set_aside)
 
 
 def check_checkable(

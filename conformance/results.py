@@ -69,6 +69,7 @@ class Comparison:
 
     tensors: list[TensorResult]
     errors: dict[str, np.ndarray]  # tap -> absolute errors of failing float taps (for histograms)
+    downstream_tokens: int = 0  # tokens set aside in later layers after a legitimate flip
 
     @property
     def ok(self) -> bool:
@@ -94,6 +95,7 @@ class PathResult:
     seconds: float | None = None
     errors: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
     obtained: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)  # kept when it fails
+    downstream_tokens: int = 0  # as Comparison's: such a path is also judged layer by layer
 
     @classmethod
     def unavailable(cls, name: str, reason: str, required: bool) -> PathResult:

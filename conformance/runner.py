@@ -30,6 +30,7 @@ from conformance.isolation import run_json_worker
 from conformance.paths import CaseContext, ExecutionPath, PathUnavailable
 from conformance.results import ERROR, FAIL, OK, PASS, UNAVAILABLE, CaseResult, PathResult, RunResult, WorkerResult
 from conformance.tolerances import TolerancePolicy, path_matches
+from pkm_models.config import TAPS
 
 Progress = Callable[[str], None]
 
@@ -94,7 +95,49 @@ def _judge(path_name: str, case: Case, got: dict, golden: Golden, weights, polic
         seconds=seconds,
         errors=comparison.errors,
         obtained={} if comparison.ok else {k: np.asarray(v) for k, v in got.items()},
+        downstream_tokens=comparison.downstream_tokens,
     )
+
+
+LAYERWISE = "@golden-input"  # suffix of the taps of a layer judged alone
+
+
+def judge_layerwise(
+    path: ExecutionPath,
+    case: Case,
+    golden: Golden,
+    weights: dict[str, np.ndarray],
+    policy: TolerancePolicy,
+    options: RunOptions,
+    result: PathResult,
+) -> PathResult:
+    """A network whose end-to-end comparison set tokens aside (a legitimate flip in one
+    layer changes the next layer's input): run every later layer of ``path`` alone on its
+    golden input (the golden output of the layer before) and judge it on all tokens. Its
+    taps join the result as ``<i>/<tap>@golden-input``; the path passes only if they do."""
+    from pkm_models.convert import split_layers
+
+    per_layer = split_layers(weights)
+    for i in range(1, case.spec.layers):
+        with tempfile.TemporaryDirectory(prefix=f"pkm-{case.name}-layer{i}-") as tmp:
+            np.savez(Path(tmp) / "weights.npz", **per_layer[i])
+            np.save(Path(tmp) / "input.npy", golden.taps[f"{i - 1}/output"], allow_pickle=False)
+            sub = case.layer(i, Path(tmp) / "weights.npz", Path(tmp) / "input.npy")
+            taps = {tap: golden.taps[f"{i}/{tap}"] for tap in TAPS}
+            sub_golden = Golden(case.name, golden.meta, golden.taps[f"{i - 1}/output"], taps, per_layer[i])
+            (alone,) = _run_case(sub, sub_golden, per_layer[i], [path], policy, options, lambda _: None)
+        if alone.status not in (PASS, FAIL):
+            return dataclasses.replace(
+                result, status=alone.status, reason=f"layer {i} alone on its golden input: {alone.reason}"
+            )
+        for t in alone.tensors:
+            t.name = f"{i}/{t.name}{LAYERWISE}"
+        result.tensors += alone.tensors
+        if alone.status == FAIL and result.status == PASS:
+            bad = next(t for t in alone.tensors if not t)
+            result.status, result.first_divergence = FAIL, bad.name
+            result.reason = f"{bad.name}: {bad.message}"
+    return result
 
 
 def run_path(path: ExecutionPath, context: CaseContext, golden: Golden, policy: TolerancePolicy, required: bool):
@@ -224,6 +267,8 @@ def _run_case(
                 result = run_path_isolated(path, context, golden, policy, required, options.timeout)
             else:
                 result = run_path(path, context, golden, policy, required)
+            if case.spec.layers > 1 and result.downstream_tokens and result.status == PASS:
+                result = judge_layerwise(path, case, golden, context.weights, policy, options, result)
             report(result)
             return result
 

@@ -10,6 +10,7 @@ import torch
 
 from conformance.cli import main
 from conformance.golden import GoldenError
+from conformance.paths import ExecutionPath
 from tests.conformance.helpers import rewrite_tap, run_stub
 from tests.models.test_checkpoint import DIM, KNN, write_xlm, xlm_forward
 
@@ -234,3 +235,75 @@ def test_a_golden_folder_of_a_stack_with_the_wrong_tap_count_is_bad_data(stacked
     path.write_text(json.dumps(meta))
     with pytest.raises(GoldenError, match="differ from the contract"):
         stacked.store.read("stack")
+
+
+# --- a flip upstream: later layers judged alone, on their golden inputs ---------------------
+TIED_STACK = (
+    'preset = "small"\nseed = 11\nlayers = 2\n[config]\nknn = 5\n[input]\nshape = [2, 3, 64]\nseed = 11\n'
+    "[weights]\nduplicate_subkeys = 16\n"
+)
+
+
+@pytest.fixture
+def tied_stack(project):
+    (project.cases_dir / "tied.toml").write_text(TIED_STACK)
+    project.regenerate("tied")
+    return project
+
+
+def test_after_a_legitimate_flip_later_layers_are_judged_alone_on_their_golden_inputs(tied_stack):
+    from conformance.paths import select_paths
+    from conformance.runner import RunOptions, run_conformance
+
+    result = run_conformance(
+        tied_stack.cases("tied"),
+        select_paths(["tf-function-cpu"]),
+        tied_stack.store,
+        tied_stack.policy(),
+        RunOptions(isolate=False),
+    )
+    (path,) = result.cases[0].paths
+    assert path.status == "pass", path.reason
+    assert path.downstream_tokens > 0  # TensorFlow breaks the boundary ties the other way
+    alone = [t for t in path.tensors if t.name.endswith("@golden-input")]
+    assert [t.name for t in alone] == [
+        f"1/{tap}@golden-input" for tap in ("query", "scores", "indices", "weights", "output")
+    ]
+    assert all(alone)
+
+
+class FlipThenWrong(ExecutionPath):
+    """Layer 0 takes the tied twin at the boundary (a legitimate flip, output consistent);
+    layer 1, run alone, returns a wrong output."""
+
+    name = "torch-eager-cpu"
+
+    def __init__(self, golden, n_keys, values):
+        self.golden, self.n_keys, self.values = golden, n_keys, values
+
+    def prepare(self, context):
+        taps = {k: v.copy() for k, v in self.golden.taps.items()}
+        if context.case.spec.name.endswith("#layer1"):
+            alone = {t: taps[f"1/{t}"] for t in ("query", "scores", "indices", "weights", "output")}
+            alone["output"] = alone["output"] + 1e-2
+            return lambda x: alone
+        idx = taps["0/indices"]
+        hi, lo = idx[:, -1] // self.n_keys, idx[:, -1] % self.n_keys
+        idx[:, -1] = hi * self.n_keys + (lo ^ 1)
+        w = taps["0/weights"].reshape(idx.shape[0] // 4, -1).astype(np.float64)
+        rows = self.values[idx.reshape(w.shape)]
+        taps["0/output"] = np.einsum("bn,bnd->bd", w, rows).astype(np.float32).reshape(taps["0/output"].shape)
+        return lambda x: taps
+
+
+def test_a_wrong_layer_alone_fails_at_its_golden_input(tied_stack, monkeypatch):
+    from conformance.runner import RunOptions, run_conformance
+
+    golden = tied_stack.store.read("tied")
+    stub = FlipThenWrong(golden, 32, golden.weights["layers.0.values.weight"])
+    result = run_conformance(
+        tied_stack.cases("tied"), [stub], tied_stack.store, tied_stack.policy(), RunOptions(isolate=False)
+    )
+    (path,) = result.cases[0].paths
+    assert path.downstream_tokens > 0
+    assert path.status == "fail" and path.first_divergence == "1/output@golden-input", path.reason
