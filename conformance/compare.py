@@ -355,6 +355,21 @@ def compare_taps(
     return Comparison(tensors, errors, downstream_tokens=set_aside)
 
 
+def compare_case(case, got: dict[str, np.ndarray], expected: dict[str, np.ndarray], *, weights, policy, path: str):
+    """:func:`compare_taps` with a case's config, layer count and name (``case`` is a
+    :class:`conformance.cases.Case`)."""
+    return compare_taps(
+        got,
+        expected,
+        config=case.config,
+        weights=weights,
+        layers=case.spec.layers,
+        policy=policy,
+        case=case.name,
+        path=path,
+    )
+
+
 def check_checkable(
     expected: dict[str, np.ndarray],
     *,

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from conformance.cases import Case
-from conformance.compare import compare_taps
+from conformance.compare import compare_case
 from conformance.golden import GoldenError, GoldenStore
 from conformance.results import Comparison
 from conformance.tolerances import TolerancePolicy
@@ -48,16 +48,7 @@ def _drift(case, taps, x, old, weights, policy, say) -> Comparison | None:
     if not same_shapes or set(old.taps) != set(taps):
         say(f"{case.name}: input, layers or weight shapes changed; drift not comparable")
         return None
-    drift = compare_taps(
-        taps,
-        old.taps,
-        config=case.config,
-        weights=weights,
-        layers=case.spec.layers,
-        policy=policy,
-        case=case.name,
-        path=GENERATOR_PATH,
-    )
+    drift = compare_case(case, taps, old.taps, weights=weights, policy=policy, path=GENERATOR_PATH)
     for t in drift.tensors:
         max_abs = t.max_abs if t.max_abs is not None else float("nan")
         say(f"{case.name}: drift {t.name:8s} max abs {max_abs:.3g}  {t.status}{'  ' + t.message if t.message else ''}")

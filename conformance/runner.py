@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from conformance.cases import Case
-from conformance.compare import check_checkable, compare_taps
+from conformance.compare import check_checkable, compare_case
 from conformance.environment import environment
 from conformance.export import ExportUnsupported
 from conformance.golden import Golden, GoldenError, GoldenStore
@@ -72,16 +72,7 @@ def check_golden_matches_case(case: Case, golden: Golden, store: GoldenStore) ->
 
 
 def _judge(path_name: str, case: Case, got: dict, golden: Golden, weights, policy, seconds) -> PathResult:
-    comparison = compare_taps(
-        got,
-        golden.taps,
-        config=case.config,
-        weights=weights,
-        layers=case.spec.layers,
-        policy=policy,
-        case=case.name,
-        path=path_name,
-    )
+    comparison = compare_case(case, got, golden.taps, weights=weights, policy=policy, path=path_name)
     reason = ""
     if not comparison.ok:
         bad = next(t for t in comparison.tensors if not t)
@@ -253,7 +244,9 @@ def _run_case(
     report: Callable[[PathResult], None],
 ) -> list[PathResult]:
     folder = Path(tempfile.mkdtemp(prefix=f"pkm-{case.name}-")) if options.isolate else None
-    shares = golden.weights is not None or case.spec.checkpoint is not None  # not derivable from a seed
+    # weights travel to the workers as a file unless the spec names one itself (a layer
+    # judged alone) or they are its seed's
+    shares = (golden.weights is not None or case.spec.checkpoint is not None) and case.spec.weights_file is None
     context = CaseContext(case, weights, export_dir=folder, shares_weights=shares)
     try:
         if folder is not None:  # what every worker of this case reads
