@@ -1,6 +1,10 @@
-"""How close a product-key selection is to a tie, computed independently in float64.
+"""Facts about the product-key selection that every implementation can use.
 
-Two correct implementations may pick different memory slots when candidate scores at a
+:func:`product_candidates`: which pairs of the two halves' best sub-keys can be among the
+final top-k at all (119 of 32 x 32 at knn 32), so that the product stage ranks those only.
+
+:func:`selection_margins`: how close a selection is to a tie, computed independently in
+float64. Two correct implementations may pick different memory slots when candidate scores at a
 top-k boundary (of either sub-key half, or of the final selection) are closer than their
 float32 rounding: either choice is right. :func:`selection_margins` measures, for each
 (token, head) row, the smallest such gap, so that callers can tell an ambiguous row from
@@ -10,6 +14,25 @@ a wrong one.
 from __future__ import annotations
 
 import numpy as np
+
+
+def product_candidates(knn: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rank pairs ``(i, j)`` of the two halves' sorted sub-key selections that can be
+    among the ``knn`` best of their cartesian product, in ascending ``i * knn + j`` (the
+    order of the flattened product): two int32 arrays, ``i`` and ``j``.
+
+    Each half's ``knn`` best scores are sorted in descending order, so every pair
+    ``(i', j')`` with ``i' <= i`` and ``j' <= j`` scores at least as much as ``(i, j)``
+    and comes before it in the flattened order (so it also wins a tie under a stable
+    top-k, which prefers the lower index). There are ``(i + 1) * (j + 1) - 1`` such pairs
+    besides ``(i, j)`` itself; when that is ``knn`` or more, ``(i, j)`` cannot be selected.
+    The pairs with ``(i + 1) * (j + 1) <= knn`` are therefore the only candidates, and a
+    stable top-k over them in this order selects exactly what a stable top-k over all
+    ``knn ** 2`` does, ties included.
+    """
+    pairs = [(i, j) for i in range(knn) for j in range(knn) if (i + 1) * (j + 1) <= knn]
+    i, j = np.array(pairs, dtype=np.int32).T
+    return i, j
 
 
 def _boundary_gap(sorted_desc: np.ndarray, k: int) -> np.ndarray:

@@ -112,7 +112,7 @@ def _measure(preset: str, tokens: int, runs: int, seed: int) -> dict:
     import torch
 
     from pkm_models import get_preset
-    from pkm_models.keras_pkm import _blockwise_sum
+    from pkm_models.keras_pkm import FUSED_SLOTS, _blockwise_sum
 
     c = get_preset(preset).config
     rng = np.random.default_rng(seed)
@@ -154,7 +154,7 @@ def _measure(preset: str, tokens: int, runs: int, seed: int) -> dict:
     v_tf = tf.constant(values)
     i_tf, w_tf = tf.constant(indices.astype(np.int32)), tf.constant(weights)
     einsum = tf.function(lambda v, i, w: tf.einsum("bn,bnd->bd", w, tf.gather(v, i)))
-    fused = tf.function(lambda v, i, w: _blockwise_sum(v, i, w, n, 16), jit_compile=True)
+    fused = tf.function(lambda v, i, w: _blockwise_sum(v, i, w, n, FUSED_SLOTS), jit_compile=True)
     rows = {
         "torch": embedding_bag,
         "onnxruntime": lambda: ort_rows(values, indices, weights),
