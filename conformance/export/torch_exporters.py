@@ -56,6 +56,19 @@ def _dynamic_axes(spec: ModelSpec, tapped: bool) -> dict[str, dict[int, str]]:
     return axes
 
 
+def _drop_source_locations(model) -> None:
+    """Remove the Python stack traces the dynamo exporter records on each node: they name
+    files on the exporting machine, so the same model exported from two checkouts would
+    differ byte for byte (and a shared file would reveal the exporter's paths)."""
+    from onnx_ir.traversal import RecursiveGraphIterator
+
+    for node in RecursiveGraphIterator(model.graph):
+        node.metadata_props.pop(STACK_TRACE_KEY, None)
+
+
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
 def _export_dynamo(module: nn.Module, spec: ModelSpec, path: Path, opset: int, tapped: bool) -> None:
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     with quiet_exporters():
@@ -70,6 +83,7 @@ def _export_dynamo(module: nn.Module, spec: ModelSpec, path: Path, opset: int, t
             optimize=True,
             verbose=False,
         )
+    _drop_source_locations(program.model)
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path), external_data=_weight_bytes(module) > EXTERNAL_DATA_THRESHOLD)
 
