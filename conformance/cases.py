@@ -447,7 +447,10 @@ def load_cases(cases_dir: Path | None = None, names: list[str] | None = None) ->
     """The named cases (all, sorted by name, when ``names`` is empty)."""
     cases_dir = Path(cases_dir or default_cases_dir())
     if not cases_dir.is_dir():
-        raise CaseError(f"no cases folder at {cases_dir}")
+        raise CaseError(
+            f"no cases folder at {cases_dir}: run from the project's folder (the default is "
+            "./conformance/cases) or pass --cases-dir"
+        )
     available = sorted(p.stem for p in cases_dir.glob("*.toml"))
     wanted = list(dict.fromkeys(names)) if names else available
     unknown = [n for n in wanted if n not in available]
