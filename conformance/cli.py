@@ -124,12 +124,22 @@ def _add_run(sub) -> None:
     )
     _add_case_option(p)
     p.add_argument(
-        "--path", action="append", dest="paths", metavar="GLOB", help="paths to run (repeatable; default all)"
+        "--path",
+        action="append",
+        dest="paths",
+        metavar="GLOB",
+        help="paths to run (repeatable; default: every conformance path; a glob matching only paths that "
+        "bench alone times is an error)",
     )
     p.add_argument(
         "--require", action="append", metavar="GLOB", help="paths that must be available (unavailable = failure)"
     )
-    p.add_argument("--report-dir", default=None, help="write report.json, junit.xml and report.md here")
+    p.add_argument(
+        "--report-dir",
+        default=None,
+        help="write report.json, junit.xml, report.md, its histograms (PNG) and a failing path's "
+        "obtained taps (obtained/<case>/<path>.npz) here",
+    )
     p.add_argument(
         "--in-process",
         action="store_true",
@@ -280,14 +290,20 @@ def _run_cases(args: argparse.Namespace) -> int:
 def _add_bench(sub) -> None:
     p = sub.add_parser(
         "bench",
-        help="time every execution path, each in its own process",
+        help="time the execution paths, each in its own process",
         description="Benchmark the execution paths. Presets: seed (the seed README's 6-layer net, input "
         "(16, 256, 768), 100 runs; meant for a GPU), cpu (one XLM-default layer, input (4, 128, 768), 20 runs), "
         "tiny (seconds). Prints a table and, with --report-dir, writes bench.json, bench.md and bench.png.",
         epilog="example: python -m conformance bench --preset cpu --path 'ort-cpu*' --path torch-eager-cpu",
     )
     p.add_argument("--preset", default="cpu", help="seed, cpu or tiny (default cpu)")
-    p.add_argument("--path", action="append", dest="paths", metavar="GLOB", help="paths (repeatable; default all)")
+    p.add_argument(
+        "--path",
+        action="append",
+        dest="paths",
+        metavar="GLOB",
+        help="paths (repeatable; default: every path except ONNX's reference evaluator, too slow to time)",
+    )
     p.add_argument("--runs", type=int, default=None, help="timed runs per path (default: the preset's)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: the preset's)")
     p.add_argument(
@@ -355,7 +371,9 @@ def _add_merge(sub) -> None:
         "  python -m conformance merge cpu/bench.json gpu/bench.json --report-dir merged-bench/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("files", nargs="+", metavar="FILE", help="report.json files, or bench.json files, one per run")
+    p.add_argument(
+        "files", nargs="+", metavar="FILE", help="two or more report.json files, or bench.json files, one per run"
+    )
     p.add_argument(
         "--report-dir", default=None, help="write report.json, report.md and junit.xml (or bench.json, bench.md) here"
     )
@@ -374,7 +392,7 @@ def _add_export(sub) -> None:
 
     p = sub.add_parser(
         "export",
-        help="export a preset to ONNX with every exporter (or the ones named)",
+        help="export a preset or a case to ONNX with every exporter (or the ones named)",
         description="Export a PKM model to ONNX. Writes OUT/<exporter>.onnx (plus <exporter>.onnx.data for "
         "models over 256 MB of weights), checks each file with onnx.checker (full check) and prints a report: "
         "op types, parameters, size, and warnings for ops that are slow or that TensorRT rejects.",
@@ -392,7 +410,8 @@ def _add_export(sub) -> None:
         action="append",
         dest="exporters",
         metavar="NAME",
-        help=f"one of {', '.join(EXPORTER_NAMES)}; repeatable (default: all)",
+        help=f"one of {', '.join(EXPORTER_NAMES)}; repeatable (default: all; with --precision other than fp32, "
+        "torch-fast only)",
     )
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--tapped", action="store_true", help="also output the conformance taps (query ... output)")

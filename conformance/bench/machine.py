@@ -1,6 +1,6 @@
 """What explains a machine's benchmark figures: CPU and flags, threads, bandwidth, page faults.
 
-    python -m conformance.bench.machine [--preset cpu]
+    python -m conformance.bench.machine [--preset cpu] [--json]
 
 The same PKM pass took 1.2-2.7x longer on one machine than on another of the same kind.
 These figures are what a table from one machine needs to be read against another's:

@@ -2,8 +2,9 @@
 one line per path, one file per family.
 
 Names say runtime, mode, device and, for ONNX paths, which export they run. A path marked
-``benchmark_only`` (the Keras port's slower weighted-sum methods, the seed's approach) is
-timed by ``bench`` but not part of the conformance run. Adding a path is a class in a
+``benchmark_only`` (the Keras port's slower weighted-sum methods and its exportable
+``[einsum]`` variants, ``torch-compile-*[fast]``, the seed's approach) is timed by
+``bench`` but not part of the conformance run. Adding a path is a class in a
 family file (or a new family file) and a line here.
 """
 

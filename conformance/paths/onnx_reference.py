@@ -3,8 +3,8 @@ spec, so only for small cases.
 
 One op is replaced: onnx 1.23's ``GatherElements`` goes through ``numpy.choose``, which
 takes at most 64 choices, and its fallback and its shape check reject indices that are
-smaller than the data along other axes, both of which the spec allows (and both exports of
-the reference produce: a top-k over ``knn**2`` candidates). :class:`GatherElements` below
+smaller than the data along other axes, both of which the spec allows (and the torch
+exports produce: a top-k over ``knn**2`` candidates). :class:`GatherElements` below
 is the spec's definition, ``numpy.take_along_axis``.
 """
 
