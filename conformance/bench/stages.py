@@ -1,6 +1,6 @@
 """Each stage of one layer alone, in each runtime: where the execution paths differ.
 
-    python -m conformance.bench.stages [--preset xlm] [--tokens 512] [--runs 15]
+    python -m conformance.bench.stages [--preset xlm] [--tokens 512] [--runs 15] [--slots 8]
 
 On random data of the layer's shapes, in one process, on the CPU, median of ``--runs``
 after 2 warm-up calls:
@@ -10,7 +10,8 @@ after 2 warm-up calls:
 * ``rows``: gathering the ``tokens x heads x knn`` selected value rows and summing them
   with their weights: PyTorch's ``EmbeddingBag``, ONNX Runtime's ``Gather`` + ``MatMul``
   8 slots at a time (as in the ``torch-fast`` export), TensorFlow's gather + einsum (the
-  seed's), and the Keras port's ``fused`` blocks compiled by XLA.
+  seed's), and the Keras port's ``fused`` blocks compiled by XLA (``--slots`` slots per
+  block: the port's ``FUSED_SLOTS`` by default).
 
 Every runtime's result is checked against PyTorch's before it is timed.
 """
@@ -98,16 +99,16 @@ def _ort_rows(n: int, slots: int = SLOTS):
     )[0]
 
 
-def measure(preset: str = "xlm", tokens: int = 512, runs: int = 15, seed: int = 0) -> dict:
+def measure(preset: str = "xlm", tokens: int = 512, runs: int = 15, seed: int = 0, slots: int | None = None) -> dict:
     """``{"read_gb_per_s": float, "top-k": {runtime: ms}, "rows": {runtime: ms}}``, every
     runtime on the CPU."""
     import tensorflow as tf
 
     with tf.device("/CPU:0"):
-        return _measure(preset, tokens, runs, seed)
+        return _measure(preset, tokens, runs, seed, slots)
 
 
-def _measure(preset: str, tokens: int, runs: int, seed: int) -> dict:
+def _measure(preset: str, tokens: int, runs: int, seed: int, slots: int | None) -> dict:
     import tensorflow as tf
     import torch
 
@@ -154,7 +155,7 @@ def _measure(preset: str, tokens: int, runs: int, seed: int) -> dict:
     v_tf = tf.constant(values)
     i_tf, w_tf = tf.constant(indices.astype(np.int32)), tf.constant(weights)
     einsum = tf.function(lambda v, i, w: tf.einsum("bn,bnd->bd", w, tf.gather(v, i)))
-    fused = tf.function(lambda v, i, w: _blockwise_sum(v, i, w, n, FUSED_SLOTS), jit_compile=True)
+    fused = tf.function(lambda v, i, w: _blockwise_sum(v, i, w, n, slots or FUSED_SLOTS), jit_compile=True)
     rows = {
         "torch": embedding_bag,
         "onnxruntime": lambda: ort_rows(values, indices, weights),
@@ -172,14 +173,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="xlm", choices=sorted(PRESETS), help="model preset (default xlm)")
     parser.add_argument("--tokens", type=int, default=512, help="tokens per pass (default 512, the cpu bench)")
     parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument(
+        "--slots", type=int, default=None, help="slots per block of the XLA-fused sum (default: the Keras port's)"
+    )
     args = parser.parse_args(argv)
-    if args.tokens < 1 or args.runs < 1:
-        parser.error("--tokens and --runs must be >= 1")
+    if args.tokens < 1 or args.runs < 1 or (args.slots is not None and args.slots < 1):
+        parser.error("--tokens, --runs and --slots must be >= 1")
     from conformance.isolation import quiet_third_party
 
     quiet_third_party(verbose=False)
-    result = measure(args.preset, args.tokens, args.runs)
+    result = measure(args.preset, args.tokens, args.runs, slots=args.slots)
+    from pkm_models.keras_pkm import FUSED_SLOTS
+
     print(f"preset {args.preset}, {args.tokens} tokens, median of {args.runs} runs")
+    print(f"XLA-fused sum: {args.slots or FUSED_SLOTS} slots per block")
     print(f"sequential read of the value table (numpy, one thread): {result['read_gb_per_s']:.1f} GB/s\n")
     runtimes = list(result["top-k"])
     print("| stage | " + " | ".join(runtimes) + " |\n|---|" + "---|" * len(runtimes))

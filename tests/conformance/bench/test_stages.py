@@ -27,16 +27,17 @@ def test_a_runtime_that_computes_something_else_is_refused(monkeypatch):
 
 
 def test_command_prints_the_table(capsys):
-    assert stages.main(["--preset", "tiny", "--tokens", "4", "--runs", "1"]) == 0
+    assert stages.main(["--preset", "tiny", "--tokens", "4", "--runs", "1", "--slots", "3"]) == 0
     out = capsys.readouterr().out
+    assert "XLA-fused sum: 3 slots per block" in out
     assert "| stage | torch | onnxruntime | tf.function | xla |" in out and "| rows |" in out
 
 
-@pytest.mark.parametrize("option", ["--runs", "--tokens"])
+@pytest.mark.parametrize("option", ["--runs", "--tokens", "--slots"])
 def test_rejects_zero(option, capsys):
     with pytest.raises(SystemExit):
         stages.main([option, "0"])
-    assert "--tokens and --runs must be >= 1" in capsys.readouterr().err
+    assert "--tokens, --runs and --slots must be >= 1" in capsys.readouterr().err
 
 
 def test_rejects_an_unknown_preset(capsys):
