@@ -37,11 +37,10 @@ class TorchPath(ExecutionPath):
             )
             raise PathUnavailable(f"{why} (torch {torch.__version__})")
 
-    def _model(self, context: CaseContext, example=None):
-        """The model on the device; for torch-compile compiled now, not when timed, on the
-        ``example`` input (a tensor on the device; default a (1, 1, input_dim) one)."""
-        import torch
-
+    def _model(self, context: CaseContext, example):
+        """The model on the device; for torch-compile compiled now, not when run or timed,
+        for ``example``'s shape (a tensor on the device): ``dynamic=False`` compiles once
+        per shape, so compiling for any other shape would compile twice."""
         model = context.torch_model.to(self.device)
         if MODELS[self.model] is not None:
             from pkm_models.torch_fast import fast_module
@@ -49,8 +48,8 @@ class TorchPath(ExecutionPath):
             model = fast_module(model, weighted_sum=MODELS[self.model])  # shares the reference's parameters
         if not self.compiled:
             return model
-        if example is None:
-            example = torch.zeros((1, 1, context.case.config.input_dim), device=self.device)
+        import torch
+
         compiled = torch.compile(model, dynamic=False)
         with torch.inference_mode():
             compiled(example, return_taps=True)
@@ -59,7 +58,8 @@ class TorchPath(ExecutionPath):
     def prepare(self, context: CaseContext):
         import torch
 
-        model = self._model(context)
+        # the case's input shape: what run() is called on
+        model = self._model(context, example=torch.zeros(context.case.input_shape, device=self.device))
 
         def run(x: np.ndarray) -> dict[str, np.ndarray]:
             with torch.inference_mode():
