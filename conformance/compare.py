@@ -162,6 +162,8 @@ def _compare_layer(
     prefix: str,
     skip_tokens: np.ndarray | None,
     path: str,
+    layer_input: np.ndarray | None = None,
+    layer_weights: dict[str, np.ndarray] | None = None,
 ) -> tuple[list[TensorResult], dict[str, np.ndarray], np.ndarray]:
     """One layer's five taps (names ``prefix + tap``); returns the results, the errors of
     failing float taps, and the tokens whose selection legitimately differs here.
@@ -169,7 +171,9 @@ def _compare_layer(
     A reduced-precision path (``...@fp16``) is judged by :mod:`conformance.precision`'s
     rules where they differ from float32's: the type of ``query``, the near-tie margin,
     and the ``indices``, ``scores``, ``weights`` and ``output`` taps, with figures."""
-    rules = reduced_precision_rules(path, got, expected, keys, values, config, tolerance("query"))
+    rules = reduced_precision_rules(
+        path, got, expected, keys, values, config, tolerance("query"), layer_input, layer_weights
+    )
     results: dict[str, TensorResult] = {}
     errors: dict[str, np.ndarray] = {}
     heads = config.heads
@@ -313,6 +317,14 @@ def layer_weights(weights: dict[str, np.ndarray], layers: int, i: int) -> tuple[
     return weights[prefix + "keys"], weights[prefix + "values.weight"]
 
 
+def _strip_layer(weights: dict[str, np.ndarray], layers: int, i: int) -> dict[str, np.ndarray]:
+    """Layer ``i``'s torch-named weights without the ``layers.<i>.`` prefix."""
+    if layers == 1:
+        return weights
+    prefix = f"layers.{i}."
+    return {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
 def compare_taps(
     got: dict[str, np.ndarray],
     expected: dict[str, np.ndarray],
@@ -323,8 +335,11 @@ def compare_taps(
     case: str,
     path: str,
     layers: int = 1,
+    layer_input: np.ndarray | None = None,
 ) -> Comparison:
-    """Compare every tap, layer by layer, in pipeline order; see the module docstring."""
+    """Compare every tap, layer by layer, in pipeline order; see the module docstring.
+    ``layer_input``: the golden input of the first layer (a reduced-precision path's
+    ``query`` is judged by a bound derived from it)."""
     tensors: list[TensorResult] = []
     errors: dict[str, np.ndarray] = {}
     downstream = None  # tokens whose input to this layer legitimately differs
@@ -346,6 +361,8 @@ def compare_taps(
             prefix=prefix,
             skip_tokens=downstream,
             path=path,
+            layer_input=layer_input if i == 0 else None,
+            layer_weights=_strip_layer(weights, layers, i),
         )
         tensors += results
         errors.update(errs)
@@ -355,7 +372,16 @@ def compare_taps(
     return Comparison(tensors, errors, downstream_tokens=set_aside)
 
 
-def compare_case(case, got: dict[str, np.ndarray], expected: dict[str, np.ndarray], *, weights, policy, path: str):
+def compare_case(
+    case,
+    got: dict[str, np.ndarray],
+    expected: dict[str, np.ndarray],
+    *,
+    weights,
+    policy,
+    path: str,
+    layer_input: np.ndarray | None = None,
+):
     """:func:`compare_taps` with a case's config, layer count and name (``case`` is a
     :class:`conformance.cases.Case`)."""
     return compare_taps(
@@ -367,6 +393,7 @@ def compare_case(case, got: dict[str, np.ndarray], expected: dict[str, np.ndarra
         policy=policy,
         case=case.name,
         path=path,
+        layer_input=layer_input,
     )
 
 

@@ -46,9 +46,18 @@ Bounds (all per row or per token, computed from the data the run already has):
   against the float64 weighted sum of the path's own rows and weights, each term carries
   the rounding of the value (``u``) and of the product (``u``), and the result its own
   rounding (``u |o|``), plus float32 accumulation of ``n`` terms.
-* fp16 / bf16 query: measured, not derived. Its bound needs the layer's input, which the
-  comparison does not see, so ``golden/tolerances.toml`` holds ``[precision.fp16.tap.query]``
-  and ``[precision.bf16.tap.query]`` entries justified by measurement in docs/precision.md.
+* fp16 / bf16 query, derived under the same assumption (:func:`query_error_bound`), from
+  the layer's golden input ``x`` and its float32 weights: the input, the weight and the
+  bias are rounded to the type (``u`` each), the products accumulate in float32 (two such
+  sums, the path's and the golden's: ``2 n 2^-24``), and the projection and the bias
+  addition each round their result, so an element of the projection is off by at most
+  ``(3u + 2 n 2^-24) S + 2u |b| + u |q|`` with ``S = sum_j |x_j| |W_j|``, up to second-order
+  terms (a factor ``1 + 16u`` covers them). With query batchnorm (inference: running
+  statistics) that error is scaled by ``|gamma| / sqrt(var + eps)``, and the six roundings
+  of its ops and of its rounded statistics add ``8u`` of ``|z - mean| |gamma| /
+  sqrt(var + eps)`` plus ``2u |beta|``. A network at reduced precision is judged layer by
+  layer, each layer alone on its golden input (the runner's ``judged_layer_by_layer``),
+  so every layer's bound is taken on the input it was meant for.
 
 Figures (:func:`precision_figures`): selection agreement (the fraction of (token, head)
 rows whose selected set equals the golden's), ambiguous rows at that precision, the
@@ -188,6 +197,35 @@ def weighted_sum_bound(
     row_max = np.abs(np.asarray(values, np.float32)).max(axis=1).astype(np.float64)
     terms = np.sum(w * row_max[idx], axis=1)  # bound on sum_j |w_j| |v_j| for any element
     return (2 * u + u * u + n * U32) * terms * (1 + u) + u * terms
+
+
+# --- the query --------------------------------------------------------------------------------
+def query_error_bound(
+    layer_input: np.ndarray, layer_weights: dict[str, np.ndarray], config: PKMConfig, precision: str, query
+) -> np.ndarray:
+    """(bs*heads, k_dim) float64, derived for fp16 / bf16 (float32 accumulation assumed;
+    see the module docstring): how far the path's query element can be from the float32
+    golden's, given the layer's golden input ``(..., input_dim)``, its torch-named weights
+    (``query_proj.0.weight`` ..., without a layer prefix) and ``query``, the larger of the
+    path's and the golden's |query| elementwise."""
+    u = UNIT_ROUNDOFF[precision]
+    x = np.abs(np.asarray(layer_input, np.float64)).reshape(-1, config.input_dim)  # (bs,input_dim)
+    w = np.abs(np.asarray(layer_weights["query_proj.0.weight"], np.float64))  # (hk,input_dim)
+    b = np.abs(np.asarray(layer_weights["query_proj.0.bias"], np.float64))  # (hk,)
+    q = np.abs(np.asarray(query, np.float64)).reshape(x.shape[0], -1)  # (bs,hk)
+    s = x @ w.T  # (bs,hk): sum_j |x_j| |W_j|
+    n = config.input_dim
+    linear = (3 * u + 2 * n * U32) * s + 2 * u * b  # the projection before its last rounding
+    if config.query_batchnorm:
+        mean = np.asarray(layer_weights["query_proj.1.running_mean"], np.float64)
+        var = np.asarray(layer_weights["query_proj.1.running_var"], np.float64)
+        gamma = np.abs(np.asarray(layer_weights["query_proj.1.weight"], np.float64))
+        beta = np.abs(np.asarray(layer_weights["query_proj.1.bias"], np.float64))
+        scale = gamma / np.sqrt(var + 1e-5)  # (hk,)
+        z = s + b  # bounds |x W + b| for any element
+        linear = scale * (linear + u * (z + np.abs(mean))) + 8 * u * (z + np.abs(mean)) * scale + 2 * u * beta
+    bound = (linear + u * q) * (1 + 16 * u)
+    return bound.reshape(-1, config.k_dim)
 
 
 # --- scores and the near-tie margin --------------------------------------------------------
@@ -348,12 +386,18 @@ class ReducedPrecisionRules:
     * :meth:`figures`: agreement, ambiguous rows, output error relative to its RMS.
     """
 
-    def __init__(self, precision, got, expected, keys, values, config, query_tol):
+    def __init__(self, precision, got, expected, keys, values, config, query_tol, layer_input=None, layer_weights=None):
         self.precision = check_precision(precision)
         self.config, self.keys, self.values = config, keys, values
         self.half = precision in ("fp16", "bf16")
         self.score_bound = None
+        self.query_bound = None  # derived where the layer's input is known
         self.expected_query = expected["query"]
+        if self.half and layer_input is not None and layer_weights is not None:
+            q = np.asarray(got.get("query", np.empty(0)), np.float64)
+            e = np.abs(np.asarray(expected["query"], np.float64))
+            size = np.maximum(np.abs(q), e) if q.shape == e.shape and np.all(np.isfinite(q)) else e
+            self.query_bound = query_error_bound(layer_input, layer_weights, config, precision, size)
         if self.half:
             # the query's own error as the path returned it; its tolerance where that tap is unusable
             # (the query tap then fails by itself)
@@ -399,7 +443,12 @@ class ReducedPrecisionRules:
         c = self.config
         if name == "indices" and self.half:
             return self._judge_indices(np.asarray(got), np.asarray(expected))
-        if name == "output":
+        if name == "query" and self.query_bound is not None:
+            e = np.asarray(expected, np.float64)
+            err = np.abs(np.asarray(got, np.float64) - e)
+            limit = self.query_bound + tol.atol + tol.rtol * np.abs(e)
+            what = f"the {self.precision} projection bound"
+        elif name == "output":
             if "indices" not in got_taps or "weights" not in got_taps:
                 return None
             own = own_weighted_sum(got_taps["indices"], got_taps["weights"], self.values, c)  # (bs,v_dim)
@@ -436,6 +485,8 @@ class ReducedPrecisionRules:
         if bad.any():
             first = tuple(int(i) for i in np.argwhere(bad)[0])
             against = "its own rows and weights" if name == "output" else "the golden"
+            if name == "query":
+                against += " (on the layer's golden input)"
             result.message = (
                 f"{int(bad.sum())} of {bad.size} elements exceed {what} against {against}; "
                 f"first at {first}: error {err[first]:.3g} > bound {limit[first]:.3g}"
@@ -516,9 +567,14 @@ class ReducedPrecisionRules:
         return out
 
 
-def reduced_precision_rules(path: str, got, expected, keys, values, config, query_tol) -> ReducedPrecisionRules | None:
-    """The rules for ``path``'s precision (from its name), or None for float32."""
+def reduced_precision_rules(
+    path: str, got, expected, keys, values, config, query_tol, layer_input=None, layer_weights=None
+) -> ReducedPrecisionRules | None:
+    """The rules for ``path``'s precision (from its name), or None for float32.
+    ``layer_input`` and ``layer_weights`` (the layer's golden input and its torch-named
+    weights) let the ``query`` tap be judged by a derived bound; without them it is judged
+    by its resolved tolerance."""
     precision = precision_of(path)
     if precision == FP32:
         return None
-    return ReducedPrecisionRules(precision, got, expected, keys, values, config, query_tol)
+    return ReducedPrecisionRules(precision, got, expected, keys, values, config, query_tol, layer_input, layer_weights)

@@ -72,7 +72,9 @@ def check_golden_matches_case(case: Case, golden: Golden, store: GoldenStore) ->
 
 
 def _judge(path_name: str, case: Case, got: dict, golden: Golden, weights, policy, seconds) -> PathResult:
-    comparison = compare_case(case, got, golden.taps, weights=weights, policy=policy, path=path_name)
+    comparison = compare_case(
+        case, got, golden.taps, weights=weights, policy=policy, path=path_name, layer_input=golden.input
+    )
     reason = ""
     if not comparison.ok:
         bad = next(t for t in comparison.tensors if not t)
@@ -101,22 +103,28 @@ def judge_layerwise(
     policy: TolerancePolicy,
     options: RunOptions,
     result: PathResult,
+    first: int = 1,
 ) -> PathResult:
     """A network whose end-to-end comparison set tokens aside (a legitimate flip in one
     layer changes the next layer's input): run every later layer of ``path`` alone on its
     golden input (the golden output of the layer before) and judge it on all tokens. Its
-    taps join the result as ``<i>/<tap>@golden-input``; the path passes only if they do."""
+    taps join the result as ``<i>/<tap>@golden-input``; the path passes only if they do.
+    ``first=0`` judges every layer that way (the first one on the case's input): how a
+    path that is :meth:`~conformance.paths.ExecutionPath.judged_layer_by_layer` is judged."""
     from pkm_models.convert import split_layers
 
     per_layer = split_layers(weights)
-    for i in range(1, case.spec.layers):
+    for i in range(first, case.spec.layers):
+        layer_input = golden.input if i == 0 else golden.taps[f"{i - 1}/output"]
         with tempfile.TemporaryDirectory(prefix=f"pkm-{case.name}-layer{i}-") as tmp:
             np.savez(Path(tmp) / "weights.npz", **per_layer[i])
-            np.save(Path(tmp) / "input.npy", golden.taps[f"{i - 1}/output"], allow_pickle=False)
+            np.save(Path(tmp) / "input.npy", layer_input, allow_pickle=False)
             sub = case.layer(i, Path(tmp) / "weights.npz", Path(tmp) / "input.npy")
             taps = {tap: golden.taps[f"{i}/{tap}"] for tap in TAPS}
-            sub_golden = Golden(case.name, golden.meta, golden.taps[f"{i - 1}/output"], taps, per_layer[i])
+            sub_golden = Golden(case.name, golden.meta, layer_input, taps, per_layer[i])
             (alone,) = _run_case(sub, sub_golden, per_layer[i], [path], policy, options, lambda _: None)
+        if alone.seconds is not None and first == 0:  # the path's whole time is its layers'
+            result.seconds = (result.seconds or 0.0) + alone.seconds
         if alone.status not in (PASS, FAIL):
             return dataclasses.replace(
                 result, status=alone.status, reason=f"layer {i} alone on its golden input: {alone.reason}"
@@ -234,6 +242,25 @@ def run_conformance(
     return RunResult(results, environment())
 
 
+def _judge_layer_by_layer(
+    path: ExecutionPath,
+    case: Case,
+    golden: Golden,
+    weights: dict[str, np.ndarray],
+    policy: TolerancePolicy,
+    options: RunOptions,
+    required: bool,
+) -> PathResult:
+    """Every layer of the network alone on its golden input (:func:`judge_layerwise`
+    from layer 0), never the network end to end."""
+    try:
+        path.check(case)
+    except PathUnavailable as exc:
+        return PathResult.unavailable(path.name, str(exc), required)
+    result = PathResult(path.name, PASS)
+    return judge_layerwise(path, case, golden, weights, policy, options, result, first=0)
+
+
 def _run_case(
     case: Case,
     golden: Golden,
@@ -256,6 +283,10 @@ def _run_case(
 
         def one(path: ExecutionPath) -> PathResult:
             required = options.required(path.name)
+            if case.spec.layers > 1 and path.judged_layer_by_layer(case):
+                result = _judge_layer_by_layer(path, case, golden, context.weights, policy, options, required)
+                report(result)
+                return result
             if options.isolate:
                 result = run_path_isolated(path, context, golden, policy, required, options.timeout)
             else:

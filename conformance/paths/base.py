@@ -115,6 +115,13 @@ class ExecutionPath:
     def prepare(self, context: CaseContext) -> Runner:
         raise NotImplementedError
 
+    def judged_layer_by_layer(self, case: Case) -> bool:
+        """True when a network (``case.spec.layers > 1``) is judged one layer at a time,
+        each layer alone on its golden input, instead of end to end: for paths whose
+        tolerances hold for one layer on the reference's input but not for an error that
+        grows from layer to layer (reduced precision)."""
+        return False
+
     def prepare_timed(self, context: CaseContext, x: np.ndarray) -> TimedPass:
         """A function of no arguments that runs one forward pass on ``x`` and returns the
         path's own outputs (host or device objects). Default: :meth:`prepare` on ``x``."""

@@ -82,18 +82,18 @@ class PrecisionPath(ExecutionPath):
 
     def check(self, case) -> None:
         self.base.check(case)
-        if case is not None and case.spec.layers > 1:
-            raise PathUnavailable(
-                f"{self.precision} is judged on single-layer cases only: the derived bounds assume each layer "
-                "sees the golden input, while in a network a layer's reduced-precision output feeds the next "
-                "(docs/precision.md)"
-            )
         if self.precision == "int8" and self.family == "tf":
             raise PathUnavailable("the Keras port has no int8 value table (int8 is made for torch and ONNX)")
         if self.precision == "int8" and getattr(self.base, "compiled", False):
             raise PathUnavailable(
                 "torch.compile does not trace PyTorch's quantized EmbeddingBag op; run torch-eager-cpu@int8"
             )
+
+    def judged_layer_by_layer(self, case) -> bool:
+        """A network at reduced precision is judged layer by layer, each layer alone on its
+        golden input: the derived bounds are those of one layer on the reference's input,
+        while end to end each layer's rounded output feeds the next (docs/precision.md)."""
+        return case.spec.layers > 1
 
     def _view(self, context: CaseContext) -> _PrecisionContext:
         return _PrecisionContext(context, self.precision)

@@ -18,6 +18,7 @@ from conformance.precision import (
     int8_output_bound,
     join_name,
     quantize_rows,
+    query_error_bound,
     representable,
     selection_agreement,
     slot_scores,
@@ -106,6 +107,7 @@ def _compare(small, got, path):
         policy=policy,
         case="small",
         path=path,
+        layer_input=golden.input,
     )
 
 
@@ -155,6 +157,69 @@ def test_fp16_wrong_value_row_fails_at_output(small):
     got["output"] = got["output"].copy()
     got["output"].reshape(-1, config.v_dim)[3] += 0.05 * np.abs(got["output"]).max()
     assert _compare(small, got, "torch-eager-cpu@fp16").first_divergence == "output"
+
+
+def _rounded(a, precision: str) -> np.ndarray:
+    """``a`` rounded to the type (round to nearest even), back as float32."""
+    return torch.from_numpy(np.asarray(a, np.float32)).to(DTYPES[precision]).float().numpy()
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_the_query_bound_holds_for_a_projection_computed_in_the_type(precision, batchnorm):
+    """An emulation independent of the bound's formula: operands rounded to the type, their
+    products summed in float32, each op's result rounded; against the float32 projection
+    its error stays within query_error_bound: on random inputs up to 30x the shipped
+    cases', and on an adversarial one where every operand rounds down by almost u (all
+    errors add up), which comes within a factor 2.5 of the bound (4 with batchnorm)."""
+    rng = np.random.default_rng(0)
+    config = PKMConfig(input_dim=96, output_dim=8, k_dim=8, heads=2, knn=4, n_keys=8, query_batchnorm=batchnorm)
+    hk, f32 = config.heads * config.k_dim, np.float32
+    u = {"fp16": 2.0**-11, "bf16": 2.0**-8}[precision]
+    random = {"query_proj.0.weight": rng.normal(0, 0.3, (hk, 96)), "query_proj.0.bias": rng.normal(0, 1, hk)}
+    below_half_step = 1 + 0.99 * u  # rounds down to 1 in the type, by almost u
+    adversarial = {"query_proj.0.weight": np.full((hk, 96), below_half_step), "query_proj.0.bias": np.zeros(hk)}
+    if batchnorm:
+        bn = {"running_mean": rng.normal(0, 2, hk), "running_var": rng.uniform(0.25, 2, hk)}
+        bn.update(weight=rng.normal(1, 0.5, hk), bias=rng.normal(0, 1, hk))
+        for w in (random, adversarial):
+            w.update({f"query_proj.1.{k}": v for k, v in bn.items()})
+    trials = [
+        (rng.standard_normal((64, 96)), random),
+        (30 * rng.standard_normal((64, 96)), random),
+        (np.full((64, 96), below_half_step), adversarial),
+    ]
+    ratios = []
+    for x, w in trials:
+        x, w = x.astype(f32), {k: v.astype(f32) for k, v in w.items()}
+        exact = x @ w["query_proj.0.weight"].T + w["query_proj.0.bias"]  # the float32 golden
+        r = lambda a: _rounded(a, precision)  # noqa: E731
+        q = r(r(r(x) @ r(w["query_proj.0.weight"]).T) + r(w["query_proj.0.bias"]))
+        if batchnorm:
+            m, v = w["query_proj.1.running_mean"], w["query_proj.1.running_var"]
+            g, b = w["query_proj.1.weight"], w["query_proj.1.bias"]
+            exact = (exact - m) / np.sqrt(v + f32(1e-5)) * g + b
+            inv = r(1 / np.sqrt(r(r(v) + f32(1e-5))))
+            q = r(r(r(r(q - r(m)) * inv) * r(g)) + r(b))
+        size = np.maximum(np.abs(q), np.abs(exact))
+        bound = query_error_bound(x, w, config, precision, size).reshape(q.shape)
+        err = np.abs(q.astype(np.float64) - exact)
+        assert (err <= bound).all(), float((err / bound).max())
+        ratios.append(float((err / bound).max()))
+    assert ratios[-1] > (0.2 if batchnorm else 0.4), ratios  # the adversarial input comes close to the bound
+
+
+def test_fp16_query_off_by_more_than_rounding_fails_at_query(small):
+    golden, config, model, _ = small
+    got = _taps(CastModel(copy.deepcopy(model), DTYPES["fp16"]), golden.input)
+    assert _compare(small, got, "torch-eager-cpu@fp16").ok
+    weights = {k: v for k, v in golden.weights.items() if k.startswith("query_proj")}
+    bound = query_error_bound(golden.input, weights, config, "fp16", np.abs(golden.taps["query"]))
+    got["query"] = got["query"].copy()
+    got["query"][5, 3] = _rounded(got["query"][5, 3] + 4 * bound[5, 3], "fp16")
+    result = _compare(small, got, "torch-eager-cpu@fp16")
+    assert result.first_divergence == "query"
+    assert "the fp16 projection bound" in next(t for t in result.tensors if t.name == "query").message
 
 
 def test_int8_passes_within_its_derived_bound(small):

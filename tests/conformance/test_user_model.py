@@ -307,3 +307,58 @@ def test_a_wrong_layer_alone_fails_at_its_golden_input(tied_stack, monkeypatch):
     (path,) = result.cases[0].paths
     assert path.downstream_tokens > 0
     assert path.status == "fail" and path.first_divergence == "1/output@golden-input", path.reason
+
+
+# --- a network at reduced precision: every layer alone on its golden input -----------------
+def test_a_network_at_reduced_precision_is_judged_layer_by_layer(stacked):
+    from conformance.paths import select_paths
+    from conformance.runner import RunOptions, run_conformance
+
+    result = run_conformance(
+        stacked.cases("stack"),
+        select_paths(["torch-eager-cpu@fp16"]),
+        stacked.store,
+        stacked.policy(),
+        RunOptions(isolate=False),
+    )
+    (path,) = result.cases[0].paths
+    assert path.status == "pass", path.reason
+    assert [t.name for t in path.tensors] == [
+        f"{i}/{tap}@golden-input" for i in range(3) for tap in ("query", "scores", "indices", "weights", "output")
+    ]
+
+
+class Fp16WrongInLayer1(ExecutionPath):
+    """fp16 taps of whichever layer it is given; layer 1's output off by 1e-2."""
+
+    name = "torch-eager-cpu@fp16"
+
+    def judged_layer_by_layer(self, case):
+        return case.spec.layers > 1
+
+    def prepare(self, context):
+        from pkm_models.torch_precision import DTYPES, CastModel
+
+        model = CastModel(context.torch_model, DTYPES["fp16"]).eval()
+        wrong = context.case.spec.name.endswith("#layer1")
+
+        def run(x):
+            with torch.inference_mode():
+                taps = model(torch.tensor(x), return_taps=True)
+            taps = {k: v.numpy() if v.dtype == torch.int64 else v.float().numpy() for k, v in taps.items()}
+            if wrong:
+                taps["output"] = taps["output"] + np.float32(1e-2)
+            return taps
+
+        return run
+
+
+def test_a_network_at_reduced_precision_fails_at_the_wrong_layer(stacked):
+    from conformance.runner import RunOptions, run_conformance
+
+    result = run_conformance(
+        stacked.cases("stack"), [Fp16WrongInLayer1()], stacked.store, stacked.policy(), RunOptions(isolate=False)
+    )
+    (path,) = result.cases[0].paths
+    assert path.status == "fail" and path.first_divergence == "1/output@golden-input", path.reason
+    assert all(t for t in path.tensors if t.name.startswith(("0/", "2/")))
