@@ -13,13 +13,15 @@ toolkit receives SIGINT or SIGTERM.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 _LIVE: set[subprocess.Popen] = set()
@@ -99,6 +101,23 @@ def handle_signals() -> None:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+
+
+_MUTED = threading.RLock()
+
+
+@contextlib.contextmanager
+def muted() -> Iterator[None]:
+    """Third-party code's prints (stdout) and warnings dropped while the block runs.
+
+    ``sys.stdout`` and the warning filters are process-wide, so two threads that swap them
+    at once can restore each other's replacement and leave the process printing into a
+    dropped buffer (the runner's paths run in threads, and each may export). The blocks
+    therefore run one at a time; they wrap exports and library loading, which are not
+    safe to run concurrently anyway."""
+    with _MUTED, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
 
 
 def quiet_third_party(verbose: bool) -> None:

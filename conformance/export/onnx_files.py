@@ -11,16 +11,16 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import io
 import logging
 import os
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from conformance.isolation import muted
 
 EXTERNAL_DATA_THRESHOLD = 256 << 20  # bytes of initializers
 # Ops that run slowly in ONNX Runtime or that TensorRT rejects
@@ -35,19 +35,19 @@ SEQUENCE_PREFIX = "Sequence"
 @contextlib.contextmanager
 def quiet_exporters():
     """The exporters print progress to stdout and log warnings about optional packages;
-    keep the terminal for the toolkit's own output. Errors still raise."""
+    keep the terminal for the toolkit's own output. Errors still raise. One export at a
+    time (:func:`conformance.isolation.muted`)."""
     names = ("tf2onnx", "torch.onnx", "onnxscript", "onnx_ir", "torch.export", "torch._dynamo")
     loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
+    with muted():
+        levels = [lg.level for lg in loggers]
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
             yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:

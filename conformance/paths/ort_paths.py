@@ -12,13 +12,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import io
 import os
 import sys
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from conformance.isolation import muted
 from conformance.paths.base import CaseContext, ExecutionPath, PathUnavailable
 
 PROVIDERS = {
@@ -61,12 +60,7 @@ def preload_gpu_libraries() -> None:
     import onnxruntime as ort
 
     if hasattr(ort, "preload_dlls"):
-        with (
-            contextlib.redirect_stdout(io.StringIO()),
-            warnings.catch_warnings(),
-            contextlib.suppress(Exception),
-        ):
-            warnings.simplefilter("ignore")
+        with muted(), contextlib.suppress(Exception):
             ort.preload_dlls()
     names = dict.fromkeys([*CUDA_LIBRARIES["cuda"], *CUDA_LIBRARIES["tensorrt"], *TENSORRT_LIBRARIES])
     for name in names:
