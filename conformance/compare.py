@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from conformance.precision import reduced_precision_rules
+from conformance.precision import precision_of, reduced_precision_rules, type_problem
 from conformance.results import FAIL, PASS, Comparison, TensorResult
 from conformance.tolerances import Tolerance, ToleranceError, TolerancePolicy
 from pkm_models.config import TAPS, PKMConfig, tap_names
@@ -151,6 +151,32 @@ def _invalid_selections(
     return ~valid, why
 
 
+def _structure_problems(got: dict, expected: dict, prefix: str, precision: str) -> dict[str, TensorResult]:
+    """The taps of one layer that are missing, of the wrong shape or dtype, not finite, or
+    (reduced precision) not of the declared type: tap -> failing result."""
+    results: dict[str, TensorResult] = {}
+    for name in TAPS:
+        full = prefix + name
+        if name not in got:
+            results[name] = TensorResult(full, FAIL, message=f"the path returned no {full!r} tap")
+            continue
+        g, e = np.asarray(got[name]), expected[name]
+        if g.shape != e.shape or g.dtype != e.dtype:
+            results[name] = TensorResult(
+                full, FAIL, message=f"expected {e.dtype}{list(e.shape)}, got {g.dtype}{list(g.shape)}"
+            )
+        elif g.dtype.kind == "f" and not np.all(np.isfinite(g)):
+            results[name] = TensorResult(
+                full,
+                FAIL,
+                mismatches=int((~np.isfinite(g)).sum()),
+                message=f"{int(np.isnan(g).sum())} NaN and {int(np.isinf(g).sum())} Inf values",
+            )
+        elif why := type_problem(precision, name, g):
+            results[name] = TensorResult(full, FAIL, message=why)
+    return results
+
+
 def _compare_layer(
     got: dict[str, np.ndarray],
     expected: dict[str, np.ndarray],
@@ -180,25 +206,7 @@ def _compare_layer(
     skip_rows = None if skip_tokens is None else np.repeat(skip_tokens, heads)  # (bs*heads,)
 
     # shape, dtype and finiteness first: nothing else is meaningful without them
-    for name in TAPS:
-        full = prefix + name
-        if name not in got:
-            results[name] = TensorResult(full, FAIL, message=f"the path returned no {full!r} tap")
-            continue
-        g, e = np.asarray(got[name]), expected[name]
-        if g.shape != e.shape or g.dtype != e.dtype:
-            results[name] = TensorResult(
-                full, FAIL, message=f"expected {e.dtype}{list(e.shape)}, got {g.dtype}{list(g.shape)}"
-            )
-        elif g.dtype.kind == "f" and not np.all(np.isfinite(g)):
-            results[name] = TensorResult(
-                full,
-                FAIL,
-                mismatches=int((~np.isfinite(g)).sum()),
-                message=f"{int(np.isnan(g).sum())} NaN and {int(np.isinf(g).sum())} Inf values",
-            )
-        elif rules is not None and (why := rules.type_problem(name, g)):
-            results[name] = TensorResult(full, FAIL, message=why)
+    results.update(_structure_problems(got, expected, prefix, precision_of(path)))
 
     # which rows may legitimately select differently
     score_tol = tolerance("scores")
@@ -336,10 +344,14 @@ def compare_taps(
     path: str,
     layers: int = 1,
     layer_input: np.ndarray | None = None,
+    judged_layers: int | None = None,
 ) -> Comparison:
     """Compare every tap, layer by layer, in pipeline order; see the module docstring.
     ``layer_input``: the golden input of the first layer (a reduced-precision path's
-    ``query`` is judged by a bound derived from it)."""
+    ``query`` is judged by a bound derived from it). ``judged_layers``: judge only that
+    many layers against the golden; later layers' taps are only checked to be present,
+    of the golden's shape and dtype, finite and of the path's type, and appear only when
+    they are not (their judgement is made elsewhere: on their golden inputs)."""
     tensors: list[TensorResult] = []
     errors: dict[str, np.ndarray] = {}
     downstream = None  # tokens whose input to this layer legitimately differs
@@ -350,6 +362,11 @@ def compare_taps(
 
     for i in range(layers):
         prefix = "" if layers == 1 else f"{i}/"
+        if judged_layers is not None and i >= judged_layers:
+            layer_got = {t: got[prefix + t] for t in TAPS if prefix + t in got}
+            layer_expected = {t: expected[prefix + t] for t in TAPS}
+            tensors += list(_structure_problems(layer_got, layer_expected, prefix, precision_of(path)).values())
+            continue
         keys, values = layer_weights(weights, layers, i)
         results, errs, flipped = _compare_layer(
             {t: got[prefix + t] for t in TAPS if prefix + t in got},
@@ -381,6 +398,7 @@ def compare_case(
     policy,
     path: str,
     layer_input: np.ndarray | None = None,
+    judged_layers: int | None = None,
 ):
     """:func:`compare_taps` with a case's config, layer count and name (``case`` is a
     :class:`conformance.cases.Case`)."""
@@ -394,6 +412,7 @@ def compare_case(
         case=case.name,
         path=path,
         layer_input=layer_input,
+        judged_layers=judged_layers,
     )
 
 

@@ -375,6 +375,23 @@ def check_model_bytes(precision: str, model_bytes: int, fp32_bytes: int) -> str 
 
 
 # --- judging: the rules compare_taps applies to a reduced-precision path ---------------------
+def type_problem(precision: str, name: str, array: np.ndarray) -> str | None:
+    """Why the ``query`` tap (the first op's output, which every runtime stores) shows
+    that an fp16 / bf16 path did not compute in its type, or None. Later taps are not
+    checked: a fused kernel may keep an intermediate in float32 (torch.compile does),
+    which is more precise, not mislabelled."""
+    if precision not in ("fp16", "bf16") or name != "query" or array.dtype.kind != "f":
+        return None
+    bad = ~representable(array, precision)
+    if not bad.any():
+        return None
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    return (
+        f"declared {precision}, but {int(bad.sum())} of {bad.size} values are not {precision} numbers "
+        f"(first at {first}: {array[first]!r}): the path did not compute in {precision}"
+    )
+
+
 class ReducedPrecisionRules:
     """How :func:`conformance.compare.compare_taps` judges a path at ``precision``
     (fp16, bf16 or int8) against the float32 goldens.
@@ -408,20 +425,7 @@ class ReducedPrecisionRules:
             self.score_bound = score_error_bound(e, keys, precision, error)
 
     def type_problem(self, name: str, array: np.ndarray) -> str | None:
-        """Why the ``query`` tap (the first op's output, which every runtime stores) shows
-        that an fp16 / bf16 path did not compute in its type, or None. Later taps are not
-        checked: a fused kernel may keep an intermediate in float32 (torch.compile does),
-        which is more precise, not mislabelled."""
-        if not self.half or name != "query" or array.dtype.kind != "f":
-            return None
-        bad = ~representable(array, self.precision)
-        if not bad.any():
-            return None
-        first = tuple(int(i) for i in np.argwhere(bad)[0])
-        return (
-            f"declared {self.precision}, but {int(bad.sum())} of {bad.size} values are not {self.precision} numbers "
-            f"(first at {first}: {array[first]!r}): the path did not compute in {self.precision}"
-        )
+        return type_problem(self.precision, name, array)
 
     def margins(self, expected_query: np.ndarray, margins: np.ndarray) -> np.ndarray:
         """The margins that decide ambiguity: at fp16 / bf16 those of the selected set."""

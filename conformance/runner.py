@@ -71,9 +71,18 @@ def check_golden_matches_case(case: Case, golden: Golden, store: GoldenStore) ->
         )
 
 
-def _judge(path_name: str, case: Case, got: dict, golden: Golden, weights, policy, seconds) -> PathResult:
+def _judge(
+    path_name: str, case: Case, got: dict, golden: Golden, weights, policy, seconds, judged_layers: int | None = None
+) -> PathResult:
     comparison = compare_case(
-        case, got, golden.taps, weights=weights, policy=policy, path=path_name, layer_input=golden.input
+        case,
+        got,
+        golden.taps,
+        weights=weights,
+        policy=policy,
+        path=path_name,
+        layer_input=golden.input,
+        judged_layers=judged_layers,
     )
     reason = ""
     if not comparison.ok:
@@ -109,8 +118,7 @@ def judge_layerwise(
     layer changes the next layer's input): run every later layer of ``path`` alone on its
     golden input (the golden output of the layer before) and judge it on all tokens. Its
     taps join the result as ``<i>/<tap>@golden-input``; the path passes only if they do.
-    ``first=0`` judges every layer that way (the first one on the case's input): how a
-    path that is :meth:`~conformance.paths.ExecutionPath.judged_layer_by_layer` is judged."""
+    ``first=0`` judges every layer that way, the first one on the case's input."""
     from pkm_models.convert import split_layers
 
     per_layer = split_layers(weights)
@@ -123,8 +131,6 @@ def judge_layerwise(
             taps = {tap: golden.taps[f"{i}/{tap}"] for tap in TAPS}
             sub_golden = Golden(case.name, golden.meta, layer_input, taps, per_layer[i])
             (alone,) = _run_case(sub, sub_golden, per_layer[i], [path], policy, options, lambda _: None)
-        if alone.seconds is not None and first == 0:  # the path's whole time is its layers'
-            result.seconds = (result.seconds or 0.0) + alone.seconds
         if alone.status not in (PASS, FAIL):
             return dataclasses.replace(
                 result, status=alone.status, reason=f"layer {i} alone on its golden input: {alone.reason}"
@@ -139,8 +145,15 @@ def judge_layerwise(
     return result
 
 
-def run_path(path: ExecutionPath, context: CaseContext, golden: Golden, policy: TolerancePolicy, required: bool):
-    """One path in this process."""
+def run_path(
+    path: ExecutionPath,
+    context: CaseContext,
+    golden: Golden,
+    policy: TolerancePolicy,
+    required: bool,
+    judged_layers: int | None = None,
+):
+    """One path in this process (``judged_layers``: see :func:`conformance.compare.compare_taps`)."""
     case = context.case
     try:
         path.check(case)
@@ -152,11 +165,17 @@ def run_path(path: ExecutionPath, context: CaseContext, golden: Golden, policy: 
         return PathResult.unavailable(path.name, str(exc), required)
     except Exception as exc:
         return PathResult(path.name, ERROR, reason=f"{type(exc).__name__}: {exc}".strip())
-    return _judge(path.name, case, got, golden, context.weights, policy, seconds)
+    return _judge(path.name, case, got, golden, context.weights, policy, seconds, judged_layers)
 
 
 def run_path_isolated(
-    path: ExecutionPath, context: CaseContext, golden: Golden, policy: TolerancePolicy, required: bool, timeout: float
+    path: ExecutionPath,
+    context: CaseContext,
+    golden: Golden,
+    policy: TolerancePolicy,
+    required: bool,
+    timeout: float,
+    judged_layers: int | None = None,
 ) -> PathResult:
     """One path in a fresh process (``conformance.paths.worker``), on the input and weights
     this process wrote into the case's folder, sharing its exports."""
@@ -186,7 +205,7 @@ def run_path_isolated(
             return PathResult(path.name, ERROR, reason=result.reason or "unknown")
         with np.load(out, allow_pickle=False) as data:
             got = {k: data[k] for k in data.files}
-    return _judge(path.name, case, got, golden, context.weights, policy, result.seconds)
+    return _judge(path.name, case, got, golden, context.weights, policy, result.seconds, judged_layers)
 
 
 def read_goldens(cases: list[Case], store: GoldenStore, progress: Progress | None = None) -> dict[str, Golden]:
@@ -244,21 +263,23 @@ def run_conformance(
 
 def _judge_layer_by_layer(
     path: ExecutionPath,
-    case: Case,
+    context: CaseContext,
     golden: Golden,
-    weights: dict[str, np.ndarray],
     policy: TolerancePolicy,
     options: RunOptions,
     required: bool,
 ) -> PathResult:
-    """Every layer of the network alone on its golden input (:func:`judge_layerwise`
-    from layer 0), never the network end to end."""
-    try:
-        path.check(case)
-    except PathUnavailable as exc:
-        return PathResult.unavailable(path.name, str(exc), required)
-    result = PathResult(path.name, PASS)
-    return judge_layerwise(path, case, golden, weights, policy, options, result, first=0)
+    """A path that is :meth:`~conformance.paths.ExecutionPath.judged_layer_by_layer` on a
+    network: the network end to end, with layer 0 (which sees the golden input) judged
+    and the later layers' taps only checked for shape, type and finiteness; then every
+    later layer alone on its golden input (:func:`judge_layerwise`)."""
+    if options.isolate:
+        result = run_path_isolated(path, context, golden, policy, required, options.timeout, judged_layers=1)
+    else:
+        result = run_path(path, context, golden, policy, required, judged_layers=1)
+    if result.status != PASS:
+        return result
+    return judge_layerwise(path, context.case, golden, context.weights, policy, options, result)
 
 
 def _run_case(
@@ -284,7 +305,7 @@ def _run_case(
         def one(path: ExecutionPath) -> PathResult:
             required = options.required(path.name)
             if case.spec.layers > 1 and path.judged_layer_by_layer(case):
-                result = _judge_layer_by_layer(path, case, golden, context.weights, policy, options, required)
+                result = _judge_layer_by_layer(path, context, golden, policy, options, required)
                 report(result)
                 return result
             if options.isolate:

@@ -323,9 +323,49 @@ def test_a_network_at_reduced_precision_is_judged_layer_by_layer(stacked):
     )
     (path,) = result.cases[0].paths
     assert path.status == "pass", path.reason
-    assert [t.name for t in path.tensors] == [
-        f"{i}/{tap}@golden-input" for i in range(3) for tap in ("query", "scores", "indices", "weights", "output")
+    taps = ("query", "scores", "indices", "weights", "output")
+    # the network end to end, layer 0 judged (it sees the golden input); each later layer alone
+    assert [t.name for t in path.tensors] == [f"0/{tap}" for tap in taps] + [
+        f"{i}/{tap}@golden-input" for i in (1, 2) for tap in taps
     ]
+
+
+class Fp16NanInLayer2(ExecutionPath):
+    """Correct fp16 layers alone; end to end, layer 2's output is NaN."""
+
+    name = "torch-eager-cpu@fp16"
+
+    def judged_layer_by_layer(self, case):
+        return case.spec.layers > 1
+
+    def prepare(self, context):
+        from pkm_models.torch_precision import DTYPES, CastModel
+
+        model = CastModel(context.torch_model, DTYPES["fp16"]).eval()
+        network = context.case.spec.layers > 1
+
+        def run(x):
+            with torch.inference_mode():
+                taps = model(torch.tensor(x), return_taps=True)
+            taps = {k: v.numpy() if v.dtype == torch.int64 else v.float().numpy() for k, v in taps.items()}
+            if network:
+                taps["2/output"] = np.full_like(taps["2/output"], np.nan)
+            return taps
+
+        return run
+
+
+def test_a_network_at_reduced_precision_runs_end_to_end_too(stacked):
+    """The network's own chain runs: a later layer's taps that are not even finite fail,
+    though every layer alone is right."""
+    from conformance.runner import RunOptions, run_conformance
+
+    result = run_conformance(
+        stacked.cases("stack"), [Fp16NanInLayer2()], stacked.store, stacked.policy(), RunOptions(isolate=False)
+    )
+    (path,) = result.cases[0].paths
+    assert path.status == "fail" and path.first_divergence == "2/output", path.reason
+    assert "NaN" in path.reason
 
 
 class Fp16WrongInLayer1(ExecutionPath):
