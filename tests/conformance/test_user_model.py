@@ -330,29 +330,39 @@ def test_a_network_at_reduced_precision_is_judged_layer_by_layer(stacked):
     ]
 
 
-class Fp16NanInLayer2(ExecutionPath):
-    """Correct fp16 layers alone; end to end, layer 2's output is NaN."""
+class Fp16Stub(ExecutionPath):
+    """The reference cast to fp16, judged as a reduced-precision path; ``edit`` plants a
+    defect in the taps of a given case."""
 
     name = "torch-eager-cpu@fp16"
 
     def judged_layer_by_layer(self, case):
         return case.spec.layers > 1
 
+    def edit(self, case, taps) -> None:
+        pass
+
     def prepare(self, context):
         from pkm_models.torch_precision import DTYPES, CastModel
 
         model = CastModel(context.torch_model, DTYPES["fp16"]).eval()
-        network = context.case.spec.layers > 1
 
         def run(x):
             with torch.inference_mode():
                 taps = model(torch.tensor(x), return_taps=True)
             taps = {k: v.numpy() if v.dtype == torch.int64 else v.float().numpy() for k, v in taps.items()}
-            if network:
-                taps["2/output"] = np.full_like(taps["2/output"], np.nan)
+            self.edit(context.case, taps)
             return taps
 
         return run
+
+
+class Fp16NanInLayer2(Fp16Stub):
+    """Correct fp16 layers alone; end to end, layer 2's output is NaN."""
+
+    def edit(self, case, taps):
+        if case.spec.layers > 1:
+            taps["2/output"] = np.full_like(taps["2/output"], np.nan)
 
 
 def test_a_network_at_reduced_precision_runs_end_to_end_too(stacked):
@@ -368,29 +378,12 @@ def test_a_network_at_reduced_precision_runs_end_to_end_too(stacked):
     assert "NaN" in path.reason
 
 
-class Fp16WrongInLayer1(ExecutionPath):
-    """fp16 taps of whichever layer it is given; layer 1's output off by 1e-2."""
+class Fp16WrongInLayer1(Fp16Stub):
+    """fp16 taps of whichever layer it is given; layer 1 alone has its output off by 1e-2."""
 
-    name = "torch-eager-cpu@fp16"
-
-    def judged_layer_by_layer(self, case):
-        return case.spec.layers > 1
-
-    def prepare(self, context):
-        from pkm_models.torch_precision import DTYPES, CastModel
-
-        model = CastModel(context.torch_model, DTYPES["fp16"]).eval()
-        wrong = context.case.spec.name.endswith("#layer1")
-
-        def run(x):
-            with torch.inference_mode():
-                taps = model(torch.tensor(x), return_taps=True)
-            taps = {k: v.numpy() if v.dtype == torch.int64 else v.float().numpy() for k, v in taps.items()}
-            if wrong:
-                taps["output"] = taps["output"] + np.float32(1e-2)
-            return taps
-
-        return run
+    def edit(self, case, taps):
+        if case.spec.name.endswith("#layer1"):
+            taps["output"] = taps["output"] + np.float32(1e-2)
 
 
 def test_a_network_at_reduced_precision_fails_at_the_wrong_layer(stacked):
