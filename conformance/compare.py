@@ -31,6 +31,7 @@ from conformance.precision import precision_of, reduced_precision_rules, type_pr
 from conformance.results import FAIL, PASS, Comparison, TensorResult
 from conformance.tolerances import Tolerance, ToleranceError, TolerancePolicy
 from pkm_models.config import TAPS, PKMConfig, tap_names
+from pkm_models.convert import split_layers
 from pkm_models.selection import selection_margins
 
 WORST_ELEMENTS = 5
@@ -319,20 +320,6 @@ def _join(a: str, b: str) -> str:
     return f"{a}; {b}" if a else b
 
 
-def layer_weights(weights: dict[str, np.ndarray], layers: int, i: int) -> tuple[np.ndarray, np.ndarray]:
-    """(keys, values) of layer ``i`` of torch-named ``weights``."""
-    prefix = "" if layers == 1 else f"layers.{i}."
-    return weights[prefix + "keys"], weights[prefix + "values.weight"]
-
-
-def _strip_layer(weights: dict[str, np.ndarray], layers: int, i: int) -> dict[str, np.ndarray]:
-    """Layer ``i``'s torch-named weights without the ``layers.<i>.`` prefix."""
-    if layers == 1:
-        return weights
-    prefix = f"layers.{i}."
-    return {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
-
-
 def compare_taps(
     got: dict[str, np.ndarray],
     expected: dict[str, np.ndarray],
@@ -360,6 +347,7 @@ def compare_taps(
     def tolerance(tap: str) -> Tolerance:
         return policy.resolve(case, path, tap)
 
+    per_layer = split_layers(weights)  # torch names without the layers.<i>. prefix
     for i in range(layers):
         prefix = "" if layers == 1 else f"{i}/"
         if judged_layers is not None and i >= judged_layers:
@@ -367,19 +355,18 @@ def compare_taps(
             layer_expected = {t: expected[prefix + t] for t in TAPS}
             tensors += list(_structure_problems(layer_got, layer_expected, prefix, precision_of(path)).values())
             continue
-        keys, values = layer_weights(weights, layers, i)
         results, errs, flipped = _compare_layer(
             {t: got[prefix + t] for t in TAPS if prefix + t in got},
             {t: expected[prefix + t] for t in TAPS},
             config=config,
-            keys=keys,
-            values=values,
+            keys=per_layer[i]["keys"],
+            values=per_layer[i]["values.weight"],
             tolerance=tolerance,
             prefix=prefix,
             skip_tokens=downstream,
             path=path,
             layer_input=layer_input if i == 0 else None,
-            layer_weights=_strip_layer(weights, layers, i),
+            layer_weights=per_layer[i],
         )
         tensors += results
         errors.update(errs)
@@ -436,10 +423,10 @@ def check_checkable(
       ``indices`` check is switched off for them.
     """
     margins = []
+    per_layer = split_layers(weights)
     for i in range(layers):
         prefix = "" if layers == 1 else f"{i}/"
-        keys, _ = layer_weights(weights, layers, i)
-        m = selection_margins(expected[prefix + "query"], keys, config.knn)
+        m = selection_margins(expected[prefix + "query"], per_layer[i]["keys"], config.knn)
         margins.append(m[m > 0])
     nonzero = np.concatenate(margins) if margins else np.zeros(0)
     median_margin = float(np.median(nonzero)) if nonzero.size else np.inf

@@ -396,10 +396,13 @@ class ReducedPrecisionRules:
     """How :func:`conformance.compare.compare_taps` judges a path at ``precision``
     (fp16, bf16 or int8) against the float32 goldens.
 
-    * :meth:`type_problem`: an fp16 / bf16 float tap must hold values of that type;
+    (:func:`type_problem`, the check that an fp16 / bf16 path's query holds values of
+    its type, needs no rules: it is a function of the precision alone.)
+
     * :meth:`tie_threshold`: the near-tie margin under which a row is ambiguous;
-    * :meth:`judge`: the ``scores``, ``weights`` and ``output`` taps with derived bounds
-      (None: the float32 rule with the resolved tolerance applies, as for ``query``);
+    * :meth:`judge`: the ``query`` (where the layer's input is known), ``scores``,
+      ``weights`` and ``output`` taps with derived bounds (None: the float32 rule with the
+      resolved tolerance applies);
     * :meth:`figures`: agreement, ambiguous rows, output error relative to its RMS.
     """
 
@@ -410,22 +413,16 @@ class ReducedPrecisionRules:
         self.score_bound = None
         self.query_bound = None  # derived where the layer's input is known
         self.expected_query = expected["query"]
-        if self.half and layer_input is not None and layer_weights is not None:
-            q = np.asarray(got.get("query", np.empty(0)), np.float64)
-            e = np.abs(np.asarray(expected["query"], np.float64))
-            size = np.maximum(np.abs(q), e) if q.shape == e.shape and np.all(np.isfinite(q)) else e
-            self.query_bound = query_error_bound(layer_input, layer_weights, config, precision, size)
         if self.half:
-            # the query's own error as the path returned it; its tolerance where that tap is unusable
-            # (the query tap then fails by itself)
             q = np.asarray(got.get("query", np.empty(0)), np.float64)
             e = np.asarray(expected["query"], np.float64)
-            usable = q.shape == e.shape and bool(np.all(np.isfinite(q)))
+            usable = q.shape == e.shape and bool(np.all(np.isfinite(q)))  # else the query tap fails by itself
+            if layer_input is not None and layer_weights is not None:
+                size = np.maximum(np.abs(q), np.abs(e)) if usable else np.abs(e)
+                self.query_bound = query_error_bound(layer_input, layer_weights, config, precision, size)
+            # the query's own error as the path returned it; its tolerance where that tap is unusable
             error = np.abs(q - e) if usable else query_tol.atol + query_tol.rtol * np.abs(e)
             self.score_bound = score_error_bound(e, keys, precision, error)
-
-    def type_problem(self, name: str, array: np.ndarray) -> str | None:
-        return type_problem(self.precision, name, array)
 
     def margins(self, expected_query: np.ndarray, margins: np.ndarray) -> np.ndarray:
         """The margins that decide ambiguity: at fp16 / bf16 those of the selected set."""

@@ -13,9 +13,12 @@ a wrong one.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 
+@functools.cache
 def product_candidates(knn: int) -> tuple[np.ndarray, np.ndarray]:
     """The rank pairs ``(i, j)`` of the two halves' sorted sub-key selections that can be
     among the ``knn`` best of their cartesian product, in ascending ``i * knn + j`` (the
@@ -32,6 +35,7 @@ def product_candidates(knn: int) -> tuple[np.ndarray, np.ndarray]:
     """
     pairs = [(i, j) for i in range(knn) for j in range(knn) if (i + 1) * (j + 1) <= knn]
     i, j = np.array(pairs, dtype=np.int32).T
+    i.flags.writeable = j.flags.writeable = False  # cached: every call gets the same arrays
     return i, j
 
 

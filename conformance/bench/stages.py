@@ -100,8 +100,8 @@ def _ort_rows(n: int, slots: int = SLOTS):
 
 
 def measure(preset: str = "xlm", tokens: int = 512, runs: int = 15, seed: int = 0, slots: int | None = None) -> dict:
-    """``{"read_gb_per_s": float, "top-k": {runtime: ms}, "rows": {runtime: ms}}``, every
-    runtime on the CPU."""
+    """``{"read_gb_per_s": float, "top-k": {runtime: ms}, "rows": {runtime: ms},
+    "fused_slots": int}``, every runtime on the CPU."""
     import tensorflow as tf
 
     with tf.device("/CPU:0"):
@@ -155,7 +155,9 @@ def _measure(preset: str, tokens: int, runs: int, seed: int, slots: int | None) 
     v_tf = tf.constant(values)
     i_tf, w_tf = tf.constant(indices.astype(np.int32)), tf.constant(weights)
     einsum = tf.function(lambda v, i, w: tf.einsum("bn,bnd->bd", w, tf.gather(v, i)))
-    fused = tf.function(lambda v, i, w: _blockwise_sum(v, i, w, n, slots or FUSED_SLOTS), jit_compile=True)
+    slots = slots or FUSED_SLOTS
+    result["fused_slots"] = slots
+    fused = tf.function(lambda v, i, w: _blockwise_sum(v, i, w, n, slots), jit_compile=True)
     rows = {
         "torch": embedding_bag,
         "onnxruntime": lambda: ort_rows(values, indices, weights),
@@ -183,10 +185,8 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_third_party(verbose=False)
     result = measure(args.preset, args.tokens, args.runs, slots=args.slots)
-    from pkm_models.keras_pkm import FUSED_SLOTS
-
     print(f"preset {args.preset}, {args.tokens} tokens, median of {args.runs} runs")
-    print(f"XLA-fused sum: {args.slots or FUSED_SLOTS} slots per block")
+    print(f"XLA-fused sum: {result['fused_slots']} slots per block")
     print(f"sequential read of the value table (numpy, one thread): {result['read_gb_per_s']:.1f} GB/s\n")
     runtimes = list(result["top-k"])
     print("| stage | " + " | ".join(runtimes) + " |\n|---|" + "---|" * len(runtimes))

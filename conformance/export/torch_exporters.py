@@ -56,6 +56,9 @@ def _dynamic_axes(spec: ModelSpec, tapped: bool) -> dict[str, dict[int, str]]:
     return axes
 
 
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
 def _drop_source_locations(model) -> None:
     """Remove the Python stack traces the dynamo exporter records on each node: they name
     files on the exporting machine, so the same model exported from two checkouts would
@@ -64,9 +67,6 @@ def _drop_source_locations(model) -> None:
 
     for node in RecursiveGraphIterator(model.graph):
         node.metadata_props.pop(STACK_TRACE_KEY, None)
-
-
-STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
 
 
 def _export_dynamo(module: nn.Module, spec: ModelSpec, path: Path, opset: int, tapped: bool) -> None:
