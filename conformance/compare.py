@@ -1,43 +1,267 @@
-"""Comparing a path's taps with the golden ones.
+"""The verdict: every tap of every path, at every precision, judged against the golden.
 
-Float taps compare under their tolerance. ``indices`` compare exactly, except in
-*ambiguous* rows: rows whose product-key selection has a top-k margin (see
-:func:`pkm_models.selection.selection_margins`) within the ``scores`` atol, where either
-choice is right. A different selection in such a row is reported, not failed, provided it
-is still *a* correct top-k: distinct slots, each slot's score (float64, from the golden
-query and the keys) within the ``scores`` atol of the k-th best, and the path's
-``scores`` equal to the scores of the slots it selected. The ``output`` of a token whose
-selection differs is compared with the weighted sum of the value rows the path itself
-selected (in float64), so a wrong value row or weight still fails. NaN or Inf anywhere
-fails; so does a shape or dtype mismatch.
+This module is the one owner of a verdict. The rules for judging a tap are chosen once per
+path, from the precision its name declares (:func:`rules_for`): :class:`Float32Rules`,
+and the reduced-precision rules :class:`HalfRules` (``@fp16``, ``@bf16``) and
+:class:`Int8Rules` (``@int8``), which override only what they must. Every rule judges
+with the same pieces: one structure check, one definition of an ambiguous row, one
+top-k validity check, one float comparison, one weighted sum of a path's own rows. The
+selection's math is :mod:`pkm_models.selection`'s; the number formats' rounding bounds
+are :mod:`conformance.precision`'s.
 
-A network of several layers is compared layer by layer (taps ``<i>/<tap>``), each layer
-with its own keys and values. A legitimate (ambiguous) flip in layer ``i`` changes the
-input of every later layer for that token: those tokens' taps in later layers are not
-compared with the golden; they are counted (``Comparison.downstream_tokens``), the
-token's own layer-``i`` output is still checked against its own selection, and the
-runner then judges every later layer alone on its golden input
-(:func:`conformance.runner.judge_layerwise`).
+A layer's taps are judged in pipeline order:
 
-Before anything runs, :func:`check_checkable` refuses tolerances that would switch a
-check off (see docs/conformance.md, "Tolerances that check nothing").
+* **Structure.** A missing tap, a wrong shape or dtype, NaN or Inf, and (fp16 / bf16) a
+  ``query`` whose values are not numbers of the declared type, fail that tap; nothing
+  that needs the tap is computed from it.
+* **Slots.** Every selected slot must exist and appear once in its row, at every
+  precision and in every row, compared with the golden or not.
+* **Ambiguity.** A row is *ambiguous* when its selection margin (the float64 gaps across
+  which the selection can change, :func:`pkm_models.selection.selection_margins`; at
+  fp16 / bf16 those of the selected *set*, :func:`~pkm_models.selection.set_margins`) is
+  within the row's *near-tie margin*: ``max(scores atol, 2 * score bound)``, where the
+  score bound is the derived rounding bound of the row's dot products at the path's
+  precision (:func:`conformance.precision.score_error_bound`; float32 for fp32 and
+  int8). The hand-set ``scores`` atol is a floor. A row that selects differently from
+  the golden fails unless it is ambiguous *and* its selection is a correct top-k: each
+  slot's exact score within the near-tie margin of the exact k-th best, and the path's
+  ``scores`` the scores of the slots it selected.
+* **Floats.** ``query``, ``scores`` and ``weights`` against the golden: the resolved
+  tolerance, plus the derived bound of the precision where there is one.
+* **Output.** Against the golden, except for a token whose selection legitimately
+  differs (and every token at reduced precision): there against the float64 weighted sum
+  of the value rows the path itself selected, with the weights it itself returned, within
+  the rounding bound of that sum at the path's precision (int8: its half-step bound). A
+  wrong value row or weight fails either way.
+
+A network is judged layer by layer (taps ``<i>/<tap>``), each layer with its own keys
+and values. A legitimate flip in layer ``i`` changes the input of later layers for that
+token: its later taps are set aside (``Comparison.downstream_tokens``), and the runner
+judges every later layer alone on its golden input.
+
+Judging never raises for a path's answer: :func:`judge` turns any exception into that
+path's ``error``. Before anything runs, :func:`check_checkable` refuses hand-set
+tolerances that would switch a check off (docs/conformance.md, "Tolerances that check
+nothing").
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import numpy as np
 
-from conformance.precision import precision_of, reduced_precision_rules, type_problem
-from conformance.results import FAIL, PASS, Comparison, TensorResult
+from conformance.precision import (
+    FP32,
+    int8_output_bound,
+    precision_of,
+    query_error_bound,
+    representable,
+    score_error_bound,
+    weighted_sum_bound,
+    weights_rtol,
+)
+from conformance.results import ERROR, FAIL, PASS, Comparison, PathResult, TensorResult
 from conformance.tolerances import Tolerance, ToleranceError, TolerancePolicy
 from pkm_models.config import TAPS, PKMConfig, tap_names
 from pkm_models.convert import split_layers
-from pkm_models.selection import selection_margins
+from pkm_models.selection import (
+    kth_best,
+    own_weighted_sum,
+    selection_agreement,
+    selection_margins,
+    set_margins,
+    slot_scores,
+    valid_slots,
+)
 
 WORST_ELEMENTS = 5
+TINY = float(np.finfo(np.float32).tiny)
 
 
-def _worst_elements(got: np.ndarray, expected: np.ndarray, err: np.ndarray, bad: np.ndarray) -> list[dict]:
+# --- one layer's facts -------------------------------------------------------------------------
+class Layer:
+    """What judging one layer needs: its config, its torch-named weights (no layer
+    prefix), its golden taps, its tolerances and, where known, its golden input."""
+
+    def __init__(
+        self,
+        config: PKMConfig,
+        weights: dict[str, np.ndarray],
+        expected: dict[str, np.ndarray],
+        tolerance: Callable[[str], Tolerance],
+        layer_input: np.ndarray | None = None,
+    ):
+        self.config, self.weights, self.expected = config, weights, expected
+        self.tolerance, self.layer_input = tolerance, layer_input
+        self.keys = weights["keys"]  # (heads,2,n_keys,half)
+        self.values = weights["values.weight"]  # (size,v_dim)
+
+
+# --- the rules, chosen once per path ---------------------------------------------------------
+class Float32Rules:
+    """How a float32 path is judged; the reduced-precision rules override only what differs.
+
+    Built per layer with the path's taps (``got``): the score bound uses the path's own
+    ``query`` error, or its tolerance where that tap is unusable."""
+
+    precision = FP32
+    score_precision = FP32  # the type the scores are computed in
+    own_output_everywhere = False  # judge every token's output against its own rows
+
+    def __init__(self, layer: Layer, got: dict[str, np.ndarray], usable: set[str]):
+        self.layer = layer
+        e = np.asarray(layer.expected["query"], np.float64)
+        if "query" in usable:
+            query_error = np.abs(np.asarray(got["query"], np.float64) - e)
+        else:
+            tol = layer.tolerance("query")
+            query_error = tol.atol + tol.rtol * np.abs(e)
+        self.score_bound = score_error_bound(e, layer.keys, self.score_precision, query_error)  # (rows,)
+        self.tie_margin = np.maximum(layer.tolerance("scores").atol, 2 * self.score_bound)  # (rows,)
+
+    # the selection
+    def margins(self) -> np.ndarray:
+        """(rows,) the gaps across which this precision's selection may legitimately differ."""
+        return selection_margins(self.layer.expected["query"], self.layer.keys, self.layer.config.knn)
+
+    def differs(self, got: np.ndarray, expected: np.ndarray) -> np.ndarray:
+        """(rows,) the selection differs from the golden's (order included: scores are sorted)."""
+        return np.any(got != expected, axis=1)
+
+    # the taps
+    def type_problem(self, name: str, array: np.ndarray) -> str | None:
+        """Why a tap shows that the path did not compute at its declared precision."""
+        return None
+
+    def query_bound(self, got: dict, usable: set[str]):
+        """(rows, k_dim) derived bound on the query error, or 0 (the tolerance alone)."""
+        return 0.0
+
+    def weights_rtol(self) -> np.ndarray | float:
+        """Derived relative error of ``weights``, added to the tolerance's rtol."""
+        return 0.0
+
+    def output_bound(self, indices: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """(bs,) the rounding bound of a token's weighted sum of its own rows."""
+        c = self.layer.config
+        return weighted_sum_bound(indices, weights, self.layer.values, c.heads * c.knn, self.precision)
+
+    def output_bound_name(self) -> str:
+        return f"the {self.precision} rounding bound of its weighted sum"
+
+    def figures(self, got: dict, usable: set[str], ambiguous: np.ndarray) -> dict[str, dict]:
+        return {}
+
+
+class HalfRules(Float32Rules):
+    """fp16 / bf16: the model computes in the type (float32 accumulation assumed). The
+    selected *set* is judged (a reordering within it changes nothing downstream), the
+    query by the projection's bound where the layer's input is known, scores and weights
+    with their derived bounds, and every token's output against its own rows."""
+
+    own_output_everywhere = True
+
+    def __init__(self, layer, got, usable, precision):
+        self.precision = self.score_precision = precision
+        super().__init__(layer, got, usable)
+
+    def margins(self):
+        return set_margins(self.layer.expected["query"], self.layer.keys, self.layer.config.knn)
+
+    def differs(self, got, expected):
+        return ~selection_agreement(got, expected)
+
+    def type_problem(self, name, array):
+        """The ``query`` tap (the first op's output, which every runtime stores) must hold
+        numbers of the type. Later taps are not checked: a fused kernel may keep an
+        intermediate in float32 (torch.compile does), which is more precise, not
+        mislabelled."""
+        if name != "query" or array.dtype.kind != "f":
+            return None
+        bad = ~representable(array, self.precision)
+        if not bad.any():
+            return None
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        return (
+            f"declared {self.precision}, but {int(bad.sum())} of {bad.size} values are not {self.precision} "
+            f"numbers (first at {first}: {array[first]!r}): the path did not compute in {self.precision}"
+        )
+
+    def query_bound(self, got, usable):
+        layer = self.layer
+        if layer.layer_input is None:
+            return 0.0
+        e = np.abs(np.asarray(layer.expected["query"], np.float64))
+        size = np.maximum(np.abs(np.asarray(got["query"], np.float64)), e) if "query" in usable else e
+        return query_error_bound(layer.layer_input, layer.weights, layer.config, self.precision, size)
+
+    def weights_rtol(self):
+        return weights_rtol(self.score_bound, self.layer.config, self.precision)[:, None]
+
+    def figures(self, got, usable, ambiguous):
+        return _precision_figures(self, got, usable, ambiguous)
+
+
+class Int8Rules(Float32Rules):
+    """int8, weight-only: queries, scores, weights and the weighted sum stay float32; the
+    value table is stored as 8-bit codes, so every token's output is judged against its
+    own rows within the half-step bound."""
+
+    precision = "int8"
+    own_output_everywhere = True
+
+    def output_bound(self, indices, weights):
+        c = self.layer.config
+        return int8_output_bound(indices, weights, self.layer.values, c.heads * c.knn)
+
+    def output_bound_name(self):
+        return "the int8 half-step bound of its weighted sum"
+
+    def figures(self, got, usable, ambiguous):
+        return _precision_figures(self, got, usable, ambiguous)
+
+
+def rules_for(path: str) -> Callable[[Layer, dict, set], Float32Rules]:
+    """The rules of ``path``'s precision (from its name), chosen once per path."""
+    precision = precision_of(path)
+    if precision in ("fp16", "bf16"):
+        return lambda layer, got, usable: HalfRules(layer, got, usable, precision)
+    if precision == "int8":
+        return Int8Rules
+    return Float32Rules
+
+
+def _precision_figures(rules: Float32Rules, got: dict, usable: set[str], ambiguous: np.ndarray) -> dict[str, dict]:
+    """Reduced-precision figures: ``indices`` gets the selection agreement and the
+    ambiguous rows, ``output`` its error relative to the golden RMS (and the int8 bound)."""
+    layer, out = rules.layer, {}
+    if "indices" in usable:
+        agree = selection_agreement(got["indices"], layer.expected["indices"])
+        out["indices"] = {
+            "precision": rules.precision,
+            "selection_agreement": float(agree.mean()) if agree.size else 1.0,
+            "ambiguous_rows": int(np.sum(ambiguous)),
+        }
+    if "output" in usable:
+        g = np.asarray(got["output"], np.float64).reshape(-1)
+        e = np.asarray(layer.expected["output"], np.float64).reshape(-1)
+        rms = math.sqrt(float(np.mean(e * e))) or 1.0
+        err = np.abs(g - e)
+        figures = {
+            "precision": rules.precision,
+            "output_rel_rms": math.sqrt(float(np.mean(err * err))) / rms,
+            "output_max_rel_rms": float(err.max(initial=0.0)) / rms,
+        }
+        if rules.precision == "int8" and {"indices", "weights"} <= usable:
+            figures["int8_bound_max"] = float(rules.output_bound(got["indices"], got["weights"]).max(initial=0.0))
+        out["output"] = figures
+    return out
+
+
+# --- the pieces every rule judges with ---------------------------------------------------------
+def _worst_elements(got: np.ndarray, reference: np.ndarray, err: np.ndarray, bad: np.ndarray) -> list[dict]:
     """The failing elements with the largest absolute difference, largest first."""
     flat = np.flatnonzero(bad)
     if flat.size == 0:
@@ -50,111 +274,67 @@ def _worst_elements(got: np.ndarray, expected: np.ndarray, err: np.ndarray, bad:
             {
                 "index": list(idx),
                 "obtained": got[idx].item(),
-                "expected": expected[idx].item(),
+                "expected": reference[idx].item(),
                 "difference": float(err[idx]),
             }
         )
     return out
 
 
-def _compare_float(
-    name: str, got: np.ndarray, expected: np.ndarray, tol: Tolerance, skip_rows: np.ndarray | None = None
+def _judge_float(
+    name: str,
+    got: np.ndarray,
+    reference: np.ndarray,
+    tol: Tolerance,
+    *,
+    bound=0.0,
+    extra_rtol=0.0,
+    considered: np.ndarray | None = None,
+    bound_name: str = "",
 ) -> tuple[TensorResult, np.ndarray]:
-    g, e = got.astype(np.float64), expected.astype(np.float64)
-    abs_err = np.abs(g - e)
-    rel_err = abs_err / np.maximum(np.abs(e), np.finfo(np.float32).tiny)
-    considered = np.ones(abs_err.shape, bool)
-    if skip_rows is not None:
-        considered[skip_rows] = False
+    """``|got - reference| <= bound + atol + (rtol + extra_rtol) |reference|`` elementwise
+    (``statistic = "mean"``: on the means) over the ``considered`` elements; ``bound`` and
+    ``extra_rtol`` are a precision's derived parts (broadcast). Returns the result (with the
+    smallest atol that would have passed, when it fails) and the considered errors."""
+    g, e = np.asarray(got, np.float64), np.asarray(reference, np.float64)
+    err = np.abs(g - e)
+    derived = np.broadcast_to(bound + extra_rtol * np.abs(e), err.shape)
+    limit = derived + tol.atol + tol.rtol * np.abs(e)
+    if considered is None:
+        considered = np.ones(err.shape, bool)
+    considered = np.broadcast_to(considered, err.shape)
     if tol.statistic == "mean":
-        value = float(abs_err[considered].mean()) if considered.any() else 0.0
-        bad = np.zeros_like(considered) if value <= tol.atol else considered & (abs_err > tol.atol)
+        fails = considered.any() and not float(err[considered].mean()) <= float(limit[considered].mean())
+        bad = considered & ~(err <= limit) if fails else np.zeros(err.shape, bool)
     else:
-        bad = considered & ~(abs_err <= tol.atol + tol.rtol * np.abs(e))  # NaN compares false: fails
+        bad = considered & ~(err <= limit)  # NaN compares false: fails
     mismatches = int(bad.sum())
+    rel = err / np.maximum(np.abs(e), TINY)
     result = TensorResult(
         name=name,
         status=FAIL if mismatches else PASS,
-        max_abs=float(abs_err[considered].max(initial=0.0)),
-        max_rel=float(rel_err[considered].max(initial=0.0)),
-        atol=tol.atol,
-        rtol=tol.rtol,
+        max_abs=float(err[considered].max(initial=0.0)),
+        max_rel=float(rel[considered].max(initial=0.0)),
+        atol=tol.atol + float(np.max(np.broadcast_to(bound, err.shape), initial=0.0)),
+        rtol=tol.rtol + float(np.max(extra_rtol, initial=0.0)),
         mismatches=mismatches,
     )
     if mismatches:
-        share = 100.0 * mismatches / max(1, int(considered.sum()))
+        n = int(considered.sum())
+        what = f"atol {tol.atol:g} + rtol {tol.rtol:g}" + (f" + {bound_name}" if bound_name else "")
+        result.required_atol = float(np.max((err - (limit - tol.atol))[bad]))
         result.message = (
-            f"{mismatches} of {int(considered.sum())} elements ({share:.2g}%) differ beyond atol {tol.atol:g} + "
-            f"rtol {tol.rtol:g}; max abs {result.max_abs:.3g}, mean abs {float(abs_err[considered].mean()):.3g}, "
-            f"median abs {float(np.median(abs_err[considered])):.3g}"
+            f"{mismatches} of {n} elements ({100.0 * mismatches / max(1, n):.2g}%) differ beyond {what}; "
+            f"max abs {result.max_abs:.3g}, mean abs {float(err[considered].mean()):.3g}, "
+            f"median abs {float(np.median(err[considered])):.3g}; an atol of {result.required_atol:.3g} would pass"
         )
-        result.worst_elements = _worst_elements(got, expected, abs_err, bad)
-    return result, abs_err[considered]
+        result.worst_elements = _worst_elements(g, e, err, bad)
+    return result, err[considered]
 
 
-def _slot_scores(query: np.ndarray, head: np.ndarray, keys: np.ndarray, slots: np.ndarray) -> np.ndarray:
-    """float64 score of each slot: q1 . keys[h, 0, slot // n] + q2 . keys[h, 1, slot % n].
-
-    query (rows, k_dim) with the head of each row in ``head`` (rows,), keys
-    (heads, 2, n_keys, half), slots (rows, knn) -> (rows, knn)."""
-    _, _, n_keys, half = keys.shape
-    q = np.asarray(query, np.float64).reshape(-1, 2, half)  # (rows,2,half)
-    k = np.asarray(keys, np.float64)
-    s = np.clip(np.asarray(slots), 0, n_keys * n_keys - 1)
-    h = head[:, None]
-    k1 = k[h, 0, s // n_keys]  # (rows,knn,half)
-    k2 = k[h, 1, s % n_keys]
-    return np.einsum("rd,rnd->rn", q[:, 0], k1) + np.einsum("rd,rnd->rn", q[:, 1], k2)
-
-
-def _kth_best(query: np.ndarray, head: np.ndarray, keys: np.ndarray, knn: int) -> np.ndarray:
-    """float64 k-th best product score of each row (the product set of each half's top
-    ``knn`` sub-keys holds the global top ``knn``)."""
-    half = keys.shape[-1]
-    q = np.asarray(query, np.float64).reshape(-1, 2, half)  # (rows,2,half)
-    sub = np.einsum("rtd,rtnd->rtn", q, np.asarray(keys, np.float64)[head])  # (rows,2,n_keys)
-    best = -np.sort(-sub, axis=-1)[..., :knn]  # (rows,2,knn)
-    product = (best[:, 0, :, None] + best[:, 1, None, :]).reshape(len(q), -1)
-    return (-np.sort(-product, axis=-1))[:, knn - 1]
-
-
-def _invalid_selections(
-    got: dict[str, np.ndarray], query: np.ndarray, keys: np.ndarray, knn: int, rows: np.ndarray, tol: float
-) -> tuple[np.ndarray, str]:
-    """Rows (a mask over ``rows``) whose selection is not *a* correct top-k, and why the first is not."""
-    idx = np.asarray(got["indices"])[rows]
-    heads, n_slots = keys.shape[0], keys.shape[2] ** 2
-    head = rows % heads  # rows are (token, head) in token-major order
-    slot_ok = (idx >= 0) & (idx < n_slots)
-    scores = _slot_scores(query[rows], head, keys, idx)  # (rows,knn)
-    kth = _kth_best(query[rows], head, keys, knn)  # (rows,)
-    sorted_idx = np.sort(idx, axis=1)
-    distinct = np.all(sorted_idx[:, 1:] != sorted_idx[:, :-1], axis=1) if knn > 1 else np.ones(len(idx), bool)
-    good_enough = np.all(scores >= kth[:, None] - tol, axis=1)
-    got_scores = np.asarray(got["scores"], np.float64)[rows]
-    own = np.all(np.abs(got_scores - scores) <= tol, axis=1)
-    valid = slot_ok.all(axis=1) & distinct & good_enough & own
-    why = ""
-    if not valid.all():
-        r = int(np.flatnonzero(~valid)[0])
-        if not slot_ok[r].all():
-            why = f"slot outside the memory (0..{n_slots - 1})"
-        elif not distinct[r]:
-            why = "a slot selected twice"
-        elif not good_enough[r]:
-            worst = int(np.argmin(scores[r]))
-            why = (
-                f"slot {int(idx[r, worst])} scores {scores[r, worst]:.6g}, below the k-th best {kth[r]:.6g} "
-                f"by more than the scores atol {tol:g}"
-            )
-        else:
-            why = "its scores are not the scores of the slots it selected"
-    return ~valid, why
-
-
-def _structure_problems(got: dict, expected: dict, prefix: str, precision: str) -> dict[str, TensorResult]:
-    """The taps of one layer that are missing, of the wrong shape or dtype, not finite, or
-    (reduced precision) not of the declared type: tap -> failing result."""
+def _structure(got: dict, expected: dict, prefix: str) -> dict[str, TensorResult]:
+    """The taps of one layer that are missing, of the wrong shape or dtype, or not finite:
+    tap -> failing result."""
     results: dict[str, TensorResult] = {}
     for name in TAPS:
         full = prefix + name
@@ -173,153 +353,228 @@ def _structure_problems(got: dict, expected: dict, prefix: str, precision: str) 
                 mismatches=int((~np.isfinite(g)).sum()),
                 message=f"{int(np.isnan(g).sum())} NaN and {int(np.isinf(g).sum())} Inf values",
             )
-        elif why := type_problem(precision, name, g):
-            results[name] = TensorResult(full, FAIL, message=why)
     return results
 
 
-def _compare_layer(
-    got: dict[str, np.ndarray],
-    expected: dict[str, np.ndarray],
-    *,
-    config: PKMConfig,
-    keys: np.ndarray,
-    values: np.ndarray,
-    tolerance,
-    prefix: str,
-    skip_tokens: np.ndarray | None,
-    path: str,
-    layer_input: np.ndarray | None = None,
-    layer_weights: dict[str, np.ndarray] | None = None,
-) -> tuple[list[TensorResult], dict[str, np.ndarray], np.ndarray]:
-    """One layer's five taps (names ``prefix + tap``); returns the results, the errors of
-    failing float taps, and the tokens whose selection legitimately differs here.
+def _type_problems(got: dict, usable: set[str], prefix: str, rules: Float32Rules) -> dict[str, TensorResult]:
+    """The usable taps that show the path did not compute at its declared precision."""
+    return {
+        name: TensorResult(prefix + name, FAIL, message=why)
+        for name in TAPS
+        if name in usable and (why := rules.type_problem(name, np.asarray(got[name])))
+    }
 
-    A reduced-precision path (``...@fp16``) is judged by :mod:`conformance.precision`'s
-    rules where they differ from float32's: the type of ``query``, the near-tie margin,
-    and the ``indices``, ``scores``, ``weights`` and ``output`` taps, with figures."""
-    rules = reduced_precision_rules(
-        path, got, expected, keys, values, config, tolerance("query"), layer_input, layer_weights
-    )
-    results: dict[str, TensorResult] = {}
-    errors: dict[str, np.ndarray] = {}
-    heads = config.heads
-    skip_rows = None if skip_tokens is None else np.repeat(skip_tokens, heads)  # (bs*heads,)
 
-    # shape, dtype and finiteness first: nothing else is meaningful without them
-    results.update(_structure_problems(got, expected, prefix, precision_of(path)))
-
-    # which rows may legitimately select differently
-    score_tol = tolerance("scores")
-    margins = selection_margins(expected["query"], keys, config.knn)  # (bs*heads,)
-    threshold = score_tol.atol
-    if rules is not None:
-        margins = rules.margins(expected["query"], margins)
-        threshold = rules.tie_threshold(score_tol.atol)
-    ambiguous = margins <= threshold
-    differs = np.zeros_like(ambiguous)
-    if "indices" not in results:
-        differs = (
-            np.any(np.asarray(got["indices"]) != expected["indices"], axis=1)
-            if rules is None
-            else rules.differs(got["indices"], expected["indices"])
-        )
+def _judge_indices(
+    full: str,
+    got: dict,
+    usable: set[str],
+    rules: Float32Rules,
+    tol: Tolerance,
+    margins: np.ndarray,
+    skip_rows: np.ndarray | None,
+) -> tuple[TensorResult, np.ndarray, np.ndarray]:
+    """The one indices verdict, at every precision (``margins``: the rules' selection
+    margins). Returns the result and two (rows,) masks: rows that legitimately differ,
+    rows whose slots all exist and appear once."""
+    layer = rules.layer
+    c, expected = layer.config, layer.expected["indices"]
+    g = np.asarray(got["indices"])
+    in_range, distinct = valid_slots(g, c.size)
+    differs = rules.differs(g, expected)
     if skip_rows is not None:
         differs &= ~skip_rows
-    invalid = np.zeros_like(differs)
-    invalid_why = ""
-    check_rows = differs & ambiguous
-    if rules is None and check_rows.any() and "scores" not in results and "indices" not in results:
-        bad, invalid_why = _invalid_selections(
-            got, expected["query"], keys, config.knn, np.flatnonzero(check_rows), score_tol.atol
-        )
-        invalid[np.flatnonzero(check_rows)[bad]] = True
-
-    for name in TAPS:
-        if name in results:
-            continue
-        full = prefix + name
-        g, e = np.asarray(got[name]), expected[name]
-        tol = tolerance(name)
-        if rules is not None and (judged := rules.judge(name, g, e, tol, got)) is not None:
-            judged.name = full
-            results[name] = judged
-            continue
-        if name == "indices":
-            wrong = differs & (~ambiguous | invalid)
-            result = TensorResult(
-                full,
-                FAIL if wrong.any() else PASS,
-                max_abs=float(np.abs(g - e).max(initial=0)),
-                mismatches=int(wrong.sum()),
-                ambiguous_rows=int(ambiguous.sum()),
-                atol=0.0,
-                rtol=0.0,
+    ambiguous = margins <= rules.tie_margin
+    check = differs & ambiguous & in_range & distinct  # must be a correct top-k
+    top_k = np.ones_like(check)
+    own_scores = np.ones_like(check)
+    own = kth = None
+    if check.any():
+        own = slot_scores(layer.expected["query"], layer.keys, g)  # (rows,knn) exact
+        kth = kth_best(layer.expected["query"], layer.keys, c.knn)  # (rows,)
+        top_k = np.all(own >= (kth - rules.tie_margin)[:, None], axis=1)
+        if "scores" in usable:
+            limit = (rules.score_bound + tol.atol)[:, None]
+            own_scores = np.all(np.abs(np.asarray(got["scores"], np.float64) - own) <= limit, axis=1)
+    slots_bad = ~(in_range & distinct)
+    unexplained = differs & ~ambiguous & ~slots_bad
+    not_top_k = check & ~(top_k & own_scores)
+    wrong = slots_bad | unexplained | not_top_k
+    result = TensorResult(
+        full,
+        FAIL if wrong.any() else PASS,
+        max_abs=float(np.abs(g - expected).max(initial=0)),
+        mismatches=int(wrong.sum()),
+        ambiguous_rows=int(ambiguous.sum()),
+        atol=0.0,
+        rtol=0.0,
+    )
+    precision = "" if rules.precision == FP32 else f"{rules.precision} "
+    if wrong.any():
+        row = int(np.flatnonzero(wrong)[0])
+        if not in_range[row]:
+            why = f"a slot outside the memory (0..{c.size - 1})"
+        elif not distinct[row]:
+            why = "a slot selected twice"
+        elif unexplained[row]:
+            why = (
+                f"another selection without a near-tie (margin {margins[row]:.3g} > the {precision}near-tie "
+                f"margin {rules.tie_margin[row]:.3g})"
             )
-            unambiguous = differs & ~ambiguous
-            if unambiguous.any():
-                rows = np.flatnonzero(unambiguous)
-                result.message = (
-                    f"{len(rows)} row(s) select other memory slots without a near-tie "
-                    f"(margin > near-tie threshold {float(np.broadcast_to(threshold, margins.shape)[rows[0]]):g}); "
-                    f"first: row {rows[0]}, "
-                    f"expected {e[rows[0]].tolist()}, got {g[rows[0]].tolist()}"
-                )
-            elif invalid.any():
-                rows = np.flatnonzero(invalid)
-                result.message = (
-                    f"{len(rows)} ambiguous row(s) select slots that are not a correct top-{config.knn}; "
-                    f"first: row {rows[0]}: {invalid_why}; got {g[rows[0]].tolist()}"
-                )
-            elif differs.any():
-                result.message = f"{int(differs.sum())} ambiguous row(s) selected differently"
-            if skip_rows is not None and skip_rows.any():
-                result.message = _join(
-                    result.message, f"{int(skip_tokens.sum())} token(s) downstream of an ambiguous flip not compared"
-                )
-            results[name] = result
-        elif name == "output":
-            tokens_differ = differs.reshape(-1, heads).any(axis=1)  # (bs,)
-            skip = tokens_differ if skip_tokens is None else tokens_differ | skip_tokens
-            g2, e2 = g.reshape(-1, config.v_dim), e.reshape(-1, config.v_dim)
-            result, err = _compare_float(full, g2, e2, tol, skip_rows=skip)
-            if tokens_differ.any() and "indices" in got and "weights" in got:
-                n = heads * config.knn
-                idx = np.clip(np.asarray(got["indices"]).reshape(-1, n)[tokens_differ], 0, len(values) - 1)
-                w = np.asarray(got["weights"], np.float64).reshape(-1, n)[tokens_differ]
-                own = np.einsum("bn,bnd->bd", w, values[idx].astype(np.float64))
-                check, _ = _compare_float(full, g2[tokens_differ], own, tol)
-                if not check:
-                    result.status, result.mismatches = FAIL, result.mismatches + check.mismatches
-                    result.message = _join(
-                        result.message,
-                        "tokens with a different (ambiguous) selection do not equal the weighted sum of the "
-                        f"rows they selected: {check.message}",
-                    )
-                    result.worst_elements = result.worst_elements or check.worst_elements
-            for element in result.worst_elements:  # in the tap's own shape, not the (tokens, v_dim) view
-                flat = np.ravel_multi_index(tuple(element["index"]), g2.shape)
-                element["index"] = [int(i) for i in np.unravel_index(flat, g.shape)]
-            result.ambiguous_rows = int(tokens_differ.sum())
-            results[name] = result
-            if not result:
-                errors[full] = err
+        elif not top_k[row]:
+            worst = int(np.argmin(own[row]))
+            why = (
+                f"slots that are not a correct top-{c.knn}: slot {int(g[row, worst])} scores {own[row, worst]:.6g}, "
+                f"below the k-th best {kth[row]:.6g} by more than the {precision}near-tie margin "
+                f"{rules.tie_margin[row]:.3g}"
+            )
         else:
-            result, err = _compare_float(full, g, e, tol, skip_rows=skip_rows)
-            results[name] = result
-            if not result:
-                errors[full] = err
-    if rules is not None:
-        for name, figures in rules.figures(got, expected, ambiguous).items():
-            results[name].figures = figures
-    flipped = differs.reshape(-1, heads).any(axis=1)
-    return [results[name] for name in TAPS], errors, flipped
+            why = f"slots of a correct top-{c.knn}, but its scores are not the scores of the slots it selected"
+        kinds = [
+            (int(slots_bad.sum()), "with a slot that does not exist or repeats"),
+            (int(unexplained.sum()), f"that select other slots without a near-tie (no {precision}rounding explains)"),
+            (int(not_top_k.sum()), f"ambiguous, but not a correct top-{c.knn} (no {precision}rounding explains it)"),
+        ]
+        counts = ", ".join(f"{n} {what}" for n, what in kinds if n)
+        result.message = (
+            f"{int(wrong.sum())} row(s) select wrongly ({counts}); first: row {row} selects {why} "
+            f"(expected {expected[row].tolist()}, got {g[row].tolist()})"
+        )
+    elif differs.any():
+        result.message = f"{int(differs.sum())} ambiguous row(s) selected differently (a correct top-{c.knn})"
+    if skip_rows is not None and skip_rows.any():
+        tokens = int(skip_rows.sum()) // c.heads
+        result.message = _join(result.message, f"{tokens} token(s) downstream of an ambiguous flip not compared")
+    return result, differs & ~wrong, in_range & distinct
+
+
+def _judge_output(
+    full: str,
+    got: dict,
+    usable: set[str],
+    rules: Float32Rules,
+    tol: Tolerance,
+    flipped_rows: np.ndarray,
+    valid_rows: np.ndarray,
+    skip_tokens: np.ndarray | None,
+) -> tuple[TensorResult, np.ndarray]:
+    """``output`` against the golden, and, for tokens whose selection legitimately differs
+    (every token at reduced precision), against the weighted sum of the path's own rows."""
+    layer = rules.layer
+    c = layer.config
+    g = np.asarray(got["output"])
+    g2 = g.reshape(-1, c.v_dim)  # (bs,v_dim)
+    e2 = np.asarray(layer.expected["output"]).reshape(-1, c.v_dim)
+    tokens = g2.shape[0]
+    skip = np.zeros(tokens, bool) if skip_tokens is None else skip_tokens.copy()
+    tokens_flipped = flipped_rows.reshape(tokens, c.heads).any(axis=1)
+    if {"indices", "weights"} <= usable:  # a token set aside is still its own rows' weighted sum
+        own_tokens = np.ones(tokens, bool) if rules.own_output_everywhere else tokens_flipped | skip
+        own_tokens &= valid_rows.reshape(tokens, c.heads).all(axis=1)  # other tokens fail at indices
+    else:  # the indices or weights tap failed on its own: the golden is what is left to compare with
+        own_tokens = np.zeros(tokens, bool)
+    reference = e2.astype(np.float64)
+    bound = np.zeros((tokens, 1))
+    if own_tokens.any():
+        own = own_weighted_sum(got["indices"], got["weights"], layer.values, c.heads * c.knn)  # (bs,v_dim)
+        reference[own_tokens] = own[own_tokens]
+        bound[own_tokens, 0] = rules.output_bound(got["indices"], got["weights"])[own_tokens]
+    golden_tokens = ~own_tokens & ~skip
+    if not rules.own_output_everywhere:  # a flipped token whose rows cannot be summed: its indices fail
+        golden_tokens &= ~tokens_flipped
+    considered = (own_tokens | golden_tokens)[:, None]
+    bound_name = rules.output_bound_name() + " (against its own rows)" if own_tokens.any() else ""
+    result, err = _judge_float(
+        full, g2, reference, tol, bound=bound, considered=considered, bound_name=bound_name if bound.any() else ""
+    )
+    if not result and own_tokens.any():
+        bad_own = np.flatnonzero(own_tokens)
+        result.message = _join(
+            result.message,
+            f"{len(bad_own)} token(s) judged against the weighted sum of the rows they selected"
+            if rules.own_output_everywhere
+            else "tokens with a different (ambiguous) selection judged against the weighted sum of the rows they "
+            "selected",
+        )
+    for element in result.worst_elements:  # in the tap's own shape, not the (tokens, v_dim) view
+        flat = np.ravel_multi_index(tuple(element["index"]), g2.shape)
+        element["index"] = [int(i) for i in np.unravel_index(flat, g.shape)]
+    result.ambiguous_rows = int(tokens_flipped.sum())
+    return result, err
+
+
+def _judge_layer(
+    got: dict[str, np.ndarray],
+    layer: Layer,
+    make_rules: Callable[[Layer, dict, set], Float32Rules],
+    prefix: str,
+    skip_tokens: np.ndarray | None,
+) -> tuple[list[TensorResult], dict[str, np.ndarray], np.ndarray]:
+    """One layer's five taps (names ``prefix + tap``): the results, the errors of failing
+    float taps, and the tokens whose selection legitimately differs here."""
+    c = layer.config
+    results = _structure(got, layer.expected, prefix)
+    usable = {t for t in TAPS if t not in results}
+    rules = make_rules(layer, got, usable)
+    results.update(_type_problems(got, usable, prefix, rules))
+    usable = {t for t in TAPS if t not in results}
+    errors: dict[str, np.ndarray] = {}
+    skip_rows = None if skip_tokens is None else np.repeat(skip_tokens, c.heads)  # (bs*heads,)
+    rows = len(layer.expected["indices"])
+    flipped = np.zeros(rows, bool)
+    valid = np.ones(rows, bool)
+    margins = rules.margins()  # (rows,)
+    ambiguous = margins <= rules.tie_margin
+    if "indices" in usable:
+        results["indices"], flipped, valid = _judge_indices(
+            prefix + "indices", got, usable, rules, layer.tolerance("scores"), margins, skip_rows
+        )
+    considered = None if skip_rows is None else ~skip_rows[:, None]
+    for name in ("query", "scores", "weights"):
+        if name not in usable:
+            continue
+        tol = layer.tolerance(name)
+        if name == "query":
+            bound, extra, bound_name = rules.query_bound(got, usable), 0.0, f"the {rules.precision} projection bound"
+        elif name == "scores":
+            bound, extra = rules.score_bound[:, None], 0.0
+            bound_name = f"the {rules.score_precision} score bound"
+        else:
+            bound, extra, bound_name = 0.0, rules.weights_rtol(), f"the {rules.precision} softmax bound"
+        derived = np.any(np.asarray(bound) > 0) or np.any(np.asarray(extra) > 0)
+        result, err = _judge_float(
+            prefix + name,
+            got[name],
+            layer.expected[name],
+            tol,
+            bound=bound,
+            extra_rtol=extra,
+            considered=considered,
+            bound_name=bound_name if derived else "",
+        )
+        if name == "query" and derived and not result:
+            result.message += " (on the layer's golden input)"
+        results[name] = result
+        if not result:
+            errors[prefix + name] = err
+    if "output" in usable:
+        result, err = _judge_output(
+            prefix + "output", got, usable, rules, layer.tolerance("output"), flipped, valid, skip_tokens
+        )
+        results["output"] = result
+        if not result:
+            errors[prefix + "output"] = err
+    for name, figures in rules.figures(got, usable, ambiguous).items():
+        results[name].figures = figures
+    flipped_tokens = flipped.reshape(-1, c.heads).any(axis=1)
+    return [results[name] for name in TAPS], errors, flipped_tokens
 
 
 def _join(a: str, b: str) -> str:
     return f"{a}; {b}" if a else b
 
 
+# --- a path's verdict ----------------------------------------------------------------------
 def compare_taps(
     got: dict[str, np.ndarray],
     expected: dict[str, np.ndarray],
@@ -333,12 +588,13 @@ def compare_taps(
     layer_input: np.ndarray | None = None,
     judged_layers: int | None = None,
 ) -> Comparison:
-    """Compare every tap, layer by layer, in pipeline order; see the module docstring.
+    """Judge every tap, layer by layer, in pipeline order; see the module docstring.
     ``layer_input``: the golden input of the first layer (a reduced-precision path's
     ``query`` is judged by a bound derived from it). ``judged_layers``: judge only that
     many layers against the golden; later layers' taps are only checked to be present,
     of the golden's shape and dtype, finite and of the path's type, and appear only when
     they are not (their judgement is made elsewhere: on their golden inputs)."""
+    make_rules = rules_for(path)
     tensors: list[TensorResult] = []
     errors: dict[str, np.ndarray] = {}
     downstream = None  # tokens whose input to this layer legitimately differs
@@ -350,24 +606,16 @@ def compare_taps(
     per_layer = split_layers(weights)  # torch names without the layers.<i>. prefix
     for i in range(layers):
         prefix = "" if layers == 1 else f"{i}/"
+        layer_got = {t: got[prefix + t] for t in TAPS if prefix + t in got}
+        layer_expected = {t: expected[prefix + t] for t in TAPS}
+        layer = Layer(config, per_layer[i], layer_expected, tolerance, layer_input if i == 0 else None)
         if judged_layers is not None and i >= judged_layers:
-            layer_got = {t: got[prefix + t] for t in TAPS if prefix + t in got}
-            layer_expected = {t: expected[prefix + t] for t in TAPS}
-            tensors += list(_structure_problems(layer_got, layer_expected, prefix, precision_of(path)).values())
+            structure = _structure(layer_got, layer_expected, prefix)
+            usable = {t for t in TAPS if t not in structure}
+            rules = make_rules(layer, layer_got, usable)
+            tensors += [*structure.values(), *_type_problems(layer_got, usable, prefix, rules).values()]
             continue
-        results, errs, flipped = _compare_layer(
-            {t: got[prefix + t] for t in TAPS if prefix + t in got},
-            {t: expected[prefix + t] for t in TAPS},
-            config=config,
-            keys=per_layer[i]["keys"],
-            values=per_layer[i]["values.weight"],
-            tolerance=tolerance,
-            prefix=prefix,
-            skip_tokens=downstream,
-            path=path,
-            layer_input=layer_input if i == 0 else None,
-            layer_weights=per_layer[i],
-        )
+        results, errs, flipped = _judge_layer(layer_got, layer, make_rules, prefix, downstream)
         tensors += results
         errors.update(errs)
         if downstream is not None:
@@ -403,6 +651,56 @@ def compare_case(
     )
 
 
+def judge(
+    path_name: str,
+    case,
+    got: dict,
+    golden,
+    weights,
+    policy,
+    seconds: float | None,
+    judged_layers: int | None = None,
+) -> PathResult:
+    """The verdict on one path's taps (``golden`` is a :class:`conformance.golden.Golden`):
+    ``pass`` or ``fail`` with every tap's result, or ``error`` when judging itself raised
+    (a defect of the toolkit, reported with its message; the run goes on)."""
+    try:
+        comparison = compare_case(
+            case,
+            got,
+            golden.taps,
+            weights=weights,
+            policy=policy,
+            path=path_name,
+            layer_input=golden.input,
+            judged_layers=judged_layers,
+        )
+    except Exception as exc:
+        return PathResult(
+            path_name,
+            ERROR,
+            reason=f"judging its taps raised {type(exc).__name__}: {exc}".strip(),
+            seconds=seconds,
+            obtained={k: np.asarray(v) for k, v in got.items()},
+        )
+    reason = ""
+    if not comparison.ok:
+        bad = next(t for t in comparison.tensors if not t)
+        reason = f"{bad.name}: {bad.message}"
+    return PathResult(
+        path_name,
+        PASS if comparison.ok else FAIL,
+        reason=reason,
+        first_divergence=comparison.first_divergence,
+        tensors=comparison.tensors,
+        seconds=seconds,
+        errors=comparison.errors,
+        obtained={} if comparison.ok else {k: np.asarray(v) for k, v in got.items()},
+        downstream_tokens=comparison.downstream_tokens,
+    )
+
+
+# --- before a run ------------------------------------------------------------------------------
 def check_checkable(
     expected: dict[str, np.ndarray],
     *,
@@ -413,14 +711,16 @@ def check_checkable(
     paths: list[str],
     layers: int = 1,
 ) -> None:
-    """Refuse (ToleranceError) a tolerance that makes a tap uncheckable for this golden:
+    """Refuse (ToleranceError) a hand-set tolerance that makes a tap uncheckable for this
+    golden:
 
     * a float tap where an all-zero answer would pass for most elements
       (``|expected| <= atol + rtol * |expected|`` for over half of them, so ``rtol >= 1``
       always), and
     * a ``scores`` atol larger than the median selection margin of the rows that are not
       exact ties: then the tolerance alone makes most selections ambiguous, and the
-      ``indices`` check is switched off for them.
+      ``indices`` check is reduced to top-k validity for them. (The derived near-tie
+      margin follows the scale of each row by itself; the atol is only its floor.)
     """
     margins = []
     per_layer = split_layers(weights)

@@ -23,8 +23,6 @@ import dataclasses
 import numpy as np
 
 PASS, FAIL, UNAVAILABLE, ERROR, OK = "pass", "fail", "unavailable", "error", "ok"
-VERDICTS = (PASS, FAIL, UNAVAILABLE, ERROR)
-MEASUREMENTS = (OK, UNAVAILABLE, ERROR)
 
 
 @dataclasses.dataclass
@@ -42,7 +40,8 @@ class TensorResult:
     message: str = ""
     # the worst elements: {"index", "obtained", "expected", "difference"}, largest difference first
     worst_elements: list[dict] = dataclasses.field(default_factory=list)
-    figures: dict = dataclasses.field(default_factory=dict)  # reduced precision: see conformance.precision
+    figures: dict = dataclasses.field(default_factory=dict)  # reduced precision: see conformance.compare
+    required_atol: float | None = None  # a failing float tap: the smallest atol that would have passed
 
     def __bool__(self) -> bool:
         return self.status == PASS
@@ -60,6 +59,7 @@ class TensorResult:
             "message": self.message,
             "worst_elements": self.worst_elements,
             **({"figures": self.figures} if self.figures else {}),
+            **({"required_atol": self.required_atol} if self.required_atol is not None else {}),
         }
 
 

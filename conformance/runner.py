@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from conformance.cases import Case
-from conformance.compare import check_checkable, compare_case
+from conformance.compare import check_checkable, judge
 from conformance.environment import environment
 from conformance.export import ExportUnsupported
 from conformance.golden import Golden, GoldenError, GoldenStore
@@ -69,36 +69,6 @@ def check_golden_matches_case(case: Case, golden: Golden, store: GoldenStore) ->
             f"{store.case_dir(case.name) / 'case.json'}: {stale} differ from {case.source}; the case changed "
             f"since its golden was made: run {regenerate}"
         )
-
-
-def _judge(
-    path_name: str, case: Case, got: dict, golden: Golden, weights, policy, seconds, judged_layers: int | None = None
-) -> PathResult:
-    comparison = compare_case(
-        case,
-        got,
-        golden.taps,
-        weights=weights,
-        policy=policy,
-        path=path_name,
-        layer_input=golden.input,
-        judged_layers=judged_layers,
-    )
-    reason = ""
-    if not comparison.ok:
-        bad = next(t for t in comparison.tensors if not t)
-        reason = f"{bad.name}: {bad.message}"
-    return PathResult(
-        path_name,
-        PASS if comparison.ok else FAIL,
-        reason=reason,
-        first_divergence=comparison.first_divergence,
-        tensors=comparison.tensors,
-        seconds=seconds,
-        errors=comparison.errors,
-        obtained={} if comparison.ok else {k: np.asarray(v) for k, v in got.items()},
-        downstream_tokens=comparison.downstream_tokens,
-    )
 
 
 LAYERWISE = "@golden-input"  # suffix of the taps of a layer judged alone
@@ -165,7 +135,7 @@ def run_path(
         return PathResult.unavailable(path.name, str(exc), required)
     except Exception as exc:
         return PathResult(path.name, ERROR, reason=f"{type(exc).__name__}: {exc}".strip())
-    return _judge(path.name, case, got, golden, context.weights, policy, seconds, judged_layers)
+    return judge(path.name, case, got, golden, context.weights, policy, seconds, judged_layers)
 
 
 def run_path_isolated(
@@ -205,7 +175,7 @@ def run_path_isolated(
             return PathResult(path.name, ERROR, reason=result.reason or "unknown")
         with np.load(out, allow_pickle=False) as data:
             got = {k: data[k] for k in data.files}
-    return _judge(path.name, case, got, golden, context.weights, policy, result.seconds, judged_layers)
+    return judge(path.name, case, got, golden, context.weights, policy, result.seconds, judged_layers)
 
 
 def read_goldens(cases: list[Case], store: GoldenStore, progress: Progress | None = None) -> dict[str, Golden]:

@@ -20,7 +20,7 @@ import copy
 import numpy as np
 
 from conformance.paths.base import CaseContext, ExecutionPath, PathUnavailable
-from conformance.precision import REDUCED, join_name
+from conformance.precision import REDUCED, PrecisionError, check_model_bytes, join_name
 
 # what the runtimes say when they have no kernel for a type (their own exception names)
 _NO_KERNEL = ("NotImplemented", "NotImplementedError", "InvalidArgument", "InvalidArgumentError", "UnimplementedError")
@@ -106,6 +106,7 @@ class PrecisionPath(ExecutionPath):
     def prepare(self, context: CaseContext):
         try:
             run = self.base.prepare(self._view(context))
+            self.check_model_bytes(context)
         except PathUnavailable:
             raise
         except Exception as exc:
@@ -123,6 +124,21 @@ class PrecisionPath(ExecutionPath):
 
     def prepare_timed(self, context: CaseContext, x):
         return self.base.prepare_timed(self._view(context), x)
+
+    def check_model_bytes(self, context: CaseContext) -> None:
+        """Refuse a model that does not have this precision's size (a float32 model
+        labelled int8): PrecisionError, the path's ``error``."""
+        size = self.model_bytes(context)
+        if size is None:
+            return
+        spec = context.case.spec
+        value_bytes = spec.layers * spec.config.size * spec.config.v_dim * 4
+        slack = 64 * 2**10 if getattr(self, "exporter", None) else 0  # an ONNX file's graph
+        why = check_model_bytes(
+            self.precision, size, spec.weight_bytes, value_bytes, spec.layers * spec.config.size, slack
+        )
+        if why:
+            raise PrecisionError(f"{self.name}: {why}")
 
     def model_bytes(self, context: CaseContext) -> int | None:
         """Bytes of the model this path runs (its export's files for ONNX paths)."""

@@ -20,12 +20,11 @@ from conformance.precision import (
     quantize_rows,
     query_error_bound,
     representable,
-    selection_agreement,
-    slot_scores,
     split_name,
 )
 from conformance.tolerances import ToleranceError, load_policy, parse_policy
 from pkm_models.config import TAPS, PKMConfig
+from pkm_models.selection import selection_agreement, slot_scores
 from pkm_models.torch_pkm import build_torch_model
 from pkm_models.torch_precision import DTYPES, CastModel, int8_module, model_bytes, pack_rows
 
@@ -234,7 +233,9 @@ def test_int8_passes_within_its_derived_bound(small):
         golden.weights["values.weight"][got["indices"].reshape(-1, config.heads * config.knn)].astype(np.float64),
     )
     error = np.abs(got["output"].reshape(own.shape) - own).max(axis=1)
-    bound = int8_output_bound(got["indices"], got["weights"], golden.weights["values.weight"], config)
+    bound = int8_output_bound(
+        got["indices"], got["weights"], golden.weights["values.weight"], config.heads * config.knn
+    )
     assert np.all(error <= bound) and error.max() > 0.1 * bound.max()
 
 
@@ -268,9 +269,27 @@ def test_int8_model_bytes_and_a_mislabelled_float32_model():
     config = PKMConfig(input_dim=16, output_dim=64, k_dim=8, heads=2, knn=4, n_keys=32)  # values dominate
     model = build_torch_model(config, 1, seed=0).eval()
     fp32 = model_bytes(model)
-    assert check_model_bytes("int8", model_bytes(int8_module(copy.deepcopy(model))), fp32) is None
-    assert "declared int8" in check_model_bytes("int8", fp32, fp32)
-    assert check_model_bytes("fp16", model_bytes(copy.deepcopy(model).half()), fp32) is None
+    values, rows = config.size * config.v_dim * 4, config.size
+    assert check_model_bytes("int8", model_bytes(int8_module(copy.deepcopy(model))), fp32, values, rows) is None
+    assert "declared int8" in check_model_bytes("int8", fp32, fp32, values, rows)
+    assert check_model_bytes("fp16", model_bytes(copy.deepcopy(model).half()), fp32, values, rows) is None
+    assert "declared bf16" in check_model_bytes("bf16", fp32, fp32, values, rows)
+
+
+def test_a_float32_model_labelled_int8_is_refused_by_its_path(small, monkeypatch):
+    """docs/precision.md: a declared int8 model as large as the float32 one is refused."""
+    from conformance.cases import load_cases
+    from conformance.paths import CaseContext, get_path
+    from conformance.precision import PrecisionError
+
+    golden = small[0]
+    (case,) = load_cases(REPO / "conformance" / "cases", ["small"])
+    path = get_path("torch-eager-cpu@int8")
+    context = CaseContext(case, golden.weights)
+    assert path.prepare(context)(golden.input)["output"].shape == golden.taps["output"].shape  # the real one runs
+    monkeypatch.setattr(type(path), "model_bytes", lambda self, context: case.spec.weight_bytes)
+    with pytest.raises(PrecisionError, match="declared int8 but its model holds"):
+        path.prepare(context)
 
 
 # --- tolerances: the precision level -----------------------------------------------------------

@@ -81,7 +81,7 @@ def test_a_wrong_slot_fails_at_indices(project):
 
 def test_a_tightened_tolerance_fails_the_right_tensor(project):
     policy = parse_policy(
-        {"default": {"atol": 1e-5, "rtol": 1e-4}, "path": {"tf-*": {"tap": {"scores": {"atol": 0.0, "rtol": 0.0}}}}},
+        {"default": {"atol": 1e-5, "rtol": 1e-4}, "path": {"tf-*": {"tap": {"weights": {"atol": 0.0, "rtol": 0.0}}}}},
         "t",
         [p.name for p in select_paths(None)],
         ["tiny", "tiny-bn", "tiny-tie"],
@@ -90,8 +90,10 @@ def test_a_tightened_tolerance_fails_the_right_tensor(project):
     s = {p.name: p for p in result.cases[0].paths}
     assert s["torch-eager-cpu"].status == "pass"  # bit-identical to its own golden
     tf = s["tf-function-cpu"]
-    assert tf.status == "fail" and tf.first_divergence == "scores"
-    assert [t.name for t in tf.tensors if not t] == ["scores"]
+    assert tf.status == "fail" and tf.first_divergence == "weights"
+    assert [t.name for t in tf.tensors if not t] == ["weights"]
+    weights = next(t for t in tf.tensors if t.name == "weights")
+    assert weights.required_atol > 0 and f"an atol of {weights.required_atol:.3g} would pass" in weights.message
 
 
 _run_stub = run_stub
