@@ -18,7 +18,7 @@ def measure(request: dict) -> dict:
     from conformance.bench import get_bench_preset, summarize, time_calls
     from conformance.export import ExportUnsupported
     from conformance.paths import CaseContext, PathUnavailable, get_path
-    from conformance.paths.precision import precision_fields
+    from conformance.paths.precision_variants import precision_fields
     from pkm_models.weights import make_input
 
     bench = get_bench_preset(request["preset"])
@@ -34,7 +34,7 @@ def measure(request: dict) -> dict:
             fn = path.prepare_timed(context, make_input(bench.input_shape, seed=0))
         except (PathUnavailable, ExportUnsupported) as exc:
             return {**result, "status": UNAVAILABLE, "reason": str(exc)}
-        result.update(precision_fields(path, context))  # precision and model_bytes (conformance.paths.precision)
+        result.update(precision_fields(path, context))  # precision and model_bytes
         for _ in range(request["warmup"]):
             fn()
     times = time_calls(fn, request["runs"])  # input already on the device; returns once it has finished

@@ -80,7 +80,7 @@ def export(
     inference) and return its report.
 
     ``precision`` other than fp32 (or an ``exporter`` named ``<exporter>@<precision>``)
-    writes ``out_dir/<exporter>@<precision>.onnx`` (see :mod:`conformance.export.precision`)."""
+    writes ``out_dir/<exporter>@<precision>.onnx`` (see :mod:`conformance.export.at_precision`)."""
     if "@" in exporter:
         from conformance.precision import split_name
 
@@ -95,8 +95,8 @@ def export(
     except OSError as exc:
         raise ExportError(f"cannot create {out_dir}: {exc.strerror or exc}") from exc
     with staging_dir(out_dir, f".{exporter}-") as staging:
-        if precision != "fp32":  # conformance.export.precision
-            from conformance.export.precision import export_at_precision
+        if precision != "fp32":  # conformance.export.at_precision
+            from conformance.export.at_precision import export_at_precision
 
             report = export_at_precision(spec, exporter, staging, opset, tapped, precision)
             staged = report.path

@@ -126,7 +126,7 @@ def export_torchscript(spec: ModelSpec, path: Path, opset: int, tapped: bool) ->
 
 # --- reduced precision (conformance.precision) ---------------------------------------------
 def _precision_module(spec: ModelSpec, tapped: bool, precision: str) -> nn.Module:
-    from pkm_models.torch_precision import DTYPES, CastModel, int8_module
+    from pkm_models.torch_reduced import DTYPES, CastModel, int8_module
 
     reference = spec.torch_model()
     if precision == "int8":  # standard ONNX: Gather codes and scales, Cast, Mul, Add, MatMul

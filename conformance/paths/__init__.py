@@ -14,7 +14,7 @@ from conformance.export import EXPORTER_NAMES
 from conformance.paths.base import CaseContext, ExecutionPath, PathUnavailable
 from conformance.paths.onnx_reference import ReferencePath
 from conformance.paths.ort_paths import OrtPath
-from conformance.paths.precision import precision_variants
+from conformance.paths.precision_variants import precision_variants
 from conformance.paths.seed_baseline import SeedBaselinePath
 from conformance.paths.tf_paths import TFPath
 from conformance.paths.torch_paths import TorchPath

@@ -18,7 +18,7 @@ from conformance.paths import PATH_NAMES, ExecutionPath
 from conformance.runner import RunOptions, run_conformance
 from conformance.tolerances import load_policy
 from pkm_models.selection import slot_scores
-from pkm_models.torch_precision import DTYPES
+from pkm_models.torch_reduced import DTYPES
 
 REPO = Path(__file__).resolve().parents[2]
 CASES_DIR = REPO / "conformance" / "cases"

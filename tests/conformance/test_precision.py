@@ -26,7 +26,7 @@ from conformance.tolerances import ToleranceError, load_policy, parse_policy
 from pkm_models.config import TAPS, PKMConfig
 from pkm_models.selection import selection_agreement, slot_scores
 from pkm_models.torch_pkm import build_torch_model
-from pkm_models.torch_precision import DTYPES, CastModel, int8_module, model_bytes, pack_rows
+from pkm_models.torch_reduced import DTYPES, CastModel, int8_module, model_bytes, pack_rows
 
 REPO = Path(__file__).resolve().parents[2]
 CASES = [p.stem for p in (REPO / "conformance" / "cases").glob("*.toml")]

@@ -343,7 +343,7 @@ class Fp16Stub(ExecutionPath):
         pass
 
     def prepare(self, context):
-        from pkm_models.torch_precision import DTYPES, CastModel
+        from pkm_models.torch_reduced import DTYPES, CastModel
 
         model = CastModel(context.torch_model, DTYPES["fp16"]).eval()
 

@@ -3,12 +3,12 @@
 :class:`PrecisionPath` wraps a float32 path and runs it unchanged on a view of the case
 context whose models are the reduced-precision ones:
 
-* torch paths: the reference cast to the type (:class:`pkm_models.torch_precision.CastModel`),
+* torch paths: the reference cast to the type (:class:`pkm_models.torch_reduced.CastModel`),
   or with its value table in int8 (PyTorch's fused 8-bit row-wise ``EmbeddingBag``);
 * tf paths: the Keras port built with the dtype policy ``float16`` / ``bfloat16`` (its
   variables and every op in the type);
 * ONNX paths (ONNX Runtime, the reference evaluator): the export ``<exporter>@<precision>``
-  (:mod:`conformance.export.precision`).
+  (:mod:`conformance.export.at_precision`).
 
 A runtime without a kernel for the type is ``unavailable`` with the runtime's own error.
 """
@@ -41,7 +41,7 @@ class _PrecisionContext:
     def torch_model(self):
         key = ("torch", self._precision)
         if key not in self._cache:
-            from pkm_models.torch_precision import DTYPES, CastModel, int8_module
+            from pkm_models.torch_reduced import DTYPES, CastModel, int8_module
 
             reference = copy.deepcopy(self._context.torch_model)
             if self._precision == "int8":
@@ -146,7 +146,7 @@ class PrecisionPath(ExecutionPath):
         if exporter is not None:
             return export_bytes(context, exporter)
         if self.family == "torch":
-            from pkm_models.torch_precision import model_bytes
+            from pkm_models.torch_reduced import model_bytes
 
             return model_bytes(self._view(context).torch_model)
         if self.family == "tf":
