@@ -12,7 +12,7 @@ from conformance.cli import main
 from conformance.golden import GoldenError
 from conformance.paths import ExecutionPath
 from tests.conformance.helpers import rewrite_tap, run_stub
-from tests.models.test_checkpoint import DIM, KNN, write_xlm, xlm_forward
+from tests.models.test_checkpoint import DIM, KNN, write_xlm, xlm_forward, xlm_params
 
 RUN = ["run", "--path", "torch-eager-cpu", "--in-process"]
 
@@ -56,7 +56,7 @@ def test_a_changed_or_missing_checkpoint_is_bad_data(project, tmp_path, capsys):
     checkpoint, _, _ = _xlm_case(project, tmp_path)
     assert main(["golden", "regenerate", "--case", "xlm-user", *project.cli_args()]) == 0
     capsys.readouterr()
-    checkpoint2, _ = write_xlm(tmp_path, name="other.pth", batchnorm=True, bias=False)
+    checkpoint2, _ = write_xlm(tmp_path, xlm_params(mem_query_bias=False), name="other.pth", bias=False)
     checkpoint.write_bytes(checkpoint2.read_bytes())  # the same file name, other weights
     assert main([*RUN, "--case", "xlm-user", *project.cli_args()]) == 2
     _one_error_line(capsys.readouterr().err, "checkpoint", "changed since its golden was made", "regenerate")
