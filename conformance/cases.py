@@ -167,6 +167,17 @@ class Case:
             input_file=input_file,
         )
 
+    @property
+    def user_files(self) -> list[Path]:
+        """The files this case reads besides the golden: its case file, and the checkpoint
+        and input file it names (commands refuse to write over any of them)."""
+        files = [self.source]
+        if self.spec.checkpoint is not None:
+            files.append(self.spec.checkpoint.path)
+        if self.input_file is not None:
+            files.append(self.input_file.path)
+        return files
+
     def to_json(self) -> dict[str, Any]:
         out = {
             "name": self.name,

@@ -42,7 +42,7 @@ import onnx
 from onnx import numpy_helper
 
 from conformance.cases import Case
-from conformance.files import FileProblem, confined
+from conformance.files import FileProblem, confined, fsync
 from pkm_models.config import ConfigError, PKMConfig, tap_names
 from pkm_models.convert import ConversionError, check_weights, expected_shapes
 from pkm_models.errors import PKMError
@@ -93,13 +93,6 @@ def _parse_tensor(data: bytes, path: Path) -> np.ndarray:
             "a golden must be finite"
         )
     return array
-
-
-def _read_tensor(path: Path) -> np.ndarray:
-    try:
-        return _parse_tensor(path.read_bytes(), path)
-    except FileNotFoundError:
-        raise GoldenError(f"{path}: missing") from None
 
 
 def _write_tensor(path: Path, array: np.ndarray, name: str) -> None:
@@ -371,17 +364,8 @@ def _provenance() -> dict:
 
 
 def _fsync_tree(root: Path) -> None:
-    for p in sorted(root.rglob("*"), reverse=True):
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    for p in [*sorted(root.rglob("*"), reverse=True), root]:
+        fsync(p)
 
 
 _RENAME_EXCHANGE = 2
@@ -402,8 +386,4 @@ def _swap_in(staging: Path, target: Path) -> None:
         if rc != 0:
             err = ctypes.get_errno()
             raise GoldenError(f"cannot swap {staging} into {target}: {os.strerror(err)} ({errno.errorcode.get(err)})")
-    fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync(target.parent)
