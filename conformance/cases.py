@@ -84,6 +84,7 @@ class InputFile:
     path: Path
     key: str | None
     sha256: str
+    size: int | None = None  # bytes; None in a case read back from a golden made before sizes were kept
 
     def load(self) -> np.ndarray:
         return read_input_file(self.path, self.key)
@@ -155,7 +156,9 @@ class Case:
         given = data["input"]
         input_file = None
         if "file" in given:
-            input_file = InputFile(_resolve(source, given["file"]), given.get("key"), given["sha256"])
+            input_file = InputFile(
+                _resolve(source, given["file"]), given.get("key"), given["sha256"], given.get("size")
+            )
         return cls(
             name=data["name"],
             description=data["description"],
@@ -195,6 +198,7 @@ class Case:
                 "file": _shown(self.source, self.input_file.path),
                 **({"key": self.input_file.key} if self.input_file.key else {}),
                 "sha256": self.input_file.sha256,
+                "size": self.input_file.size,
             }
         if self.spec.checkpoint is not None:
             out["checkpoint"] = self.spec.checkpoint.to_json(self.source.parent)
@@ -217,7 +221,7 @@ class Case:
             spec=spec,
             input_shape=tuple(x.shape),
             store_weights=False,
-            input_file=InputFile(input_file, None, _digest(input_file)),
+            input_file=InputFile(input_file, None, *_file_digest(input_file)),
         )
 
 
@@ -241,10 +245,15 @@ def _shown(source: Path, path: Path) -> str:
     return str(path.relative_to(source.parent)) if path.is_relative_to(source.parent) else str(path)
 
 
-def _digest(path: Path) -> str:
+def _file_digest(path: Path) -> tuple[str, int]:
+    """(sha256, size in bytes) of a file."""
     from pkm_models.checkpoint import file_digest
 
-    return file_digest(path)[0]
+    return file_digest(path)
+
+
+def _digest(path: Path) -> str:
+    return _file_digest(path)[0]
 
 
 def read_input_file(path: Path, key: str | None = None) -> np.ndarray:
@@ -404,7 +413,7 @@ def load_case(path: Path) -> Case:
                 f"{file}: the input's last dimension is {x.shape[-1]}, the model's input_dim is {config.input_dim}"
             )
         shape = list(x.shape)
-        input_file = InputFile(file, key, _digest(file))
+        input_file = InputFile(file, key, *_file_digest(file))
     else:
         if "key" in given:
             raise CaseError(f"{path}: [input] key needs [input] file")

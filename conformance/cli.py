@@ -253,8 +253,11 @@ def _run_verify(args: argparse.Namespace) -> int:
     for case in cases:
         try:
             with store.reading():
-                meta = store.verify(case.name)
-            print(f"{case.name}: ok ({len(meta['sha256'])} files, finite tensors, weights as the case says)")
+                meta = store.verify(case.name, case)
+            print(
+                f"{case.name}: ok ({len(meta['sha256'])} files, finite tensors, weights as the case says, "
+                "made from the case, checkpoint and input file as they are now)"
+            )
         except GoldenError as exc:
             problems += 1
             print(f"{case.name}: {exc}", file=sys.stderr)

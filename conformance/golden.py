@@ -160,10 +160,15 @@ class GoldenStore:
             contents[rel] = data
         return meta, contents, digest
 
-    def verify(self, name: str) -> dict:
-        """Check everything :meth:`read` checks (files, hashes, finite tensors, weights);
-        returns the parsed case.json."""
-        return self.read(name).meta
+    def verify(self, name: str, case: Case | None = None) -> dict:
+        """Check everything :meth:`read` checks (files, hashes, finite tensors, weights) and,
+        given the ``case``, everything a run checks before trusting the golden (it was made
+        from this case as it is now: config, checkpoint and input file by sha256); returns
+        the parsed case.json."""
+        golden = self.read(name)
+        if case is not None:
+            check_golden_matches_case(case, golden, self)
+        return golden.meta
 
     def read(self, name: str) -> Golden:
         """The golden of case ``name``, every file checked (see the module docstring)."""
@@ -287,6 +292,33 @@ class GoldenStore:
         meta = {**case.to_json(), "taps": names, "provenance": provenance, "sha256": digests}
         (staging / "case.json").write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
         _fsync_tree(staging)
+
+
+def check_golden_matches_case(case: Case, golden: Golden, store: GoldenStore) -> None:
+    """The golden was made from this case as it is now: same model, same weights (a named
+    checkpoint with the same sha256), same input (a named input file with the same sha256).
+    ``run`` and ``golden verify`` both ask this; a GoldenError names what changed."""
+    expected = case.to_json()
+    regenerate = f"python -m conformance golden regenerate --case {case.name}"
+
+    def size(entry: dict) -> str:
+        return f"{entry['size']} bytes" if isinstance(entry.get("size"), int) else "size not recorded"
+
+    for key, what in (("checkpoint", "checkpoint"), ("input", "input file")):
+        old, new = golden.meta.get(key) or {}, expected.get(key) or {}
+        if "sha256" in old and "sha256" in new and old["sha256"] != new["sha256"]:
+            raise GoldenError(
+                f"{case.source}: the {what} {new.get('file')} changed since its golden was made (sha256 now "
+                f"{new['sha256'][:12]}..., {size(new)}; the golden has {old['sha256'][:12]}..., "
+                f"{size(old)}). If the change is intended: {regenerate}"
+            )
+    keys = ("config", "layers", "weight_seed", "duplicate_subkeys", "input", "checkpoint")
+    stale = [k for k in keys if golden.meta.get(k) != expected.get(k)]
+    if stale:
+        raise GoldenError(
+            f"{store.case_dir(case.name) / 'case.json'}: {stale} differ from {case.source}; the case changed "
+            f"since its golden was made: run {regenerate}"
+        )
 
 
 def _check_meta(meta, path: Path) -> dict:
