@@ -59,7 +59,7 @@ from pkm_models.errors import PKMError
 from pkm_models.weights import make_input
 
 STORE_LIMIT_BYTES = 8 << 20
-NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # whole name: also no '.', '..', leading '.', newline
 _SCHEMA: dict[str, set[str] | None] = {
     "description": None,
     "preset": None,
@@ -346,11 +346,20 @@ def _int(value: Any, where: str, minimum: int = 0) -> int:
     return value
 
 
+def check_case_name(name: object, where: str) -> None:
+    """Case names are plain: letters, digits, '-', '_' and '.', not starting with '.'. They
+    become file and folder names (golden/<case>/) and lines of reports, so anything else (a
+    newline, a slash, a space) is refused wherever a name enters, before anything is written."""
+    if not (isinstance(name, str) and NAME.fullmatch(name)):
+        raise CaseError(
+            f"{where}: case names are letters, digits, '-', '_' and '.' (not starting with '.'); got {name!r}"
+        )
+
+
 def load_case(path: Path) -> Case:
     path = Path(path)
     name = path.stem
-    if not NAME.match(name):
-        raise CaseError(f"{path}: case names are lower-case letters, digits, '-' and '_'; got {name!r}")
+    check_case_name(name, f"case file {str(path)!r}")  # repr: the name may hold a newline
     try:
         data = tomllib.loads(path.read_text())
     except OSError as exc:
@@ -471,6 +480,8 @@ def load_cases(cases_dir: Path | None = None, names: list[str] | None = None) ->
             f"no cases folder at {cases_dir}: run from the project's folder (the default is "
             "./conformance/cases) or pass --cases-dir"
         )
+    for name in names or ():
+        check_case_name(name, "--case")
     available = sorted(p.stem for p in cases_dir.glob("*.toml"))
     wanted = list(dict.fromkeys(names)) if names else available
     unknown = [n for n in wanted if n not in available]

@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from conformance.cases import Case
+from conformance.cases import Case, check_case_name
 from conformance.files import FileProblem, confined, fsync
 from pkm_models.config import ConfigError, PKMConfig, tap_names
 from pkm_models.convert import ConversionError, check_weights, expected_shapes
@@ -104,6 +104,7 @@ class GoldenStore:
         self.root = Path(root or default_golden_dir())
 
     def case_dir(self, name: str) -> Path:
+        check_case_name(name, f"golden folder in {self.root}")
         return self.root / name
 
     # --- reading ------------------------------------------------------------------------
@@ -187,7 +188,10 @@ class GoldenStore:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        names = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for name in names:
+            check_case_name(name, f"golden folder in {self.root}")
+        return names
 
     # --- writing ------------------------------------------------------------------------
     @contextlib.contextmanager
