@@ -59,7 +59,7 @@ from pkm_models.errors import PKMError
 from pkm_models.weights import make_input
 
 STORE_LIMIT_BYTES = 8 << 20
-NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # whole name: also no '.', '..', leading '.', newline
 _SCHEMA: dict[str, set[str] | None] = {
     "description": None,
     "preset": None,
@@ -84,6 +84,7 @@ class InputFile:
     path: Path
     key: str | None
     sha256: str
+    size: int | None = None  # bytes; None in a case read back from a golden made before sizes were kept
 
     def load(self) -> np.ndarray:
         return read_input_file(self.path, self.key)
@@ -155,7 +156,9 @@ class Case:
         given = data["input"]
         input_file = None
         if "file" in given:
-            input_file = InputFile(_resolve(source, given["file"]), given.get("key"), given["sha256"])
+            input_file = InputFile(
+                _resolve(source, given["file"]), given.get("key"), given["sha256"], given.get("size")
+            )
         return cls(
             name=data["name"],
             description=data["description"],
@@ -166,6 +169,17 @@ class Case:
             source=source,
             input_file=input_file,
         )
+
+    @property
+    def user_files(self) -> list[Path]:
+        """The files this case reads besides the golden: its case file, and the checkpoint
+        and input file it names (commands refuse to write over any of them)."""
+        files = [self.source]
+        if self.spec.checkpoint is not None:
+            files.append(self.spec.checkpoint.path)
+        if self.input_file is not None:
+            files.append(self.input_file.path)
+        return files
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -184,6 +198,7 @@ class Case:
                 "file": _shown(self.source, self.input_file.path),
                 **({"key": self.input_file.key} if self.input_file.key else {}),
                 "sha256": self.input_file.sha256,
+                "size": self.input_file.size,
             }
         if self.spec.checkpoint is not None:
             out["checkpoint"] = self.spec.checkpoint.to_json(self.source.parent)
@@ -206,7 +221,7 @@ class Case:
             spec=spec,
             input_shape=tuple(x.shape),
             store_weights=False,
-            input_file=InputFile(input_file, None, _digest(input_file)),
+            input_file=InputFile(input_file, None, *_file_digest(input_file)),
         )
 
 
@@ -230,10 +245,15 @@ def _shown(source: Path, path: Path) -> str:
     return str(path.relative_to(source.parent)) if path.is_relative_to(source.parent) else str(path)
 
 
-def _digest(path: Path) -> str:
+def _file_digest(path: Path) -> tuple[str, int]:
+    """(sha256, size in bytes) of a file."""
     from pkm_models.checkpoint import file_digest
 
-    return file_digest(path)[0]
+    return file_digest(path)
+
+
+def _digest(path: Path) -> str:
+    return _file_digest(path)[0]
 
 
 def read_input_file(path: Path, key: str | None = None) -> np.ndarray:
@@ -326,11 +346,20 @@ def _int(value: Any, where: str, minimum: int = 0) -> int:
     return value
 
 
+def check_case_name(name: object, where: str) -> None:
+    """Case names are plain: letters, digits, '-', '_' and '.', not starting with '.'. They
+    become file and folder names (golden/<case>/) and lines of reports, so anything else (a
+    newline, a slash, a space) is refused wherever a name enters, before anything is written."""
+    if not (isinstance(name, str) and NAME.fullmatch(name)):
+        raise CaseError(
+            f"{where}: case names are letters, digits, '-', '_' and '.' (not starting with '.'); got {name!r}"
+        )
+
+
 def load_case(path: Path) -> Case:
     path = Path(path)
     name = path.stem
-    if not NAME.match(name):
-        raise CaseError(f"{path}: case names are lower-case letters, digits, '-' and '_'; got {name!r}")
+    check_case_name(name, f"case file {str(path)!r}")  # repr: the name may hold a newline
     try:
         data = tomllib.loads(path.read_text())
     except OSError as exc:
@@ -393,7 +422,7 @@ def load_case(path: Path) -> Case:
                 f"{file}: the input's last dimension is {x.shape[-1]}, the model's input_dim is {config.input_dim}"
             )
         shape = list(x.shape)
-        input_file = InputFile(file, key, _digest(file))
+        input_file = InputFile(file, key, *_file_digest(file))
     else:
         if "key" in given:
             raise CaseError(f"{path}: [input] key needs [input] file")
@@ -451,6 +480,8 @@ def load_cases(cases_dir: Path | None = None, names: list[str] | None = None) ->
             f"no cases folder at {cases_dir}: run from the project's folder (the default is "
             "./conformance/cases) or pass --cases-dir"
         )
+    for name in names or ():
+        check_case_name(name, "--case")
     available = sorted(p.stem for p in cases_dir.glob("*.toml"))
     wanted = list(dict.fromkeys(names)) if names else available
     unknown = [n for n in wanted if n not in available]

@@ -55,7 +55,9 @@ def _add_convert(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("src", help="checkpoint to read")
-    p.add_argument("dst", help="checkpoint to write (an existing file is replaced)")
+    p.add_argument(
+        "dst", help="checkpoint to write (an existing file is replaced, unless it is SRC itself: that is refused)"
+    )
     p.add_argument(
         "--knn",
         type=int,
@@ -75,8 +77,12 @@ def _add_convert(sub) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
+    from conformance.files import refuse_overwriting_inputs
     from pkm_models.convert import convert_checkpoint
 
+    refuse_overwriting_inputs([args.src], [args.dst])  # before anything is read
+    if any(str(p).lower().endswith(".keras") for p in (args.src, args.dst)):
+        quiet_third_party(verbose=False)  # Keras needs TensorFlow, which logs at start-up
     checkpoint = convert_checkpoint(args.src, args.dst, knn=args.knn, memories=args.memories)
     for note in checkpoint.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -157,7 +163,9 @@ def _add_run(sub) -> None:
 
 
 def _run_run(args: argparse.Namespace) -> int:
-    from conformance.files import check_writable
+    from pathlib import Path
+
+    from conformance.files import check_writable, refuse_overwriting_inputs
     from conformance.paths import select_paths
     from conformance.report import table, write_reports
     from conformance.runner import RunOptions, run_conformance
@@ -169,6 +177,11 @@ def _run_run(args: argparse.Namespace) -> int:
         select_paths(args.require)  # every --require glob must name a path
     store, cases, policy = _load(args)
     if args.report_dir:
+        report_dir = Path(args.report_dir)
+        inputs = [store.root / "tolerances.toml", *(f for case in cases for f in case.user_files)]
+        refuse_overwriting_inputs(
+            inputs, [report_dir / n for n in ("report.json", "junit.xml", "report.md")], [report_dir / "obtained"]
+        )
         check_writable(args.report_dir)  # before minutes of work, not after; creates nothing
     options = RunOptions(
         require=args.require or [],
@@ -215,9 +228,12 @@ def _add_golden(sub) -> None:
 
 
 def _run_regenerate(args: argparse.Namespace) -> int:
+    from conformance.files import refuse_overwriting_inputs
     from conformance.regenerate import regenerate_cases
 
     store, cases, policy = _load(args)
+    for case in cases:  # a golden folder is replaced whole: none of the case's own files may live in it
+        refuse_overwriting_inputs(case.user_files, folders=[store.case_dir(case.name)])
     refused = regenerate_cases(
         cases,
         store,
@@ -237,8 +253,11 @@ def _run_verify(args: argparse.Namespace) -> int:
     for case in cases:
         try:
             with store.reading():
-                meta = store.verify(case.name)
-            print(f"{case.name}: ok ({len(meta['sha256'])} files, finite tensors, weights as the case says)")
+                meta = store.verify(case.name, case)
+            print(
+                f"{case.name}: ok ({len(meta['sha256'])} files, finite tensors, weights as the case says, "
+                "made from the case, checkpoint and input file as they are now)"
+            )
         except GoldenError as exc:
             problems += 1
             print(f"{case.name}: {exc}", file=sys.stderr)
@@ -380,10 +399,39 @@ def _add_merge(sub) -> None:
     p.set_defaults(func=_run_merge)
 
 
-def _run_merge(args: argparse.Namespace) -> int:
-    from conformance.merge import merge_files
+MERGED_FILES = ("report.json", "report.md", "junit.xml", "bench.json", "bench.md")
 
-    return EXIT_OK if merge_files(args.files, args.report_dir) else EXIT_FAIL
+
+def _run_merge(args: argparse.Namespace) -> int:
+    """Merge report.json files, or bench.json files (the files say which), into one; print
+    it and, with --report-dir, write it there."""
+    from pathlib import Path
+
+    from conformance import merge
+    from conformance.files import refuse_overwriting_inputs
+
+    if len(args.files) < 2:
+        raise merge.MergeError(f"merge needs at least two files, got {len(args.files)}")
+    sources = [Path(f) for f in args.files]
+    if args.report_dir:
+        refuse_overwriting_inputs(sources, [Path(args.report_dir) / name for name in MERGED_FILES])
+    data = [merge.read_json(s) for s in sources]
+    kinds = {merge.kind(s, d) for s, d in zip(sources, data, strict=True)}
+    if len(kinds) > 1:
+        raise merge.MergeError("cannot merge report.json files with bench.json files: merge each kind on its own")
+    if kinds == {"bench"}:
+        from conformance.bench import merge as bench_merge
+
+        merged = bench_merge.merge_benches(sources, data)
+        print(bench_merge.terminal(merged))
+        written = bench_merge.write(merged, Path(args.report_dir)) if args.report_dir else []
+    else:
+        merged = merge.merge_reports(sources, data)
+        print(merge.table(merged))
+        written = merge.write(merged, Path(args.report_dir)) if args.report_dir else []
+    for path in written:
+        print(f"wrote {path}")
+    return EXIT_OK if merged["ok"] else EXIT_FAIL
 
 
 # --- export -------------------------------------------------------------------------------
@@ -423,21 +471,29 @@ def _add_export(sub) -> None:
         "OUT/<exporter>@<precision>.onnx, torch-fast only (default fp32; docs/precision.md)",
     )
     p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace files of the same name already in OUT (default: refuse, naming them, before exporting)",
+    )
     p.set_defaults(func=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    import os
     from pathlib import Path
 
     from conformance.export import EXPORTER_NAMES, SUPPORTED_OPSETS, ModelSpec, check_exporter_names, export
-    from conformance.files import check_writable
+    from conformance.files import FileProblem, check_writable, refuse_overwriting_inputs
     from pkm_models import get_preset
 
+    case_files = []
     if args.case:
         from conformance.cases import default_cases_dir, load_cases
 
         cases_dir = Path(args.cases_dir) if args.cases_dir else default_cases_dir()
-        spec = load_cases(cases_dir, [args.case])[0].spec
+        case = load_cases(cases_dir, [args.case])[0]
+        spec, case_files = case.spec, case.user_files
     else:
         spec = ModelSpec.from_preset(get_preset(args.preset), seed=args.seed)
     names = args.exporters or (list(EXPORTER_NAMES) if args.precision == "fp32" else ["torch-fast"])
@@ -445,6 +501,16 @@ def _run_export(args: argparse.Namespace) -> int:
     if args.opset not in SUPPORTED_OPSETS:
         raise PKMError(f"--opset {args.opset} is not supported; choose one of {list(SUPPORTED_OPSETS)}")
     out = Path(args.out)
+    suffix = "" if args.precision == "fp32" else f"@{args.precision}"
+    targets = [out / f"{name}{suffix}.onnx{data}" for name in names for data in ("", ".data")]
+    refuse_overwriting_inputs(case_files, targets)  # even with --force: never a file the export reads
+    existing = [str(t) for t in targets if os.path.lexists(t)]
+    if existing and not args.force:
+        raise FileProblem(
+            f"{existing[0]} already exists"
+            + (f" (and {len(existing) - 1} more)" if len(existing) > 1 else "")
+            + "; export does not replace files unless told to: pass --force, or choose another --out"
+        )
     check_writable(out)
     failed = []
     for i, name in enumerate(names, start=1):
@@ -485,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        if args.command in ("run", "golden", "export", "convert", "bench", "paths"):
+        if args.command in ("run", "golden", "export", "bench", "paths"):  # convert: only for .keras
             quiet_third_party(getattr(args, "verbose", False))
         return args.func(args)
     except PKMError as exc:

@@ -8,6 +8,11 @@
 * Reading what a user or a data file names: :func:`confined` resolves a relative name
   inside a folder and refuses absolute names, ``..``, and symbolic links anywhere on the
   way; :func:`user_file` resolves a path a user gave and checks it is a regular file.
+* A command never writes over what it reads: :func:`refuse_overwriting_inputs` compares
+  every file a command would write (and every folder it would replace) with every file it
+  reads, as the file system sees them (``..``, symbolic links and hard links included),
+  before anything is read or written.
+* Durability: :func:`fsync` is the one way a file or folder is flushed to the disk.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from pkm_models.errors import PKMError
@@ -27,8 +32,9 @@ class FileProblem(PKMError):
     """A file or folder that cannot be written or must not be read."""
 
 
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def fsync(path: Path) -> None:
+    """Flush a file's or a folder's contents (a folder: its entries, after renames) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -41,10 +47,8 @@ def _describe(exc: OSError) -> str:
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temporary file beside it, fsync, rename)."""
-    with atomic_output(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)  # atomic_output syncs it before the rename
 
 
 @contextlib.contextmanager
@@ -67,12 +71,9 @@ def atomic_output(path: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        with contextlib.suppress(OSError):  # some writers leave the file unsynced
-            fd = os.open(tmp, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
+        fsync(tmp)  # writers (torch.save, model.save) do not sync
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        fsync(path.parent)
     except OSError as exc:
         raise FileProblem(f"cannot write {path}: {_describe(exc)}; the previous file, if any, is unchanged") from exc
     finally:
@@ -92,10 +93,10 @@ def write_files_together(folder: Path, payloads: dict[str, bytes]) -> list[Path]
             staged.append((name, Path(tmp)))
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            fsync(Path(tmp))
         for name, tmp in staged:
             os.replace(tmp, folder / name)
+        fsync(folder)
         return [folder / name for name in payloads]
     except OSError as exc:
         raise FileProblem(f"cannot write to {folder}: {_describe(exc)}") from exc
@@ -171,3 +172,40 @@ def user_file(base: Path, name: object, what: str) -> Path:
     if not path.is_file():
         raise FileProblem(f"{what}: {path} is not a regular file")
     return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)  # device and inode: '..', symbolic and hard links alike
+    except OSError:  # one of them does not exist (yet): not the same file
+        return False
+
+
+def refuse_overwriting_inputs(
+    inputs: Iterable[str | Path | None],
+    outputs: Iterable[str | Path] = (),
+    folders: Iterable[str | Path] = (),
+) -> None:
+    """Raise FileProblem when a command would write over one of its own inputs: an output
+    file that is an input file (the same file however it is named: ``./h/../my.pth``, a
+    symbolic link, a hard link), or an input inside a folder the command replaces whole.
+
+    Call it before reading anything: it only looks at names and inodes."""
+    inputs = [Path(p) for p in inputs if p is not None]
+    for out in map(Path, outputs):
+        for source in inputs:
+            if _same_file(source, out):
+                raise FileProblem(
+                    f"{out}: this is {source}, which the command reads; writing it would destroy that input. "
+                    "Choose another destination"
+                )
+    for folder in map(Path, folders):
+        if not folder.exists():
+            continue
+        inside = folder.resolve()
+        for source in inputs:
+            if source.exists() and source.resolve().is_relative_to(inside):
+                raise FileProblem(
+                    f"{source}: lies inside {folder}, which the command replaces; writing it would destroy that "
+                    "input. Move the file out of that folder"
+                )

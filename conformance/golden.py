@@ -41,8 +41,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from conformance.cases import Case
-from conformance.files import FileProblem, confined
+from conformance.cases import Case, check_case_name
+from conformance.files import FileProblem, confined, fsync
 from pkm_models.config import ConfigError, PKMConfig, tap_names
 from pkm_models.convert import ConversionError, check_weights, expected_shapes
 from pkm_models.errors import PKMError
@@ -95,13 +95,6 @@ def _parse_tensor(data: bytes, path: Path) -> np.ndarray:
     return array
 
 
-def _read_tensor(path: Path) -> np.ndarray:
-    try:
-        return _parse_tensor(path.read_bytes(), path)
-    except FileNotFoundError:
-        raise GoldenError(f"{path}: missing") from None
-
-
 def _write_tensor(path: Path, array: np.ndarray, name: str) -> None:
     path.write_bytes(numpy_helper.from_array(np.ascontiguousarray(array), name).SerializeToString())
 
@@ -111,6 +104,7 @@ class GoldenStore:
         self.root = Path(root or default_golden_dir())
 
     def case_dir(self, name: str) -> Path:
+        check_case_name(name, f"golden folder in {self.root}")
         return self.root / name
 
     # --- reading ------------------------------------------------------------------------
@@ -167,10 +161,15 @@ class GoldenStore:
             contents[rel] = data
         return meta, contents, digest
 
-    def verify(self, name: str) -> dict:
-        """Check everything :meth:`read` checks (files, hashes, finite tensors, weights);
-        returns the parsed case.json."""
-        return self.read(name).meta
+    def verify(self, name: str, case: Case | None = None) -> dict:
+        """Check everything :meth:`read` checks (files, hashes, finite tensors, weights) and,
+        given the ``case``, everything a run checks before trusting the golden (it was made
+        from this case as it is now: config, checkpoint and input file by sha256); returns
+        the parsed case.json."""
+        golden = self.read(name)
+        if case is not None:
+            check_golden_matches_case(case, golden, self)
+        return golden.meta
 
     def read(self, name: str) -> Golden:
         """The golden of case ``name``, every file checked (see the module docstring)."""
@@ -189,7 +188,10 @@ class GoldenStore:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        names = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for name in names:
+            check_case_name(name, f"golden folder in {self.root}")
+        return names
 
     # --- writing ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -296,6 +298,33 @@ class GoldenStore:
         _fsync_tree(staging)
 
 
+def check_golden_matches_case(case: Case, golden: Golden, store: GoldenStore) -> None:
+    """The golden was made from this case as it is now: same model, same weights (a named
+    checkpoint with the same sha256), same input (a named input file with the same sha256).
+    ``run`` and ``golden verify`` both ask this; a GoldenError names what changed."""
+    expected = case.to_json()
+    regenerate = f"python -m conformance golden regenerate --case {case.name}"
+
+    def size(entry: dict) -> str:
+        return f"{entry['size']} bytes" if isinstance(entry.get("size"), int) else "size not recorded"
+
+    for key, what in (("checkpoint", "checkpoint"), ("input", "input file")):
+        old, new = golden.meta.get(key) or {}, expected.get(key) or {}
+        if "sha256" in old and "sha256" in new and old["sha256"] != new["sha256"]:
+            raise GoldenError(
+                f"{case.source}: the {what} {new.get('file')} changed since its golden was made (sha256 now "
+                f"{new['sha256'][:12]}..., {size(new)}; the golden has {old['sha256'][:12]}..., "
+                f"{size(old)}). If the change is intended: {regenerate}"
+            )
+    keys = ("config", "layers", "weight_seed", "duplicate_subkeys", "input", "checkpoint")
+    stale = [k for k in keys if golden.meta.get(k) != expected.get(k)]
+    if stale:
+        raise GoldenError(
+            f"{store.case_dir(case.name) / 'case.json'}: {stale} differ from {case.source}; the case changed "
+            f"since its golden was made: run {regenerate}"
+        )
+
+
 def _check_meta(meta, path: Path) -> dict:
     """case.json's fields, checked by type (a damaged file is bad data, not a traceback)."""
     required = ("name", "config", "input", "taps", "sha256", "provenance")
@@ -371,17 +400,8 @@ def _provenance() -> dict:
 
 
 def _fsync_tree(root: Path) -> None:
-    for p in sorted(root.rglob("*"), reverse=True):
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    for p in [*sorted(root.rglob("*"), reverse=True), root]:
+        fsync(p)
 
 
 _RENAME_EXCHANGE = 2
@@ -402,8 +422,4 @@ def _swap_in(staging: Path, target: Path) -> None:
         if rc != 0:
             err = ctypes.get_errno()
             raise GoldenError(f"cannot swap {staging} into {target}: {os.strerror(err)} ({errno.errorcode.get(err)})")
-    fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync(target.parent)

@@ -120,6 +120,17 @@ def muted() -> Iterator[None]:
         yield
 
 
+def grow_gpu_memory() -> None:
+    """Let TensorFlow take GPU memory as it needs it, not all of it at start-up, so that one
+    process does not starve the next and peak memory means something. Does nothing once
+    this process has initialised its GPUs."""
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        with contextlib.suppress(RuntimeError):
+            tf.config.experimental.set_memory_growth(gpu, True)
+
+
 def quiet_third_party(verbose: bool) -> None:
     """TensorFlow logs to stderr from C++ at import and at device set-up, before any
     Python setting applies: unless ``verbose``, start it with stderr pointed at /dev/null."""
@@ -133,8 +144,6 @@ def quiet_third_party(verbose: bool) -> None:
     try:
         os.dup2(devnull, 2)
         import tensorflow as tf
-
-        from conformance.paths.tf_paths import grow_gpu_memory
 
         grow_gpu_memory()  # this process must not take the GPU's memory from the paths it starts
         tf.constant(0)  # device discovery logs here

@@ -16,8 +16,9 @@ each runs what it can and the reports are merged:
   reports that differ for a case are refused. Reports written before that digest existed
   are refused too: their golden version cannot be checked, so rerun them.
 
-bench.json files are merged by ``conformance.bench.merge`` through the same command; the
-files say which kind they are.
+bench.json files are merged by ``conformance.bench.merge`` through the same command (the
+command line reads the files, which say which kind they are, and hands each kind to its
+module; this module never imports the bench).
 """
 
 from __future__ import annotations
@@ -332,31 +333,3 @@ def write(merged: dict, folder: Path) -> list[Path]:
             "junit.xml": junit(_as_run_result(merged)),
         },
     )
-
-
-# --- the command ---------------------------------------------------------------------------
-def merge_files(files: list[str], report_dir: str | None, say=print) -> bool:
-    """Merge report.json files, or bench.json files, into one; print it and, with
-    ``report_dir``, write it there. Returns whether the merged result is ok."""
-    if len(files) < 2:
-        raise MergeError(f"merge needs at least two files, got {len(files)}")
-    sources = [Path(f) for f in files]
-    data = [read_json(s) for s in sources]
-    kinds = {kind(s, d) for s, d in zip(sources, data, strict=True)}
-    if len(kinds) > 1:
-        raise MergeError("cannot merge report.json files with bench.json files: merge each kind on its own")
-    if kinds == {"bench"}:
-        from conformance.bench import merge as bench_merge
-
-        merged = bench_merge.merge_benches(sources, data)
-        say(bench_merge.terminal(merged))
-        written = bench_merge.write(merged, Path(report_dir)) if report_dir else []
-        ok = merged["ok"]
-    else:
-        merged = merge_reports(sources, data)
-        say(table(merged))
-        written = write(merged, Path(report_dir)) if report_dir else []
-        ok = merged["ok"]
-    for path in written:
-        say(f"wrote {path}")
-    return ok

@@ -25,7 +25,7 @@ from conformance.cases import Case
 from conformance.compare import check_checkable, judge
 from conformance.environment import environment
 from conformance.export import ExportUnsupported
-from conformance.golden import Golden, GoldenError, GoldenStore
+from conformance.golden import Golden, GoldenStore, check_golden_matches_case
 from conformance.isolation import run_json_worker
 from conformance.paths import CaseContext, ExecutionPath, PathUnavailable
 from conformance.results import ERROR, FAIL, OK, PASS, UNAVAILABLE, CaseResult, PathResult, RunResult, WorkerResult
@@ -49,26 +49,6 @@ class RunOptions:
         return any(path_matches(path, g) for g in self.require)
 
 
-def check_golden_matches_case(case: Case, golden: Golden, store: GoldenStore) -> None:
-    """The golden was made from this case as it is now: same model, same weights (a named
-    checkpoint with the same sha256), same input (a named input file with the same sha256)."""
-    expected = case.to_json()
-    regenerate = f"python -m conformance golden regenerate --case {case.name}"
-    for key, what in (("checkpoint", "checkpoint"), ("input", "input file")):
-        old, new = golden.meta.get(key) or {}, expected.get(key) or {}
-        if "sha256" in old and "sha256" in new and old["sha256"] != new["sha256"]:
-            raise GoldenError(
-                f"{case.source}: the {what} {new.get('file')} changed since its golden was made (sha256 now "
-                f"{new['sha256'][:12]}..., size {new.get('size', '?')}; the golden has {old['sha256'][:12]}..., "
-                f"size {old.get('size', '?')}). If the change is intended: {regenerate}"
-            )
-    keys = ("config", "layers", "weight_seed", "duplicate_subkeys", "input", "checkpoint")
-    stale = [k for k in keys if golden.meta.get(k) != expected.get(k)]
-    if stale:
-        raise GoldenError(
-            f"{store.case_dir(case.name) / 'case.json'}: {stale} differ from {case.source}; the case changed "
-            f"since its golden was made: run {regenerate}"
-        )
 
 
 LAYERWISE = "@golden-input"  # suffix of the taps of a layer judged alone

@@ -179,6 +179,7 @@ def read_checkpoint(
     config = _config(weights, names, found, knn, path)
     for name, layer in zip(names, weights, strict=True):
         check_weights(layer, weight_shapes(config), f"{path}: memory {name!r}")
+        _check_computable(layer, found.source_names[name], path)
     return Checkpoint(
         path=path,
         format=found.kind,
@@ -260,8 +261,7 @@ def _torch_load(path: Path) -> Any:
         # zip archives are memory-mapped: only the memories' tensors are ever read into memory
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        what = found.group(1) if found else str(exc).strip().splitlines()[-1]
+        what = _refused_globals(str(exc), path)
         hint = ""
         if what == "argparse.Namespace":
             hint = (
@@ -275,6 +275,42 @@ def _torch_load(path: Path) -> Any:
     except Exception as exc:  # truncated archive, wrong magic, ...
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConversionError(f"{path}: cannot read as a PyTorch file (truncated or corrupt?): {reason}") from exc
+
+
+def _refused_globals(message: str, path: Path) -> str:
+    """What PyTorch's weights-only loader refused, by name (``posix.system``): from its
+    message (worded differently across versions), else from the pickle's own GLOBAL opcodes
+    (read, never run), else a plain description."""
+    named = re.findall(r"GLOBAL ([\w.]+)", message, flags=re.IGNORECASE)
+    if not named:
+        named = [g for g in _pickle_globals(path) if not g.startswith(("torch.", "collections.OrderedDict"))]
+    if named:
+        return ", ".join(dict.fromkeys(named))
+    return "non-tensor Python objects"
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """``module.name`` of every global a PyTorch file's pickle refers to (``[]`` if unreadable)."""
+    import pickletools
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                member = next(n for n in z.namelist() if n == "data.pkl" or n.endswith("/data.pkl"))
+                data = z.read(member)
+        else:
+            data = path.read_bytes()
+        out, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                out.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                out.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+        return out
+    except Exception:  # the loader's own message stands
+        return []
 
 
 def _strip_module(key: str) -> str:
@@ -471,7 +507,17 @@ def _xlm_rename(
         sources[name] = source
     if extra:
         raise ConversionError(f"{where}: tensors the reference has no place for: {extra}")
-    if "query_proj.0.weight" in out and "query_proj.0.bias" not in out:
+    has_bias = "query_proj.0.bias" in out
+    if "query_proj.0.weight" in out and has_bias != params.get("mem_query_bias", True):
+        # XLM's default is a query bias: only params saying mem_query_bias=False allow none
+        said = f"mem_query_bias={params['mem_query_bias']!r}" if "mem_query_bias" in params else "XLM's default"
+        stem = sources["query_proj.0.weight"][: -len("weight")]
+        found = "there is no" if not has_bias else "the file holds a"
+        raise ConversionError(
+            f"{where}: XLM params contradict the tensors: {said} says the query Linear "
+            f"{'has a bias' if not has_bias else 'has no bias'}, but {found} {stem}bias tensor"
+        )
+    if "query_proj.0.weight" in out and not has_bias:
         # mem_query_bias=False: a Linear without bias is a Linear with a zero bias, exactly
         weight = out["query_proj.0.weight"]
         out["query_proj.0.bias"] = torch.zeros(weight.shape[0], dtype=weight.dtype)
@@ -536,6 +582,18 @@ def _as_float32(tensors: Mapping[str, Any], sources: Mapping[str, str], path: Pa
             raise ConversionError(f"{path}: {source}: {bad} NaN or Inf value(s) in {np.size(array)}")
         out[name] = array
     return out
+
+
+def _check_computable(layer: Weights, sources: Mapping[str, str], path: Path) -> None:
+    """Weights that cannot compute are refused here, not found as NaN later: BatchNorm's
+    running variance must be >= 0 (its square root is taken; finiteness is checked on read)."""
+    var = layer.get("query_proj.1.running_var")
+    if var is not None and np.any(var < 0):
+        source = sources.get("query_proj.1.running_var", "query_proj.1.running_var")
+        raise ConversionError(
+            f"{path}: {source}: {int(np.count_nonzero(var < 0))} negative BatchNorm running variance(s) "
+            f"(smallest {float(var.min()):.4g}); a variance is >= 0, and this one would compute NaN"
+        )
 
 
 def _config(weights: tuple[Weights, ...], names: list[str], found: _Found, knn: int | None, path: Path) -> PKMConfig:

@@ -24,12 +24,6 @@ def tap_names(layers: int) -> list[str]:
     return [f"{i}/{tap}" for i in range(layers) for tap in TAPS]
 
 
-def split_tap(name: str) -> tuple[int, str]:
-    """``"2/indices"`` -> ``(2, "indices")``; a bare tap is layer 0."""
-    layer, _, tap = name.rpartition("/")
-    return (int(layer) if layer else 0), tap
-
-
 class ConfigError(PKMError, ValueError):
     """A config field is missing, unknown, of the wrong type or out of range."""
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from conformance.export.onnx_files import ExportReport, check_model, describe
-from conformance.files import fsync_dir, staging_dir
+from conformance.files import fsync, staging_dir
 from conformance.spec import ModelSpec
 from pkm_models.config import TAPS
 from pkm_models.errors import PKMError
@@ -117,7 +117,7 @@ def export(
             if data.exists():
                 os.replace(data, path.with_name(data.name))
             os.replace(staged, path)
-            fsync_dir(out_dir)
+            fsync(out_dir)
         except OSError as exc:
             raise ExportError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return dataclasses.replace(report, path=path)

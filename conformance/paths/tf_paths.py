@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 
+from conformance.isolation import grow_gpu_memory
 from conformance.paths.base import CaseContext, ExecutionPath, PathUnavailable
 from pkm_models.stack import call_module, stack_forward
-
-
-def grow_gpu_memory() -> None:
-    """Let TensorFlow take GPU memory as it needs it, not all of it at start-up, so that one
-    process does not starve the next and peak memory means something. Does nothing once
-    this process has initialised its GPUs."""
-    import tensorflow as tf
-
-    for gpu in tf.config.list_physical_devices("GPU"):
-        with contextlib.suppress(RuntimeError):
-            tf.config.experimental.set_memory_growth(gpu, True)
 
 
 class TFPath(ExecutionPath):

@@ -50,5 +50,43 @@ def test_unknown_case_lists_the_known_ones(tmp_path):
         load_cases(tmp_path, ["b"])
     with pytest.raises(CaseError, match="no cases folder"):
         load_cases(tmp_path / "missing")
-    with pytest.raises(CaseError, match="case names are lower-case"):
+    with pytest.raises(CaseError, match="case names are letters, digits"):
         load_case(write(tmp_path, "", "Bad Name"))
+
+
+BAD_NAMES = ["nl\n", "a/b", "a b", "..", ".", ".hidden", "tab\t", "", "é"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_a_case_name_that_is_not_plain_is_refused_everywhere_before_anything_is_written(project, capsys, name):
+    from conformance.cli import main
+    from conformance.golden import GoldenStore
+
+    before = sorted(p.name for p in project.golden_dir.iterdir())
+    assert main(["golden", "regenerate", "--case", name, *project.cli_args()]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "case names are letters, digits" in err, err
+    assert sorted(p.name for p in project.golden_dir.iterdir()) == before
+    with pytest.raises(CaseError, match="case names are letters, digits"):
+        GoldenStore(project.golden_dir).case_dir(name)
+
+
+def test_a_case_file_whose_name_ends_in_a_newline_is_refused(project, capsys):
+    (project.cases_dir / "nl\n.toml").write_text((project.cases_dir / "tiny.toml").read_text())
+    before = sorted(p.name for p in project.golden_dir.iterdir())
+    for args in (["--case", "nl\n"], []):  # named, or among all the cases
+        assert main_regenerate(project, args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "got 'nl\\n'" in err, err
+    assert sorted(p.name for p in project.golden_dir.iterdir()) == before
+
+
+def test_plain_names_with_dots_and_capitals_are_cases(tmp_path):
+    write(tmp_path, 'preset = "tiny"\n[input]\nshape=[1,2,16]', "My_case-2.v1")
+    assert [c.name for c in load_cases(tmp_path, ["My_case-2.v1"])] == ["My_case-2.v1"]
+
+
+def main_regenerate(project, args):
+    from conformance.cli import main
+
+    return main(["golden", "regenerate", *args, *project.cli_args()])

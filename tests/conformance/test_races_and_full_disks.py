@@ -92,7 +92,9 @@ def test_every_writer_keeps_the_original_on_a_full_disk(project, tmp_path):
     out = tmp_path / "exports"
     assert _cli(["export", "--preset", "tiny", "--exporter", "torch-fast", "--out", str(out)]).returncode == 0
     before = _tree(out)
-    done = _cli(["export", "--preset", "tiny", "--seed", "3", "--exporter", "torch-fast", "--out", str(out)], 2048)
+    done = _cli(
+        ["export", "--preset", "tiny", "--seed", "3", "--exporter", "torch-fast", "--force", "--out", str(out)], 2048
+    )
     assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
     assert _tree(out) == before
 

@@ -3,9 +3,8 @@
 from pathlib import Path
 
 from conformance.cases import load_cases
-from conformance.golden import GoldenStore
+from conformance.golden import GoldenStore, check_golden_matches_case
 from conformance.paths import PATH_NAMES
-from conformance.runner import check_golden_matches_case
 from conformance.tolerances import load_policy
 
 REPO = Path(__file__).resolve().parents[2]

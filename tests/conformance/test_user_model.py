@@ -12,7 +12,7 @@ from conformance.cli import main
 from conformance.golden import GoldenError
 from conformance.paths import ExecutionPath
 from tests.conformance.helpers import rewrite_tap, run_stub
-from tests.models.test_checkpoint import DIM, KNN, write_xlm, xlm_forward
+from tests.models.test_checkpoint import DIM, KNN, write_xlm, xlm_forward, xlm_params
 
 RUN = ["run", "--path", "torch-eager-cpu", "--in-process"]
 
@@ -56,13 +56,37 @@ def test_a_changed_or_missing_checkpoint_is_bad_data(project, tmp_path, capsys):
     checkpoint, _, _ = _xlm_case(project, tmp_path)
     assert main(["golden", "regenerate", "--case", "xlm-user", *project.cli_args()]) == 0
     capsys.readouterr()
-    checkpoint2, _ = write_xlm(tmp_path, name="other.pth", batchnorm=True, bias=False)
+    checkpoint2, _ = write_xlm(tmp_path, xlm_params(mem_query_bias=False), name="other.pth", bias=False)
     checkpoint.write_bytes(checkpoint2.read_bytes())  # the same file name, other weights
     assert main([*RUN, "--case", "xlm-user", *project.cli_args()]) == 2
     _one_error_line(capsys.readouterr().err, "checkpoint", "changed since its golden was made", "regenerate")
     checkpoint.unlink()
     assert main([*RUN, "--case", "xlm-user", *project.cli_args()]) == 2
     _one_error_line(capsys.readouterr().err, "does not exist")
+
+
+def test_golden_verify_checks_the_pinned_files_as_run_does(project, tmp_path, capsys):
+    checkpoint, _, x = _xlm_case(project, tmp_path)
+    assert main(["golden", "regenerate", "--case", "xlm-user", *project.cli_args()]) == 0
+    verify = ["golden", "verify", "--case", "xlm-user", *project.cli_args()]
+    assert main(verify) == 0
+    capsys.readouterr()
+    original = checkpoint.read_bytes()
+    data = torch.load(checkpoint, weights_only=True)
+    data["model"]["module.memories.1_in.values.weight"][0, 0] += 1  # one value
+    torch.save(data, checkpoint)
+    for command in (verify, [*RUN, "--case", "xlm-user", *project.cli_args()]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "checkpoint" in err and "changed since its golden was made" in err, err
+    checkpoint.write_bytes(original)
+    np.save(tmp_path / "acts.npy", x + 1)  # the input file: same shape and size, other values
+    size = (tmp_path / "acts.npy").stat().st_size
+    for command in (verify, [*RUN, "--case", "xlm-user", *project.cli_args()]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "input file" in err and "changed since its golden was made" in err, err
+        assert err.count(f"{size} bytes") == 2 and "size ?" not in err, err
 
 
 @pytest.mark.parametrize(

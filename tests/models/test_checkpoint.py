@@ -304,6 +304,29 @@ def _nan(tmp_path):
     return tmp_path / "nan.pth"
 
 
+def _missing_bias(tmp_path):
+    """params say mem_query_bias=True (as XLM's default does), the bias tensor is gone."""
+    return write_xlm(tmp_path, xlm_params(mem_query_bias=True), bias=False)[0]
+
+
+def _unexpected_bias(tmp_path):
+    return write_xlm(tmp_path, xlm_params(mem_query_bias=False), bias=True)[0]
+
+
+def _negative_variance(tmp_path):
+    data, _ = xlm_checkpoint()
+    data["model"]["module.memories.1_in.query_proj.query_mlps.1.running_var"][2] = -0.5
+    torch.save(data, tmp_path / "negvar.pth")
+    return tmp_path / "negvar.pth"
+
+
+def _inf_variance_npz(tmp_path):
+    weights = make_weights(get_preset("tiny").config.replace(query_batchnorm=True), 0)
+    weights["query_proj.1.running_var"][0] = np.inf
+    np.savez(tmp_path / "infvar.npz", **weights)
+    return tmp_path / "infvar.npz"
+
+
 def _plain_pt(tmp_path):
     save_checkpoint(make_weights(TINY, 0), tmp_path / "a.pt", TINY)
     return tmp_path / "a.pt"
@@ -333,6 +356,16 @@ BAD_INPUTS = {
     "code in the pickle": (_bad_pickle, "weights-only loader does not accept"),
     "namespace params": (_namespace_params, "argparse.Namespace"),
     "NaN weights": (_nan, "memories.4_in.values.weight: 5 NaN or Inf value(s) in 1024"),
+    "bias the params promise is missing": (
+        _missing_bias,
+        "mem_query_bias=True says the query Linear has a bias, but there is no module.memories.1_in.query_proj",
+    ),
+    "bias the params rule out": (_unexpected_bias, "mem_query_bias=False says the query Linear has no bias"),
+    "negative variance": (
+        _negative_variance,
+        "module.memories.1_in.query_proj.query_mlps.1.running_var: 1 negative BatchNorm running variance(s)",
+    ),
+    "infinite variance": (_inf_variance_npz, "query_proj.1.running_var: 1 NaN or Inf value(s)"),
     "knn missing": (_plain_pt, "knn (value rows read per head) is not recorded"),
     "suffix and content disagree": (_npz_named_pt, "the suffix '.pt' says a PyTorch torch.save archive, but the file"),
     "truncated": (_truncated, "truncated or corrupt"),
@@ -351,6 +384,37 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, ca
     assert message in err
     assert sorted(os.listdir(tmp_path)) == before
     assert not (tmp_path / "code-ran").exists()
+
+
+def test_a_pickle_that_would_run_code_is_refused_by_the_name_of_what_it_calls(tmp_path, capsys):
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"model": {}, "params": Payload()}, tmp_path / "evil.pth")
+    assert main(["convert", str(tmp_path / "evil.pth"), str(tmp_path / "out.npz"), "--knn", "4"]) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    assert err.count("\n") == 1 and "evil.pth: refused: it holds " in err
+    called = f"{os.system.__module__}.system"  # posix.system: how a pickle names os.system
+    assert f"it holds {called}," in err, err
+    assert "Check the documentation" not in err
+
+
+def test_the_refused_global_is_named_whatever_the_loaders_wording(tmp_path):
+    """Another PyTorch version's message that names nothing: the pickle's own opcodes say."""
+    from pkm_models.checkpoint import _refused_globals
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    torch.save({"params": Payload()}, tmp_path / "evil.pth")
+    assert _refused_globals("Weights only load failed.", tmp_path / "evil.pth") == f"{os.system.__module__}.system"
+    (tmp_path / "junk.pth").write_bytes(b"\x80\x02 not a pickle")
+    assert _refused_globals("Weights only load failed.", tmp_path / "junk.pth") == "non-tensor Python objects"
 
 
 def test_knn_contradicting_the_xlm_params(tmp_path, capsys):
