@@ -49,8 +49,6 @@ class RunOptions:
         return any(path_matches(path, g) for g in self.require)
 
 
-
-
 LAYERWISE = "@golden-input"  # suffix of the taps of a layer judged alone
 
 
