@@ -97,7 +97,7 @@ def test_tolerance_tables_given_scalars_are_named(project):
 
 # --- the store: confined, typed, hashed as read ---------------------------------------------
 @pytest.mark.parametrize("kind", ["absolute", "dotdot", "symlink"])
-def test_files_outside_the_golden_folder_are_refused_without_reading_them(project, tmp_path, kind):
+def test_files_outside_the_golden_folder_are_refused_without_reading_them(project, tmp_path, monkeypatch, kind):
     folder = project.store.case_dir("tiny")
     outside = tmp_path / "secret.pb"
     outside.write_bytes((folder / DATA_SET / "output_4.pb").read_bytes())
@@ -112,9 +112,37 @@ def test_files_outside_the_golden_folder_are_refused_without_reading_them(projec
         # an extra entry naming the outside file, with its consistent hash
         _edit_meta(project, "tiny", lambda meta: meta["sha256"].update({name: sha256(outside)}))
         match = "leaves its folder"
+    digest = sha256(outside)
+    reads = _spy_on_opening(monkeypatch, outside)
     with pytest.raises(GoldenError, match=match) as raised:
         project.store.read("tiny")
-    assert sha256(outside)[:8] not in str(raised.value)  # nothing about the outside file
+    assert reads == []  # never opened, by any name (the symbolic link included)
+    assert digest[:8] not in str(raised.value)  # nothing about the outside file
+    outside.read_bytes()
+    assert reads  # the spy does see a read
+
+
+def _spy_on_opening(monkeypatch, target):
+    """Every opening of ``target`` (under any name that resolves to it), by builtins.open,
+    io.open (pathlib) or os.open, is recorded in the returned list."""
+    import builtins
+    import io
+
+    target = os.path.realpath(target)
+    reads = []
+
+    def spy(real):
+        def opening(file, *args, **kwargs):
+            if isinstance(file, str | bytes | os.PathLike) and os.path.realpath(file) == target:
+                reads.append(os.fspath(file))
+            return real(file, *args, **kwargs)
+
+        return opening
+
+    monkeypatch.setattr(builtins, "open", spy(builtins.open))
+    monkeypatch.setattr(io, "open", spy(io.open))
+    monkeypatch.setattr(os, "open", spy(os.open))
+    return reads
 
 
 @pytest.mark.parametrize(

@@ -12,13 +12,14 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from conformance.cli import main
+from tests.conftest import STUB_REASON, is_gpu_path
 
 CUDA = "ort-cuda[torch-fast]"
 
 
 @pytest.fixture(scope="module")
 def cpu_report(pristine_project, tmp_path_factory):
-    """A real report.json: torch eager (runs here) and ORT CUDA (unavailable here)."""
+    """A real report.json: torch eager (runs here) and ORT CUDA (a stub, unavailable on any machine)."""
     from conformance.paths import select_paths
     from conformance.report import write_reports
     from conformance.runner import RunOptions, run_conformance
@@ -26,10 +27,22 @@ def cpu_report(pristine_project, tmp_path_factory):
 
     project = Project(pristine_project)
     paths = select_paths(["torch-eager-cpu", CUDA])
-    result = run_conformance(project.cases("tiny"), paths, project.store, project.policy(), RunOptions(isolate=False))
+    with pytest.MonkeyPatch.context() as patch:
+        for path in paths:
+            if is_gpu_path(path.name):
+                patch.setattr(path, "check", _unavailable)
+        result = run_conformance(
+            project.cases("tiny"), paths, project.store, project.policy(), RunOptions(isolate=False)
+        )
     out = tmp_path_factory.mktemp("cpu-run")
     write_reports(result, out)
     return json.loads((out / "report.json").read_text()), project
+
+
+def _unavailable(case=None):
+    from conformance.paths import PathUnavailable
+
+    raise PathUnavailable(STUB_REASON)
 
 
 def gpu_machine(report: dict, statuses: dict[str, str], host: str = "gpu-box") -> dict:

@@ -9,6 +9,7 @@ from conformance.paths import select_paths
 from conformance.runner import RunOptions, run_conformance
 from conformance.tolerances import parse_policy
 from tests.conformance.helpers import rewrite_tap, run_stub
+from tests.conftest import HAS_CUDA_DRIVER, is_gpu_path
 
 FAST = ["torch-eager-cpu", "tf-function-cpu", "ort-cpu[torch-fast]"]
 
@@ -33,15 +34,23 @@ def test_clean_run_passes_and_gpu_paths_say_why_not(project):
     result = run(project, cases=("tiny", "tiny-bn"), paths=[*FAST, "*cuda*", "*gpu*", "ort-tensorrt*"])
     s = statuses(result)
     assert all(s[("tiny", p)] == "pass" for p in FAST)
-    assert result.ok
+    assert result.ok  # on a GPU machine: every GPU path that runs conforms too
     unavailable = [p for c in result.cases for p in c.paths if p.status == "unavailable"]
-    assert unavailable and all(p.reason for p in unavailable)
-    ort_cuda = next(p for p in unavailable if p.name == "ort-cuda[torch-fast]")
-    assert "CUDAExecutionProvider" in ort_cuda.reason  # the real reason, not a guess
+    assert all(p.reason for p in unavailable)
     assert not any(p.tensors for p in unavailable)  # no CPU results under a GPU name
+    if not HAS_CUDA_DRIVER:  # no GPU here: every GPU path says so, with the real reason
+        assert {p.name for p in unavailable} >= {p for (_, p) in s if is_gpu_path(p)}
+        ort_cuda = next(p for p in unavailable if p.name == "ort-cuda[torch-fast]")
+        assert "CUDAExecutionProvider: no NVIDIA driver" in ort_cuda.reason  # the real reason, not a guess
 
 
-def test_require_turns_unavailable_into_failure(project):
+@pytest.mark.gpu
+def test_the_cuda_reference_paths_conform_on_a_gpu(project):
+    result = run(project, cases=("tiny", "tiny-bn"), paths=["torch-eager-cuda", "ort-cuda[torch-fast]"])
+    assert set(statuses(result).values()) == {"pass"}, [(p.name, p.reason) for c in result.cases for p in c.paths]
+
+
+def test_require_turns_unavailable_into_failure(project, gpu_paths_unavailable):
     result = run(project, paths=["torch-eager-cuda"], require=["torch-*-cuda"])
     (path,) = result.cases[0].paths
     assert path.status == "fail" and "required but unavailable" in path.reason
