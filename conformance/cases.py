@@ -8,6 +8,8 @@ seed) and how its golden is stored. Adding one is writing a file and running
     preset = "small"            # tiny, small, xlm (single-layer presets)
     seed = 0                    # weight seed
     layers = 1                  # PKM layers applied in sequence (needs input_dim == output_dim)
+    group = "large"             # optional: left out of runs over all cases unless asked
+                                # (--group large, or --case NAME)
 
     [config]                    # optional: PKMConfig fields that differ from the preset
     query_batchnorm = true
@@ -65,6 +67,7 @@ _SCHEMA: dict[str, set[str] | None] = {
     "preset": None,
     "seed": None,
     "layers": None,
+    "group": None,
     "config": None,
     "input": {"shape", "seed", "file", "key"},
     "weights": {"store", "duplicate_subkeys", "checkpoint", "memories"},
@@ -100,6 +103,7 @@ class Case:
     store_weights: bool
     source: Path
     input_file: InputFile | None = None
+    group: str = ""  # "" : in every run over all cases; else only when its group is asked for
 
     @property
     def config(self) -> PKMConfig:
@@ -460,6 +464,9 @@ def load_case(path: Path) -> Case:
     description = data.get("description", "")
     if not isinstance(description, str):
         raise CaseError(f"{path}: description must be a string")
+    group = data.get("group", "")
+    if not isinstance(group, str) or (group and not NAME.match(group)):
+        raise CaseError(f"{path}: group must be a name of lower-case letters, digits, '-' and '_', got {group!r}")
     return Case(
         name=name,
         description=description,
@@ -469,11 +476,16 @@ def load_case(path: Path) -> Case:
         store_weights=store,
         source=path,
         input_file=input_file,
+        group=group,
     )
 
 
-def load_cases(cases_dir: Path | None = None, names: list[str] | None = None) -> list[Case]:
-    """The named cases (all, sorted by name, when ``names`` is empty)."""
+def load_cases(
+    cases_dir: Path | None = None, names: list[str] | None = None, groups: list[str] | None = None
+) -> list[Case]:
+    """The named cases, or when ``names`` is empty every case outside a group plus those of
+    ``groups``, sorted by name (cases in a group, such as ``large``, are left out unless
+    asked for by name or group)."""
     cases_dir = Path(cases_dir or default_cases_dir())
     if not cases_dir.is_dir():
         raise CaseError(
@@ -487,4 +499,12 @@ def load_cases(cases_dir: Path | None = None, names: list[str] | None = None) ->
     unknown = [n for n in wanted if n not in available]
     if unknown:
         raise CaseError(f"unknown case(s) {unknown}; available: {available}")
-    return [load_case(cases_dir / f"{n}.toml") for n in wanted]
+    cases = [load_case(cases_dir / f"{n}.toml") for n in wanted]
+    if names:
+        return cases
+    groups = groups or []
+    known = sorted({c.group for c in cases if c.group})
+    unknown = [g for g in groups if g not in known]
+    if unknown:
+        raise CaseError(f"unknown case group(s) {unknown}; available: {known}")
+    return [c for c in cases if not c.group or c.group in groups]

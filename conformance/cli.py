@@ -93,7 +93,16 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 # --- shared options -----------------------------------------------------------------------
 def _add_case_option(p) -> None:
-    p.add_argument("--case", action="append", dest="cases", metavar="NAME", help="case (repeatable; default all)")
+    p.add_argument(
+        "--case", action="append", dest="cases", metavar="NAME", help="case (repeatable; default all outside a group)"
+    )
+    p.add_argument(
+        "--group",
+        action="append",
+        dest="groups",
+        metavar="NAME",
+        help="also the cases of this group, e.g. large (repeatable; cases in a group are left out by default)",
+    )
 
 
 def _add_store_options(p) -> None:
@@ -112,7 +121,7 @@ def _load(args: argparse.Namespace):
 
     store = GoldenStore(Path(args.golden_dir) if args.golden_dir else None)
     cases_dir = Path(args.cases_dir) if args.cases_dir else default_cases_dir()
-    cases = load_cases(cases_dir, args.cases)
+    cases = load_cases(cases_dir, args.cases, args.groups)
     known = [p.stem for p in cases_dir.glob("*.toml")]
     policy = load_policy(store.root / "tolerances.toml", PATH_NAMES, known)
     return store, cases, policy
@@ -299,9 +308,12 @@ def _run_cases(args: argparse.Namespace) -> int:
 
     from conformance.cases import default_cases_dir, load_cases
 
-    for case in load_cases(Path(args.cases_dir) if args.cases_dir else default_cases_dir()):
+    cases_dir = Path(args.cases_dir) if args.cases_dir else default_cases_dir()
+    names = sorted(p.stem for p in cases_dir.glob("*.toml"))
+    for case in load_cases(cases_dir, names):
         shape = "x".join(map(str, case.input_shape))
-        print(f"{case.name:<10} input {shape:<12} {case.description}")
+        group = f"[{case.group}] " if case.group else ""
+        print(f"{case.name:<10} input {shape:<12} {group}{case.description}")
     return EXIT_OK
 
 

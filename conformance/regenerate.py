@@ -20,6 +20,7 @@ from conformance.cases import Case
 from conformance.compare import compare_case
 from conformance.golden import GoldenError, GoldenStore
 from conformance.results import Comparison
+from conformance.spec import read_weights_dir
 from conformance.tolerances import TolerancePolicy
 
 Progress = Callable[[str], None]
@@ -68,7 +69,16 @@ def regenerate(
     (:func:`regenerate_cases` does)."""
     say = progress or (lambda _: None)
     case.check_fits()
-    weights = case.spec.weights()
+    with tempfile.TemporaryDirectory(prefix=f"pkm-{case.name}-weights-") as tmp:
+        # written once and memory-mapped: the reference and the drift check share one copy
+        weights = read_weights_dir(case.spec.write_weights(Path(tmp)), writable=True)
+        try:
+            return _regenerate(case, store, policy, accept_drift, say, weights)
+        finally:
+            weights.clear()
+
+
+def _regenerate(case, store, policy, accept_drift, say, weights) -> Comparison | None:
     x = case.make_input()
     taps = reference_taps(case, weights, x)
     previous, drift = None, None

@@ -2,9 +2,11 @@
 
 The run reads each golden once, fully checked, while holding the store's shared lock
 (:meth:`GoldenStore.reading`), and hands the workers exactly what it compares against:
-the input and, for cases with stored weights, the weights, written once into the case's
-private folder. A worker never reads the golden store, so a regeneration running beside
-the run cannot mix two goldens into one verdict.
+the input and the weights, written once into private folders. The weights are a folder of
+``.npy`` files (:meth:`conformance.spec.ModelSpec.write_weights`) that this process and
+every worker memory-map: one copy in the page cache, however many processes read it, and
+this process touches only the rows it judges. A worker never reads the golden store, so a
+regeneration running beside the run cannot mix two goldens into one verdict.
 """
 
 from __future__ import annotations
@@ -67,15 +69,16 @@ def judge_layerwise(
     golden input (the golden output of the layer before) and judge it on all tokens. Its
     taps join the result as ``<i>/<tap>@golden-input``; the path passes only if they do.
     ``first=0`` judges every layer that way, the first one on the case's input."""
+    from conformance.spec import write_weights_dir
     from pkm_models.convert import split_layers
 
     per_layer = split_layers(weights)
     for i in range(first, case.spec.layers):
         layer_input = golden.input if i == 0 else golden.taps[f"{i - 1}/output"]
         with tempfile.TemporaryDirectory(prefix=f"pkm-{case.name}-layer{i}-") as tmp:
-            np.savez(Path(tmp) / "weights.npz", **per_layer[i])
+            write_weights_dir(per_layer[i], Path(tmp) / "weights")
             np.save(Path(tmp) / "input.npy", layer_input, allow_pickle=False)
-            sub = case.layer(i, Path(tmp) / "weights.npz", Path(tmp) / "input.npy")
+            sub = case.layer(i, Path(tmp) / "weights", Path(tmp) / "input.npy")
             taps = {tap: golden.taps[f"{i}/{tap}"] for tap in TAPS}
             sub_golden = Golden(case.name, golden.meta, layer_input, taps, per_layer[i])
             (alone,) = _run_case(sub, sub_golden, per_layer[i], [path], policy, options, lambda _: None)
@@ -139,7 +142,7 @@ def run_path_isolated(
             "case": case.to_json(),
             "source": str(case.source),
             "input": str(context.export_dir / "input.npy"),
-            "weights": str(context.export_dir / "weights.npz") if context.shares_weights else None,
+            "weights": str(context.weights_dir) if context.weights_dir is not None else None,
             "export_dir": str(context.export_dir),
             "out": str(out),
         }
@@ -181,10 +184,31 @@ def run_conformance(
     for case in cases:
         case.check_fits()
     goldens = read_goldens(cases, store, options.progress)
+    weights_root = Path(tempfile.mkdtemp(prefix="pkm-weights-"))
+    try:
+        return _run_cases(cases, paths, goldens, weights_root, policy, options)
+    finally:
+        shutil.rmtree(weights_root, ignore_errors=True)
+
+
+def case_weights(case: Case, golden: Golden, folder: Path) -> dict[str, np.ndarray]:
+    """The weights ``case`` is judged with (the golden's stored ones, else the case's own),
+    written once into ``folder`` and memory-mapped from there (copy-on-write pages: torch
+    wraps them without copying where a path runs in this process)."""
+    from conformance.spec import read_weights_dir, write_weights_dir
+
+    if golden.weights is not None:
+        write_weights_dir(golden.weights, folder)
+    else:
+        case.spec.write_weights(folder)
+    return read_weights_dir(folder, writable=True)
+
+
+def _run_cases(cases, paths, goldens, weights_root: Path, policy, options: RunOptions) -> RunResult:
     weights = {}
     for case in cases:
         golden = goldens[case.name]
-        weights[case.name] = golden.weights if golden.weights is not None else case.spec.weights()
+        weights[case.name] = case_weights(case, golden, weights_root / case.name)
         check_checkable(
             golden.taps,
             config=case.config,
@@ -204,7 +228,9 @@ def run_conformance(
                 options.progress(f"[{next(counter)}/{total}] {case.name} {result.name}: {result.status}")
 
         golden = goldens.pop(case.name)
-        case_results = _run_case(case, golden, weights.pop(case.name), paths, policy, options, report)
+        case_results = _run_case(
+            case, golden, weights.pop(case.name), paths, policy, options, report, weights_dir=weights_root / case.name
+        )
         results.append(CaseResult(case.name, case_results, golden_sha256=golden.digest))
     return RunResult(results, environment())
 
@@ -238,17 +264,16 @@ def _run_case(
     policy: TolerancePolicy,
     options: RunOptions,
     report: Callable[[PathResult], None],
+    weights_dir: Path | None = None,
 ) -> list[PathResult]:
+    """``weights_dir``: the folder ``weights`` are mapped from (a layer judged alone names
+    its own as its spec's ``weights_file``)."""
     folder = Path(tempfile.mkdtemp(prefix=f"pkm-{case.name}-")) if options.isolate else None
-    # weights travel to the workers as a file unless the spec names one itself (a layer
-    # judged alone) or they are its seed's
-    shares = (golden.weights is not None or case.spec.checkpoint is not None) and case.spec.weights_file is None
-    context = CaseContext(case, weights, export_dir=folder, shares_weights=shares)
+    weights_dir = weights_dir or case.spec.weights_file
+    context = CaseContext(case, weights, export_dir=folder, weights_dir=weights_dir if options.isolate else None)
     try:
         if folder is not None:  # what every worker of this case reads
             np.save(folder / "input.npy", golden.input, allow_pickle=False)
-            if context.shares_weights:
-                np.savez(folder / "weights.npz", **weights)
 
         def one(path: ExecutionPath) -> PathResult:
             required = options.required(path.name)

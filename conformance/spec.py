@@ -2,6 +2,12 @@
 
 Weights come from ``make_weights(config, seed)``, optionally with sub-keys duplicated to
 force exact score ties (the ``near-tie`` case), or from a stored ``weights.npz``.
+
+A model of several GB is read once: :meth:`ModelSpec.write_weights` writes its weights into
+a folder of ``.npy`` files (drawn and written block by block for a seed), and
+:func:`read_weights_dir` memory-maps them, so that every process that needs them (the
+parent that judges, each worker) shares the one copy in the page cache instead of holding
+its own.
 """
 
 from __future__ import annotations
@@ -13,7 +19,36 @@ import numpy as np
 
 from pkm_models.config import ConfigError, PKMConfig, Preset, check_stackable, tap_names
 from pkm_models.convert import check_weights, expected_shapes
-from pkm_models.weights import Weights, make_weights
+from pkm_models.weights import Weights, make_weights, weight_blocks
+
+
+def _write_npy(path: Path, shape: tuple[int, ...], blocks) -> None:
+    """A float32 ``.npy`` of ``shape`` from its blocks along the first axis, in order."""
+    with open(path, "wb") as f:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False}
+        np.lib.format.write_array_header_1_0(f, {**header, "shape": tuple(shape)})
+        for block in blocks:
+            np.ascontiguousarray(block, dtype=np.float32).tofile(f)
+
+
+def write_weights_dir(weights, folder: Path) -> Path:
+    """Torch-named ``weights`` (a mapping, or ``(name, shape, blocks)`` triples) as
+    ``folder/<name>.npy``; returns ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    items = weights.items() if hasattr(weights, "items") else weights
+    for item in items:
+        name, shape, blocks = item if len(item) == 3 else (item[0], item[1].shape, [item[1]])
+        _write_npy(folder / f"{name}.npy", shape, blocks)
+    return folder
+
+
+def read_weights_dir(folder: Path, writable: bool = False) -> Weights:
+    """The weights of a folder written by :func:`write_weights_dir`, memory-mapped: read
+    only, or ``writable`` as private copy-on-write pages (what torch wants to wrap; the
+    pages stay shared with the file until written, which inference never does)."""
+    files = sorted(Path(folder).glob("*.npy"))
+    return {f.stem: np.load(f, mmap_mode="c" if writable else "r", allow_pickle=False) for f in files}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +75,8 @@ class ModelSpec:
 
     ``duplicate_subkeys``: in every head and half, sub-key ``2i + 1`` is made a copy of
     sub-key ``2i`` for ``i < duplicate_subkeys``, so that candidate scores tie exactly.
-    ``weights_file``: a ``.npz`` of torch-named weights used instead of the generated ones.
+    ``weights_file``: a ``.npz`` of torch-named weights, or a folder of ``.npy`` files
+    (memory-mapped, :func:`read_weights_dir`), used instead of the generated ones.
     ``checkpoint``: a user's checkpoint whose memories are the layers (instead of a seed).
     """
 
@@ -85,10 +121,24 @@ class ModelSpec:
             return self.checkpoint_weights()
         if self.weights_file is None:
             return self.generated_weights()
-        with np.load(self.weights_file) as data:
-            weights = {k: data[k] for k in data.files}
+        if Path(self.weights_file).is_dir():
+            weights = read_weights_dir(self.weights_file, writable=True)
+        else:
+            with np.load(self.weights_file) as data:
+                weights = {k: data[k] for k in data.files}
         check_weights(weights, expected_shapes(self.config, self.layers), str(self.weights_file))
         return weights
+
+    def write_weights(self, folder: Path) -> Path:
+        """This model's weights as a folder of ``.npy`` files (see :func:`read_weights_dir`).
+        Generated weights are drawn and written in blocks (a few hundred MB of memory at
+        most, whatever the model's size); others are read once and written."""
+        if self.checkpoint is not None or self.weights_file is not None:
+            return write_weights_dir(self.weights(), folder)
+        blocks = weight_blocks(self.config, self.seed, layers=self.layers)
+        if self.duplicate_subkeys:  # the sub-keys are small: duplicated in memory
+            return write_weights_dir(self.generated_weights(), folder)
+        return write_weights_dir(blocks, folder)
 
     def checkpoint_weights(self) -> Weights:
         """The checkpoint's memories as this spec's layers; the file must still be the one

@@ -170,10 +170,10 @@ def numpy_to_state_dict(weights: Mapping[str, np.ndarray], reference: Mapping) -
     check_weights(weights, expected, "PyTorch weights")
     out = {}
     for k, v in reference.items():
-        if k in weights:
+        if k in weights:  # shares the array's memory where the dtype is already the module's
             out[k] = torch.as_tensor(np.asarray(weights[k])).to(v.dtype)
-        else:  # num_batches_tracked
-            out[k] = v.clone()
+        else:  # num_batches_tracked (a real zero where the module is still on the meta device)
+            out[k] = torch.zeros((), dtype=v.dtype) if v.is_meta else v.clone()
     return out
 
 

@@ -244,10 +244,16 @@ def build_torch_model(
 ) -> nn.Module:
     """A single ``HashingMemory`` for ``layers == 1``, else a ``PKMStack``: with the
     deterministic weights of ``seed``, or with ``weights`` (torch-named numpy arrays,
-    checked by name and shape) when given. The one way this project builds a torch model."""
-    if weights is not None:
-        seed = None
-    model = HashingMemory.from_config(config, seed) if layers == 1 else PKMStack.from_config(config, layers, seed)
-    if weights is not None:
-        model.load_weights(weights)
+    checked by name and shape) when given, sharing their memory. The one way this project
+    builds a torch model."""
+    if weights is None:
+        return HashingMemory.from_config(config, seed) if layers == 1 else PKMStack.from_config(config, layers, seed)
+    from pkm_models.convert import numpy_to_state_dict
+
+    # Built without storage and then given the arrays themselves (assign=True): the
+    # parameters share the numpy arrays' memory (a memory-mapped file stays one copy)
+    # instead of being initialised and then overwritten.
+    with torch.device("meta"):
+        model = HashingMemory(**config.to_dict()) if layers == 1 else PKMStack(config, layers)
+    model.load_state_dict(numpy_to_state_dict(weights, model.state_dict()), assign=True)
     return model

@@ -37,10 +37,6 @@ def _rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(name.encode())]))
 
 
-def _uniform(seed: int, name: str, shape: tuple[int, ...], low: float, high: float) -> np.ndarray:
-    return _rng(seed, name).uniform(low, high, size=shape).astype(np.float32)
-
-
 def _normal(seed: int, name: str, shape: tuple[int, ...], std: float, mean: float = 0.0) -> np.ndarray:
     # Drawn directly in float32: the value table is hundreds of MB at the XLM size.
     out = _rng(seed, name).standard_normal(size=shape, dtype=np.float32)
@@ -80,27 +76,51 @@ def make_weights(config: PKMConfig, seed: int, *, layers: int = 1) -> Weights:
 
 
 def _layer_weights(config: PKMConfig, seed: int, prefix: str) -> Weights:
-    c = config
-    out: Weights = {}
-    for name, shape in weight_shapes(c).items():
-        key = prefix + name
-        if name in ("query_proj.0.weight", "query_proj.0.bias"):
-            bound = 1.0 / math.sqrt(c.input_dim)
-            out[key] = _uniform(seed, key, shape, -bound, bound)
-        elif name == "query_proj.1.weight":
-            out[key] = _uniform(seed, key, shape, 0.5, 1.5)
-        elif name in ("query_proj.1.bias", "query_proj.1.running_mean"):
-            out[key] = _normal(seed, key, shape, std=0.2)
-        elif name == "query_proj.1.running_var":
-            out[key] = _uniform(seed, key, shape, 0.25, 2.0)
-        elif name == "keys":
-            bound = 1.0 / math.sqrt(c.half)
-            out[key] = _uniform(seed, key, shape, -bound, bound)
-        elif name == "values.weight":
-            out[key] = _normal(seed, key, shape, std=c.v_dim**-0.5)
-        else:  # pragma: no cover - weight_shapes and this table are edited together
-            raise AssertionError(f"no initialiser for {name}")
-    return out
+    shapes = weight_shapes(config)
+    return {prefix + name: next(_draw(config, seed, prefix, name, shape)) for name, shape in shapes.items()}
+
+
+def _draw(config: PKMConfig, seed: int, prefix: str, name: str, shape: tuple[int, ...], rows: int | None = None):
+    """The tensor ``prefix + name`` in blocks of ``rows`` along its first axis (one block if
+    None). A generator's draws are sequential, so the blocks concatenated are exactly the
+    tensor drawn at once."""
+    c, key = config, prefix + name
+    rows = rows or shape[0]
+    if name in ("query_proj.0.weight", "query_proj.0.bias"):
+        bound = 1.0 / math.sqrt(c.input_dim)
+        low, high = -bound, bound
+    elif name == "query_proj.1.weight":
+        low, high = 0.5, 1.5
+    elif name == "query_proj.1.running_var":
+        low, high = 0.25, 2.0
+    elif name == "keys":
+        bound = 1.0 / math.sqrt(c.half)
+        low, high = -bound, bound
+    elif name in ("query_proj.1.bias", "query_proj.1.running_mean", "values.weight"):
+        low = high = None
+    else:  # pragma: no cover - weight_shapes and this table are edited together
+        raise AssertionError(f"no initialiser for {name}")
+    std = 0.2 if name != "values.weight" else c.v_dim**-0.5
+    rng = _rng(seed, key)
+    for start in range(0, shape[0], rows):
+        block = (min(rows, shape[0] - start), *shape[1:])
+        if low is not None:
+            yield rng.uniform(low, high, size=block).astype(np.float32)
+        else:
+            # Drawn directly in float32: the value table is hundreds of MB at the XLM size.
+            out = rng.standard_normal(size=block, dtype=np.float32)
+            out *= np.float32(std)
+            yield out
+
+
+def weight_blocks(config: PKMConfig, seed: int, *, layers: int = 1, rows: int = 1 << 16):
+    """``(name, shape, blocks)`` for every tensor of :func:`make_weights`, each tensor drawn
+    in blocks of at most ``rows`` rows, so that a model of any size can be written to disk
+    holding one block in memory."""
+    for i in range(layers):
+        prefix = "" if layers == 1 else f"layers.{i}."
+        for name, shape in weight_shapes(config).items():
+            yield prefix + name, shape, _draw(config, seed, prefix, name, shape, rows)
 
 
 def make_input(shape: tuple[int, ...], seed: int) -> np.ndarray:

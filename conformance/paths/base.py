@@ -23,19 +23,20 @@ class CaseContext:
     the weights, the native models, and the tapped ONNX exports (in ``export_dir`` when
     given, where an existing export is reused, else in a temporary folder).
 
-    ``weights`` may be None: then they are the case's generated weights, made on first
-    use (paths on an existing export never need them). ``shares_weights`` says that the
-    weights are not the generated ones and travel to worker processes as a file."""
+    ``weights`` may be None: then they are the case's own (``case.spec.weights()``), read
+    on first use (paths on an existing export never need them). ``weights_dir``: the
+    folder of ``.npy`` files that holds ``weights`` (``conformance.spec.write_weights_dir``),
+    which worker processes memory-map instead of making or loading their own copy."""
 
     def __init__(
         self,
         case: Case,
         weights: dict[str, np.ndarray] | None = None,
         export_dir: Path | None = None,
-        shares_weights: bool = False,
+        weights_dir: Path | None = None,
     ):
         self.case = case
-        self.shares_weights = shares_weights
+        self.weights_dir = weights_dir
         self._weights = weights
         self._exports: dict[str, Path | Exception] = {}
         self._keras: dict[str, object] = {}

@@ -118,12 +118,16 @@ def provider_problem(kind: str, load: Callable[[str], None] = load_library) -> s
 
 
 def session_options():
-    """The options every session here uses: all graph optimisations, errors-only logging."""
+    """The options every session here uses: all graph optimisations, errors-only logging,
+    and no pre-packing. Sessions are made from a file's path, so ONNX Runtime memory-maps
+    the external data and uses the weights in place on the CPU; pre-packing would make a
+    second, repacked copy of the constant weights (measured: docs/performance.md)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    options.add_session_config_entry("session.disable_prepacking", "1")
     return options
 
 

@@ -4,13 +4,14 @@
 The conformance run starts one per path so that a path that crashes its process
 (a segfault in a runtime, the kernel's out-of-memory killer) is that path's error and
 the other paths' results still come out. The request carries the case (as JSON), the
-input file and, where the weights are not the case's generated ones, the weights file
-that the parent wrote: the worker reads nothing else (never the golden store). Writes the
+input file and the folder of weights that the parent wrote (memory-mapped here, so that
+parent and workers share one copy): the worker reads nothing else (never the golden store). Writes the
 taps to ``out`` (.npz) and prints one JSON line (:class:`conformance.results.WorkerResult`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -27,13 +28,12 @@ def run(request: dict) -> dict:
     from conformance.paths import CaseContext, PathUnavailable, get_path
 
     case = Case.from_json(request["case"], Path(request["source"]))
-    weights = None
-    if request["weights"]:
-        with np.load(request["weights"], allow_pickle=False) as data:
-            weights = {k: data[k] for k in data.files}
+    if request["weights"]:  # the parent's folder of .npy files: memory-mapped, the one copy
+        spec = dataclasses.replace(case.spec, weights_file=Path(request["weights"]), checkpoint=None)
+        case = dataclasses.replace(case, spec=spec)
     x = np.load(request["input"], allow_pickle=False)
     path = get_path(request["path"])
-    context = CaseContext(case, weights, export_dir=Path(request["export_dir"]), shares_weights=weights is not None)
+    context = CaseContext(case, export_dir=Path(request["export_dir"]), weights_dir=case.spec.weights_file)
     try:
         path.check(case)
         fn = path.prepare(context)
