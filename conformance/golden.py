@@ -132,10 +132,7 @@ class GoldenStore:
         if not (folder / DATA_SET).is_dir() or (folder / DATA_SET).is_symlink():
             raise GoldenError(f"{folder / DATA_SET}: missing")
         listed = meta["sha256"]
-        layers = meta.get("layers", 1)
-        expected_files = [f"{DATA_SET}/input_0.pb"] + [
-            f"{DATA_SET}/output_{k}.pb" for k in range(len(tap_names(layers)))
-        ]
+        expected_files = [f"{DATA_SET}/input_0.pb"] + [f"{DATA_SET}/output_{k}.pb" for k in range(len(meta["taps"]))]
         unlisted = [f for f in expected_files if f not in listed]
         if unlisted:
             raise GoldenError(f"{folder / 'case.json'}: sha256 has no entry for {unlisted}")
@@ -336,8 +333,6 @@ def _check_meta(meta, path: Path) -> dict:
     layers = meta.get("layers", 1)
     if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
         raise GoldenError(f"{path}: layers must be a positive integer, got {layers!r}")
-    if meta["taps"] != tap_names(layers):
-        raise GoldenError(f"{path}: taps {meta['taps']} differ from the contract {tap_names(layers)}")
     listed = meta["sha256"]
     if not isinstance(listed, dict):
         raise GoldenError(f"{path}: sha256 must map file names to digests, got {type(listed).__name__}")
@@ -346,6 +341,12 @@ def _check_meta(meta, path: Path) -> dict:
             raise GoldenError(f"{path}: sha256 of {rel!r} is not 64 lower-case hex digits: {digest!r}")
     if not isinstance(meta["config"], dict):
         raise GoldenError(f"{path}: config must be an object")
+    try:
+        config = PKMConfig.from_dict(meta["config"])
+    except ConfigError as exc:
+        raise GoldenError(f"{path}: {exc}") from None
+    if meta["taps"] != tap_names(layers, config):
+        raise GoldenError(f"{path}: taps {meta['taps']} differ from the contract {tap_names(layers, config)}")
     return meta
 
 

@@ -101,7 +101,7 @@ class ModelSpec:
         return cls(name=preset.name, config=preset.config, layers=preset.layers, seed=seed)
 
     def output_names(self, tapped: bool) -> list[str]:
-        return tap_names(self.layers) if tapped else ["output"]
+        return tap_names(self.layers, self.config) if tapped else ["output"]
 
     @property
     def weight_bytes(self) -> int:

@@ -12,16 +12,28 @@ from typing import Any
 from pkm_models.errors import PKMError
 
 # The named tensors every implementation and export can return, in pipeline order:
-# query (bs*heads, k_dim), scores / indices / weights (bs*heads, knn), output (..., v_dim).
+# query (bs*heads, k_dim), scores / indices / weights (bs*heads, knn), output (..., v_dim):
+# the memory's weighted sum of value rows. These five are the contract.
 TAPS = ("query", "scores", "indices", "weights", "output")
+# A layer that projects or gates its read (Meta's memory layers: SwiLU projection,
+# ``mem_v_dim``, gating) adds its final output after ``output``: (..., output_dim).
+LAYER_OUTPUT = "layer_output"
+VALUE_DTYPES = ("float32", "bfloat16")
 
 
-def tap_names(layers: int) -> list[str]:
-    """The taps of a network of ``layers`` PKM layers, in pipeline order: the bare
-    :data:`TAPS` for one layer; ``<i>/<tap>`` for every layer ``i`` of more."""
+def layer_taps(config: PKMConfig | None = None) -> tuple[str, ...]:
+    """One layer's taps: :data:`TAPS`, and :data:`LAYER_OUTPUT` for a layer whose final
+    output is not its weighted sum (``config.projects_output``)."""
+    return (*TAPS, LAYER_OUTPUT) if config is not None and config.projects_output else TAPS
+
+
+def tap_names(layers: int, config: PKMConfig | None = None) -> list[str]:
+    """The taps of a network of ``layers`` PKM layers of ``config``, in pipeline order: the
+    bare :func:`layer_taps` for one layer; ``<i>/<tap>`` for every layer ``i`` of more."""
+    taps = layer_taps(config)
     if layers == 1:
-        return list(TAPS)
-    return [f"{i}/{tap}" for i in range(layers) for tap in TAPS]
+        return list(taps)
+    return [f"{i}/{tap}" for i in range(layers) for tap in taps]
 
 
 class ConfigError(PKMError, ValueError):
@@ -34,6 +46,10 @@ class PKMConfig:
 
     ``input_dim`` is only needed by the PyTorch reference; the Keras port reads it from
     the input shape when it is built.
+
+    The fields after the dropouts are the options of Meta's memory layers ("Memory Layers
+    at Scale", docs/memory-layers.md); their defaults are XLM's layer, and a config that
+    leaves them at their defaults serialises as before (:meth:`to_dict`).
     """
 
     input_dim: int = 768
@@ -46,6 +62,12 @@ class PKMConfig:
     input_dropout: float = 0.0
     query_dropout: float = 0.0
     value_dropout: float = 0.0
+    # Meta's memory layers (each default is XLM's behaviour)
+    value_dim: int = 0  # mem_v_dim: 0 (or Meta's -1): the value dim is output_dim; > 0: own size, projected
+    swilu_projection: bool = False  # value_proj(read * silu(swilu_projection(input)))
+    gated: bool = False  # mem_gated: sigmoid(gating(input)) * out
+    value_dtype: str = "float32"  # "bfloat16": the table is stored in bf16, summed in float32
+    share_values: bool = False  # mem_share_values: every layer of a network reads one table
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -54,8 +76,16 @@ class PKMConfig:
                 raise ConfigError(f"PKMConfig.{f.name}: expected an integer, got {value!r}")
             if f.type == "bool" and not isinstance(value, bool):
                 raise ConfigError(f"PKMConfig.{f.name}: expected true or false, got {value!r}")
+            if f.type == "str" and not isinstance(value, str):
+                raise ConfigError(f"PKMConfig.{f.name}: expected a string, got {value!r}")
             if f.type == "float" and (isinstance(value, bool) or not isinstance(value, int | float)):
                 raise ConfigError(f"PKMConfig.{f.name}: expected a number, got {value!r}")
+        if self.value_dim == -1:  # Meta's spelling of "the output dim"
+            object.__setattr__(self, "value_dim", 0)
+        if self.value_dim < 0:
+            raise ConfigError(f"PKMConfig.value_dim: 0 or -1 (the output dim) or a positive size, got {self.value_dim}")
+        if self.value_dtype not in VALUE_DTYPES:
+            raise ConfigError(f"PKMConfig.value_dtype: expected one of {list(VALUE_DTYPES)}, got {self.value_dtype!r}")
         for name in ("input_dim", "output_dim", "k_dim", "heads", "knn", "n_keys"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"PKMConfig.{name}: must be positive, got {getattr(self, name)}")
@@ -80,7 +110,24 @@ class PKMConfig:
 
     @property
     def v_dim(self) -> int:
-        return self.output_dim
+        """The size of a value row: ``value_dim`` when set, else ``output_dim``."""
+        return self.value_dim or self.output_dim
+
+    @property
+    def projects_value(self) -> bool:
+        """The read goes through ``value_proj`` (Meta's ``v_proj``: SwiLU, or an own value dim)."""
+        return self.swilu_projection or self.value_dim > 0
+
+    @property
+    def projects_output(self) -> bool:
+        """The layer's output is not its weighted sum: it is projected or gated."""
+        return self.projects_value or self.gated
+
+    @property
+    def variant(self) -> list[str]:
+        """The options of Meta's memory layers this config sets (empty for XLM's layer)."""
+        defaults = PKMConfig()
+        return [name for name in _VARIANT_FIELDS if getattr(self, name) != getattr(defaults, name)]
 
     @property
     def half(self) -> int:
@@ -99,11 +146,20 @@ class PKMConfig:
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, except Meta's options left at their (XLM) defaults: an XLM config
+        serialises exactly as it did before they existed."""
+        out = dataclasses.asdict(self)
+        for name in _VARIANT_FIELDS:
+            if name not in self.variant:
+                del out[name]
+        return out
 
     def replace(self, **changes: Any) -> PKMConfig:
         """A copy with some fields changed (validated like any config)."""
         return PKMConfig.from_dict({**self.to_dict(), **changes})
+
+
+_VARIANT_FIELDS = ("value_dim", "swilu_projection", "gated", "value_dtype", "share_values")
 
 
 def check_stackable(config: PKMConfig, layers: int, what: str) -> None:

@@ -178,11 +178,7 @@ def numpy_to_state_dict(weights: Mapping[str, np.ndarray], reference: Mapping) -
 
 
 def state_dict_to_numpy(state_dict: Mapping) -> Weights:
-    return {
-        k: v.detach().cpu().numpy().astype(np.float32)
-        for k, v in state_dict.items()
-        if not k.endswith(IGNORED_TORCH_NAMES)
-    }
+    return {k: v.detach().cpu().float().numpy() for k, v in state_dict.items() if not k.endswith(IGNORED_TORCH_NAMES)}
 
 
 # --- Keras side --------------------------------------------------------------------------

@@ -50,6 +50,17 @@ FUSED_BUCKETS = tuple(sorted({1 << k for k in range(6, 31)} | {3 << k for k in r
 AUTO_EAGER_FUSED_BYTES = 64 << 20
 
 
+def unsupported(config: PKMConfig) -> str | None:
+    """Why this port cannot run ``config`` (None when it can): it implements XLM's layer,
+    not the options of Meta's memory layers (docs/memory-layers.md)."""
+    if config.variant:
+        return (
+            f"the Keras port implements XLM's layer, not Meta's memory-layer options {config.variant} "
+            "(docs/memory-layers.md); the PyTorch reference, its loop-free twin and their ONNX exports run them"
+        )
+    return None
+
+
 def fused_bucket(tokens: int) -> int:
     """The token count the "fused" method computes ``tokens`` at: the smallest of
     :data:`FUSED_BUCKETS` that holds them (``tokens`` itself beyond the last)."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pkm_models.config import LAYER_OUTPUT
+
 # call(layer, x, return_taps) -> the layer's output, or its dict of taps
 LayerCall = Callable[[Any, Any, bool], Any]
 
@@ -29,7 +31,7 @@ def stack_forward(layers: Sequence[Any], x: Any, call: LayerCall, return_taps: b
     for i, layer in enumerate(layers):
         layer_taps = call(layer, x, True)
         taps.update({f"{i}/{name}": value for name, value in layer_taps.items()})
-        x = layer_taps["output"]
+        x = layer_taps.get(LAYER_OUTPUT, layer_taps["output"])  # projected or gated, else the read
     return taps
 
 

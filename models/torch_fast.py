@@ -10,6 +10,11 @@ every head's rows, the reference's fused gather-and-sum without its loop over he
 shares its parameters with the reference module it wraps (no copy), runs in inference
 mode only, and its numerical identity with the reference is tested
 (``tests/models/test_torch_fast.py``).
+
+Meta's options (docs/memory-layers.md) run as in the reference: a bfloat16 table through
+the reference's :func:`~pkm_models.torch_pkm.bf16_weighted_sum` (float32 slot-order
+accumulation, one rounding to bf16: an unrolled chain at export), and the projection and
+gate through :meth:`~pkm_models.torch_pkm.HashingMemory.project`.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pkm_models.config import LAYER_OUTPUT
 from pkm_models.stack import call_module, stack_forward
-from pkm_models.torch_pkm import HashingMemory, PKMStack
+from pkm_models.torch_pkm import HashingMemory, PKMStack, bf16_weighted_sum
 
 WEIGHTED_SUMS = ("gather", "bag")
 
@@ -54,6 +60,8 @@ class FastHashingMemory(nn.Module):
         chunks of slots so that each gathered block stays in cache; or, in the ``"bag"``
         form, one ``F.embedding_bag`` with per-sample weights."""
         n = flat_indices.shape[1]
+        if self.reference.values.weight.dtype == torch.bfloat16:  # Meta's kernel: one order, one rounding
+            return bf16_weighted_sum(self.reference.values.weight, flat_indices, flat_weights)  # (bs,v_dim)
         if self.sum_form == "bag":
             return F.embedding_bag(
                 flat_indices, self.reference.values.weight, per_sample_weights=flat_weights.reshape(-1, n), mode="sum"
@@ -94,18 +102,24 @@ class FastHashingMemory(nn.Module):
         flat_indices = indices.reshape(-1, n)  # (bs,heads*knn)
         flat_weights = weights.reshape(-1, 1, n)  # (bs,1,heads*knn)
         output = self.weighted_sum(flat_indices, flat_weights)  # (bs,v_dim)
+        final = ref.project(input.reshape(-1, self.input_dim), output)  # (bs,output_dim) or None
         if len(prefix_shape) >= 2:
             output = output.reshape(*prefix_shape, self.v_dim)  # (...,v_dim)
+            if final is not None:
+                final = final.reshape(*prefix_shape, ref.output_dim)  # (...,output_dim)
 
         if return_taps:
-            return {
+            taps = {
                 "query": query.reshape(-1, k_dim),
                 "scores": scores.reshape(-1, knn),
                 "indices": indices.reshape(-1, knn),
                 "weights": weights.reshape(-1, knn),
                 "output": output,
             }
-        return output
+            if final is not None:
+                taps[LAYER_OUTPUT] = final
+            return taps
+        return output if final is None else final
 
 
 class FastPKMStack(nn.Module):

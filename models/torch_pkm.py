@@ -12,6 +12,20 @@ instead of failing an assert. Two additions, neither of which changes the defaul
 * keys and values are initialised from :func:`pkm_models.weights.make_weights` by
   :meth:`HashingMemory.from_config` (the notebook seeds sub-keys per head with
   ``RandomState(2 * head + half)``; here every tensor comes from one seed).
+
+Options of Meta's memory layers (``lingua/product_key/memory.py`` of facebookresearch/memory;
+docs/memory-layers.md), all off by default:
+
+* ``value_dim``, ``swilu_projection``: ``value_proj(read * silu(swilu_projection(input)))``
+  (or ``value_proj(read)`` with an own value dim and no SwiLU), both ``nn.Linear`` with bias;
+* ``gated``: ``sigmoid(gating(input)) * out``;
+* ``value_dtype="bfloat16"``: the table is a bf16 parameter; the weighted sum accumulates
+  weight x row in float32 in slot order and rounds once to bf16, as Meta's Triton kernel
+  does (:func:`bf16_weighted_sum`), then continues in float32;
+* ``share_values``: a :class:`PKMStack` whose layers all read layer 0's table.
+
+The ``output`` tap stays the weighted sum of value rows, (..., v_dim); a layer that
+projects or gates also returns its final output as ``layer_output``, (..., output_dim).
 """
 
 from __future__ import annotations
@@ -24,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pkm_models.config import PKMConfig, check_stackable
+from pkm_models.config import LAYER_OUTPUT, PKMConfig, check_stackable
 from pkm_models.stack import call_module, stack_forward
 from pkm_models.weights import make_weights
 
@@ -57,6 +71,11 @@ class HashingMemory(nn.Module):
         input_dropout: float = 0.0,
         query_dropout: float = 0.0,
         value_dropout: float = 0.0,
+        value_dim: int = 0,
+        swilu_projection: bool = False,
+        gated: bool = False,
+        value_dtype: str = "float32",
+        share_values: bool = False,
     ):
         super().__init__()
         # validated once, in one place, with the project's error messages
@@ -71,6 +90,11 @@ class HashingMemory(nn.Module):
             input_dropout=input_dropout,
             query_dropout=query_dropout,
             value_dropout=value_dropout,
+            value_dim=value_dim,
+            swilu_projection=swilu_projection,
+            gated=gated,
+            value_dtype=value_dtype,
+            share_values=share_values,
         )
 
         # global parameters
@@ -78,7 +102,7 @@ class HashingMemory(nn.Module):
         self.output_dim = output_dim
         self.size = n_keys**2
         self.k_dim = k_dim
-        self.v_dim = output_dim
+        self.v_dim = self.config.v_dim
         self.heads = heads
         self.knn = knn
         self.n_keys = n_keys
@@ -91,6 +115,14 @@ class HashingMemory(nn.Module):
         self.keys = nn.Parameter(torch.empty(heads, 2, n_keys, half).uniform_(-(half**-0.5), half**-0.5))
         self.values = nn.EmbeddingBag(self.size, self.v_dim, mode="sum")
         nn.init.normal_(self.values.weight, mean=0, std=self.v_dim**-0.5)
+        if value_dtype == "bfloat16":
+            self.values.to(torch.bfloat16)
+
+        # Meta's read projection and gate (absent in XLM's layer)
+        c = self.config
+        self.value_proj = nn.Linear(self.v_dim, output_dim) if c.projects_value else None
+        self.swilu_projection = nn.Linear(input_dim, self.v_dim) if swilu_projection else None
+        self.gating = nn.Linear(input_dim, 1) if gated else None
 
         # query network
         self.query_proj = nn.Sequential(
@@ -197,16 +229,63 @@ class HashingMemory(nn.Module):
         flat_weights = weights.view(bs, self.heads * self.knn)  # (bs,heads*knn)
 
         # weighted sum of values
-        output = self.values(flat_indices, per_sample_weights=flat_weights)  # (bs,v_dim)
-        output = F.dropout(output, p=self.value_dropout, training=self.training)  # (bs,v_dim)
+        if self.values.weight.dtype == torch.bfloat16:
+            output = bf16_weighted_sum(self.values.weight, flat_indices, flat_weights)  # (bs,v_dim)
+        else:
+            output = self.values(flat_indices, per_sample_weights=flat_weights)  # (bs,v_dim)
+        if not self.config.projects_output:  # Meta drops out after value_proj (in project)
+            output = F.dropout(output, p=self.value_dropout, training=self.training)  # (bs,v_dim)
+
+        # Meta's projection and gate: the layer's output is then not the weighted sum
+        final = self.project(input.contiguous().view(-1, self.input_dim), output)  # (bs,output_dim)
 
         # reshape output
         if len(prefix_shape) >= 2:
             output = output.view(prefix_shape + (self.v_dim,))  # (...,v_dim)  # noqa: RUF005
+            if final is not None:
+                final = final.view(prefix_shape + (self.output_dim,))  # (...,output_dim)  # noqa: RUF005
 
         if return_taps:
-            return {"query": query, "scores": scores, "indices": indices, "weights": weights, "output": output}
-        return output
+            taps = {"query": query, "scores": scores, "indices": indices, "weights": weights, "output": output}
+            if final is not None:
+                taps[LAYER_OUTPUT] = final
+            return taps
+        return output if final is None else final
+
+    def project(self, input, read):
+        """Meta's read projection and gate on (bs,input_dim) input and the (bs,v_dim) read:
+        ``value_proj(read * silu(swilu_projection(input)))`` (or ``value_proj(read)``), then
+        ``sigmoid(gating(input)) *``; None for XLM's layer (the read is the output)."""
+        if not self.config.projects_output:
+            return None
+        out = read
+        if self.swilu_projection is not None:
+            out = out * F.silu(self.swilu_projection(input))  # (bs,v_dim)
+        if self.value_proj is not None:
+            out = self.value_proj(out)  # (bs,output_dim)
+        out = F.dropout(out, p=self.value_dropout, training=self.training)  # (bs,output_dim)
+        if self.gating is not None:
+            out = torch.sigmoid(self.gating(input)) * out  # (bs,output_dim)
+        return out
+
+
+def bf16_weighted_sum(table, indices, weights):
+    """The weighted sum of a bfloat16 table's rows as Meta's kernel computes it: for each
+    bag, ``acc = acc + w_j * float32(row_j)`` in float32, slot by slot in order, then one
+    rounding of ``acc`` to bfloat16; returned as float32 (the reference continues in float32).
+
+    (bs,n) int64 ``indices`` and (bs,n) or (bs,1,n) float32 ``weights`` -> (bs,v_dim).
+    The product and the sum are rounded separately (a kernel compiled to fused multiply-adds
+    rounds once per slot: at most one float32 ulp of the accumulator apart per slot, before
+    the bf16 rounding).
+    """
+    n = indices.shape[-1]
+    weights = weights.reshape(-1, n).float()  # (bs,n)
+    rows = F.embedding(indices, table)  # (bs,n,v_dim) bf16
+    acc = weights[:, 0:1] * rows[:, 0].float()  # (bs,v_dim)
+    for j in range(1, n):
+        acc = acc + weights[:, j : j + 1] * rows[:, j].float()
+    return acc.to(torch.bfloat16).float()
 
 
 class PKMStack(nn.Module):
@@ -222,6 +301,9 @@ class PKMStack(nn.Module):
         check_stackable(config, layers, "PKMStack")
         self.config = config
         self.layers = nn.ModuleList(HashingMemory(**config.to_dict()) for _ in range(layers))
+        if config.share_values:  # one table, held once: every layer reads layer 0's
+            for layer in self.layers[1:]:
+                layer.values = self.layers[0].values
 
     @classmethod
     def from_config(cls, config: PKMConfig, layers: int, seed: int | None = 0) -> PKMStack:
@@ -232,8 +314,9 @@ class PKMStack(nn.Module):
 
     def load_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         from pkm_models.convert import numpy_to_state_dict
+        from pkm_models.weights import share_tables
 
-        self.load_state_dict(numpy_to_state_dict(weights, self.state_dict()))
+        self.load_state_dict(numpy_to_state_dict(share_tables(dict(weights), self.config), self.state_dict()))
 
     def forward(self, input, return_taps: bool = False):
         return stack_forward(self.layers, input, call_module, return_taps)

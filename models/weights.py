@@ -15,7 +15,17 @@ follow the reference's initialisation:
                             away from the identity (weight in [0.5, 1.5], bias and
                             running mean normal(0, 0.2), running variance in
                             [0.25, 2]) so that batchnorm matters in every comparison
+``value_proj.*``             Meta's memory layers (SwiLU, or an own value dim):
+                            weight normal(0, output_dim**-0.5) as Meta's
+                            ``reset_parameters``, bias like ``nn.Linear``'s default
+``swilu_projection.*``      weight normal(0, output_dim**-0.5), bias like ``nn.Linear``
+``gating.*``                weight normal(0, input_dim**-0.5), bias like ``nn.Linear``
 ==========================  =========================================================
+
+A ``bfloat16`` value table is drawn as above and rounded to the nearest bf16 (ties to
+even): the arrays stay float32, holding bf16 values exactly. With ``share_values`` the
+table is drawn once (``layers.0.values.weight``) and every layer's ``values.weight`` is
+that same array: held once.
 
 Names are the PyTorch reference's ``state_dict`` names; a stack of layers prefixes them
 with ``layers.<i>.``.
@@ -57,7 +67,39 @@ def weight_shapes(config: PKMConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"query_proj.1.{suffix}"] = (c.heads * c.k_dim,)
     shapes["keys"] = (c.heads, 2, c.n_keys, c.half)
     shapes["values.weight"] = (c.size, c.v_dim)
+    if c.projects_value:
+        shapes["value_proj.weight"] = (c.output_dim, c.v_dim)
+        shapes["value_proj.bias"] = (c.output_dim,)
+    if c.swilu_projection:
+        shapes["swilu_projection.weight"] = (c.v_dim, c.input_dim)
+        shapes["swilu_projection.bias"] = (c.v_dim,)
+    if c.gated:
+        shapes["gating.weight"] = (1, c.input_dim)
+        shapes["gating.bias"] = (1,)
     return shapes
+
+
+def round_to_bfloat16(array: np.ndarray) -> np.ndarray:
+    """float32 -> the nearest bfloat16 value (ties to even), still as float32 (in place)."""
+    bits = array.view(np.uint32)
+    bits += np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    bits &= np.uint32(0xFFFF0000)
+    return array
+
+
+def share_tables(weights: Weights, config: PKMConfig) -> Weights:
+    """With ``config.share_values``: every layer's ``values.weight`` made the one array of
+    layer 0 (held once), after checking that they are equal; else ``weights`` unchanged."""
+    names = sorted((k for k in weights if k.endswith("values.weight")), key=lambda k: (len(k), k))
+    if not config.share_values or len(names) < 2:
+        return weights
+    table = weights[names[0]]
+    for name in names[1:]:
+        if weights[name] is not table and not np.array_equal(weights[name], table):
+            from pkm_models.convert import ConversionError
+
+            raise ConversionError(f"share_values: {name} differs from {names[0]}; a shared table is one table")
+    return {k: (table if k in names else v) for k, v in weights.items()}
 
 
 def make_weights(config: PKMConfig, seed: int, *, layers: int = 1) -> Weights:
@@ -71,13 +113,22 @@ def make_weights(config: PKMConfig, seed: int, *, layers: int = 1) -> Weights:
     out: Weights = {}
     for i in range(layers):
         prefix = "" if layers == 1 else f"layers.{i}."
-        out.update(_layer_weights(config, seed, prefix))
+        if config.share_values and i > 0:  # one table, drawn once: layer 0's
+            layer = _layer_weights(config, seed, prefix, skip="values.weight")
+            layer[f"{prefix}values.weight"] = out["layers.0.values.weight"]
+        else:
+            layer = _layer_weights(config, seed, prefix)
+        out.update(layer)
     return out
 
 
-def _layer_weights(config: PKMConfig, seed: int, prefix: str) -> Weights:
+def _layer_weights(config: PKMConfig, seed: int, prefix: str, skip: str = "") -> Weights:
     shapes = weight_shapes(config)
-    return {prefix + name: next(_draw(config, seed, prefix, name, shape)) for name, shape in shapes.items()}
+    return {
+        prefix + name: next(_draw(config, seed, prefix, name, shape))
+        for name, shape in shapes.items()
+        if name != skip
+    }
 
 
 def _draw(config: PKMConfig, seed: int, prefix: str, name: str, shape: tuple[int, ...], rows: int | None = None):
@@ -86,6 +137,7 @@ def _draw(config: PKMConfig, seed: int, prefix: str, name: str, shape: tuple[int
     tensor drawn at once."""
     c, key = config, prefix + name
     rows = rows or shape[0]
+    std = 0.2
     if name in ("query_proj.0.weight", "query_proj.0.bias"):
         bound = 1.0 / math.sqrt(c.input_dim)
         low, high = -bound, bound
@@ -96,11 +148,22 @@ def _draw(config: PKMConfig, seed: int, prefix: str, name: str, shape: tuple[int
     elif name == "keys":
         bound = 1.0 / math.sqrt(c.half)
         low, high = -bound, bound
-    elif name in ("query_proj.1.bias", "query_proj.1.running_mean", "values.weight"):
+    elif name in ("query_proj.1.bias", "query_proj.1.running_mean"):
         low = high = None
+    elif name == "values.weight":
+        low = high = None
+        std = c.v_dim**-0.5
+    elif name in ("value_proj.weight", "swilu_projection.weight"):
+        low = high = None
+        std = c.output_dim**-0.5
+    elif name == "gating.weight":
+        low = high = None
+        std = c.input_dim**-0.5
+    elif name in ("value_proj.bias", "swilu_projection.bias", "gating.bias"):
+        bound = 1.0 / math.sqrt(c.v_dim if name == "value_proj.bias" else c.input_dim)
+        low, high = -bound, bound
     else:  # pragma: no cover - weight_shapes and this table are edited together
         raise AssertionError(f"no initialiser for {name}")
-    std = 0.2 if name != "values.weight" else c.v_dim**-0.5
     rng = _rng(seed, key)
     for start in range(0, shape[0], rows):
         block = (min(rows, shape[0] - start), *shape[1:])
@@ -110,17 +173,21 @@ def _draw(config: PKMConfig, seed: int, prefix: str, name: str, shape: tuple[int
             # Drawn directly in float32: the value table is hundreds of MB at the XLM size.
             out = rng.standard_normal(size=block, dtype=np.float32)
             out *= np.float32(std)
+            if name == "values.weight" and c.value_dtype == "bfloat16":
+                round_to_bfloat16(out)
             yield out
 
 
 def weight_blocks(config: PKMConfig, seed: int, *, layers: int = 1, rows: int = 1 << 16):
     """``(name, shape, blocks)`` for every tensor of :func:`make_weights`, each tensor drawn
     in blocks of at most ``rows`` rows, so that a model of any size can be written to disk
-    holding one block in memory."""
+    holding one block in memory. A shared value table (``share_values``) is drawn as layer
+    0's for every layer."""
     for i in range(layers):
         prefix = "" if layers == 1 else f"layers.{i}."
         for name, shape in weight_shapes(config).items():
-            yield prefix + name, shape, _draw(config, seed, prefix, name, shape, rows)
+            source = "layers.0." if (config.share_values and name == "values.weight" and layers > 1) else prefix
+            yield prefix + name, shape, _draw(config, seed, source, name, shape, rows)
 
 
 def make_input(shape: tuple[int, ...], seed: int) -> np.ndarray:

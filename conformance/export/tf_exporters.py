@@ -23,7 +23,13 @@ from pkm_models.stack import call_module, stack_forward
 TF2ONNX_MAX_OPSET = 18
 
 
-def _check_opset(exporter: str, opset: int) -> None:
+def _check_opset(exporter: str, opset: int, spec: ModelSpec | None = None) -> None:
+    if spec is not None:
+        from pkm_models.keras_pkm import unsupported
+
+        problem = unsupported(spec.config)
+        if problem:
+            raise ExportUnsupported(f"{exporter}: {problem}")
     if opset > TF2ONNX_MAX_OPSET:
         raise ExportUnsupported(f"{exporter}: tf2onnx 1.17 supports opsets up to {TF2ONNX_MAX_OPSET}, got {opset}")
 
@@ -41,7 +47,7 @@ def export_tf2onnx(spec: ModelSpec, path: Path, opset: int, tapped: bool) -> Non
     input during conversion (``Layer.stateless_call``); the weights are written into the
     file as initializers afterwards (as external data when large), one at a time.
     """
-    _check_opset("tf2onnx", opset)
+    _check_opset("tf2onnx", opset, spec)
     proto, keras_names = _convert_structure(spec, opset, tapped)
     gc.collect()  # the traced Keras model and its variables are gone: make room for the weights
     order_outputs(proto, spec.output_names(tapped))
@@ -102,7 +108,7 @@ def export_keras(spec: ModelSpec, path: Path, opset: int, tapped: bool) -> None:
 
     from pkm_models.keras_pkm import ProductKeyMemory
 
-    _check_opset("keras", opset)
+    _check_opset("keras", opset, spec)
     weight_bytes = spec.weight_bytes
     if weight_bytes > KERAS_EXPORT_MAX_BYTES:
         raise ExportUnsupported(

@@ -82,6 +82,11 @@ class PrecisionPath(ExecutionPath):
 
     def check(self, case) -> None:
         self.base.check(case)
+        if case is not None and case.config.variant:
+            raise PathUnavailable(
+                f"reduced-precision variants are made from XLM's layer; Meta's memory-layer options "
+                f"{case.config.variant} are judged in float32 (a bfloat16 value table is part of the model itself)"
+            )
         if self.precision == "int8" and self.family == "tf":
             raise PathUnavailable("the Keras port has no int8 value table (int8 is made for torch and ONNX)")
         if self.precision == "int8" and getattr(self.base, "compiled", False):

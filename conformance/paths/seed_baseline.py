@@ -75,6 +75,12 @@ class SeedBaselinePath(ExecutionPath):
         self.mode = mode
         self.name = f"tf-seed-baseline-{mode}-cpu"
 
+    def check(self, case) -> None:
+        if case is not None and case.config.variant:
+            raise PathUnavailable(
+                f"the seed's port is XLM's layer; it has none of Meta's memory-layer options {case.config.variant}"
+            )
+
     def _function(self, context: CaseContext):
         import tensorflow as tf
 
