@@ -1,7 +1,8 @@
 """Processes: running one piece of work in a fresh Python process and turning its death
 into a reason; the worker side (one JSON request in, one JSON line out); ending every
 worker when the toolkit itself is interrupted or terminated; and keeping third-party
-start-up logs quiet.
+start-up logs quiet, and TensorFlow from taking the whole GPU (:func:`grow_gpu_memory`,
+here because start-up needs it and this is the lowest layer that does).
 
 Used by the conformance run and the benchmark: a path that segfaults, is killed for
 memory or hangs becomes that path's ``error``, with the cause, and the others go on.
