@@ -123,10 +123,15 @@ class Case:
         (the case's copy and the runtime's), the input, and the largest intermediates of
         any path per layer (the product-key candidates' scores and indices, the gathered
         value rows, the output)."""
+        return 2 * self.spec.weight_bytes + self.activation_bytes()
+
+    def activation_bytes(self) -> int:
+        """The input and twice the largest intermediates of any path per layer (the
+        product-key candidates' scores and indices, the gathered value rows, the output)."""
         c, tokens = self.config, math.prod(self.input_shape[:-1])
         rows = tokens * c.heads
         intermediates = rows * c.knn * c.knn * 12 + rows * c.knn * c.v_dim * 4 + tokens * c.v_dim * 8
-        return 2 * self.spec.weight_bytes + 4 * math.prod(self.input_shape) + 2 * intermediates
+        return 4 * math.prod(self.input_shape) + 2 * intermediates
 
     def check_fits(self, available: int | None = None) -> None:
         """Refuse (CaseError) a case that would not fit in this machine's memory, before

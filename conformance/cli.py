@@ -327,7 +327,14 @@ def _add_bench(sub) -> None:
         "tiny (seconds). Prints a table and, with --report-dir, writes bench.json, bench.md and bench.png.",
         epilog="example: python -m conformance bench --preset cpu --path 'ort-cpu*' --path torch-eager-cpu",
     )
-    p.add_argument("--preset", default="cpu", help="seed, cpu or tiny (default cpu)")
+    p.add_argument("--preset", default=None, help="seed, cpu or tiny (default cpu)")
+    p.add_argument(
+        "--case",
+        default=None,
+        help="benchmark a conformance case instead (its model, a seed's or a checkpoint's, on its input's shape; "
+        "5 runs unless --runs)",
+    )
+    p.add_argument("--cases-dir", default=None, help="case files for --case (default: ./conformance/cases)")
     p.add_argument(
         "--path",
         action="append",
@@ -366,7 +373,18 @@ def _run_bench(args: argparse.Namespace) -> int:
     from conformance.files import check_writable
     from conformance.paths import select_paths
 
-    preset = get_bench_preset(args.preset)
+    if args.case and args.preset:
+        raise PKMError("bench takes --preset or --case, not both")
+    if args.case:
+        from pathlib import Path
+
+        from conformance.bench import BenchPreset
+        from conformance.cases import default_cases_dir, load_cases
+
+        cases_dir = Path(args.cases_dir) if args.cases_dir else default_cases_dir()
+        preset = BenchPreset.from_case(load_cases(cases_dir, [args.case])[0])
+    else:
+        preset = get_bench_preset(args.preset or "cpu")
     paths = select_paths(args.paths, bench=True)
     if args.report_dir:
         check_writable(args.report_dir)

@@ -17,6 +17,7 @@ parent into a folder of ``.npy`` files and memory-mapped by every process that r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -132,3 +133,78 @@ def available_bytes() -> int | None:
 
     figures = [f for f in (available_memory(), _cgroup_room()) if f is not None]
     return min(figures) if figures else None
+
+
+# --- admission ---------------------------------------------------------------------------
+# What a path's whole process tree (the run and one worker) holds per byte of weights, on
+# top of the runtime's own footprint, with the weights memory-mapped as the run shares
+# them. Measured with --jobs 1 on the mega case (3.0 GiB of weights, docs/performance.md)
+# and rounded up: torch wraps the mapped arrays (~1.0x), ONNX Runtime maps its export's
+# external data (~1.1x, the export written by the worker first), the Keras port holds one
+# TensorFlow variable per table and passes through a second while it is filled (~2.0x).
+# The reference evaluator and unknown families get 3x.
+WEIGHT_FACTORS = {"torch": 1.15, "ort": 1.3, "tf": 2.1}
+DEFAULT_FACTOR = 3.0
+# a reduced-precision variant holds its converted table besides the float32 one it reads
+PRECISION_FACTORS = {"fp16": 0.5, "bf16": 0.5, "int8": 0.3}
+# the imports of the run and of one worker (torch, onnxruntime, TensorFlow)
+RUNTIME_BYTES = {"torch": int(1.0 * GB), "ort": int(1.2 * GB), "tf": int(2.0 * GB)}
+DEFAULT_RUNTIME_BYTES = int(2.0 * GB)
+
+
+def estimate_bytes(case, path) -> int:
+    """The peak memory the run's process tree is expected to reach while ``path`` runs
+    ``case``: the weights times the family's factor, the activations of one pass, and the
+    runtime's own footprint."""
+    family = getattr(path, "family", "")
+    factor = WEIGHT_FACTORS.get(family, DEFAULT_FACTOR)
+    if "@" in path.name:
+        factor += PRECISION_FACTORS.get(path.name.rsplit("@", 1)[1], 1.0)
+    runtime = RUNTIME_BYTES.get(family, DEFAULT_RUNTIME_BYTES)
+    return int(case.spec.weight_bytes * factor) + case.activation_bytes() + runtime
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:,.1f} GB"
+
+
+class Admission:
+    """Starts paths only while their estimates fit the memory available, instead of
+    leaving the choice to the kernel's out-of-memory killer.
+
+    ``with admission.admit(need) as refusal:`` waits while paths already running hold the
+    room ``need`` would take, then runs the block with ``refusal`` None; a path that could
+    not fit even alone gets the reason instead ("needs X GB, Y GB available") and must not
+    start. The room is the memory available when no admitted path was running (re-read
+    each time the machine is idle), less the estimates of those running."""
+
+    def __init__(self, available=available_bytes):
+        self._available = available
+        self._cond = threading.Condition()
+        self._running: list[int] = []
+        self._room: int | None = None
+
+    @contextlib.contextmanager
+    def admit(self, need: int):
+        refusal = None
+        with self._cond:
+            while True:
+                if not self._running:
+                    self._room = self._available()
+                if self._room is None or sum(self._running) + need <= self._room:
+                    break  # fits (or nothing is known about this machine's memory)
+                if not self._running:
+                    refusal = f"needs {_gb(need)} (estimated), {_gb(self._room)} available"
+                    break
+                self._cond.wait()
+            if refusal is None:
+                self._running.append(need)
+        if refusal is not None:
+            yield refusal
+            return
+        try:
+            yield None
+        finally:
+            with self._cond:
+                self._running.remove(need)
+                self._cond.notify_all()

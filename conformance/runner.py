@@ -29,6 +29,7 @@ from conformance.environment import environment
 from conformance.export import ExportUnsupported
 from conformance.golden import Golden, GoldenStore, check_golden_matches_case
 from conformance.isolation import run_json_worker
+from conformance.memory import Admission, available_bytes, estimate_bytes
 from conformance.paths import CaseContext, ExecutionPath, PathUnavailable
 from conformance.results import ERROR, FAIL, OK, PASS, UNAVAILABLE, CaseResult, PathResult, RunResult, WorkerResult
 from conformance.tolerances import TolerancePolicy, path_matches
@@ -44,7 +45,8 @@ class RunOptions:
     require: list[str] = dataclasses.field(default_factory=list)  # globs of paths that must be available
     isolate: bool = True  # every path in its own process
     timeout: float = 1800  # seconds per isolated path
-    jobs: int = 1  # isolated paths at a time
+    jobs: int = 1  # isolated paths at a time, as many as fit in memory (conformance.memory)
+    available: Callable[[], int | None] | None = None  # bytes of memory available (default: this machine's)
     progress: Progress | None = None
 
     def required(self, path: str) -> bool:
@@ -275,7 +277,18 @@ def _run_case(
         if folder is not None:  # what every worker of this case reads
             np.save(folder / "input.npy", golden.input, allow_pickle=False)
 
+        admission = Admission(options.available or available_bytes)
+
         def one(path: ExecutionPath) -> PathResult:
+            """``path`` once its estimated memory fits (:mod:`conformance.memory`)."""
+            with admission.admit(estimate_bytes(case, path)) as refusal:
+                if refusal is None:
+                    return start(path)
+            result = PathResult.unavailable(path.name, refusal, options.required(path.name))
+            report(result)
+            return result
+
+        def start(path: ExecutionPath) -> PathResult:
             required = options.required(path.name)
             if case.spec.layers > 1 and path.judged_layer_by_layer(case):
                 result = _judge_layer_by_layer(path, context, golden, policy, options, required)

@@ -163,9 +163,7 @@ class ModelSpec:
 
     def keras_model(self, weights: Weights | None = None, method: str = "einsum"):
         """The Keras port with ``weights`` (default: :meth:`weights`) and this weighted-sum method."""
-        from pkm_models.convert import set_keras_weights
         from pkm_models.keras_pkm import build_keras_model
 
-        model = build_keras_model(self.config, self.layers, seed=None, method=method)
-        set_keras_weights(model, self.weights() if weights is None else weights)
-        return model
+        weights = self.weights() if weights is None else weights
+        return build_keras_model(self.config, self.layers, seed=None, method=method, weights=weights)

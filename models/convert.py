@@ -194,8 +194,59 @@ def pkm_layers(model) -> list:
     return found
 
 
+ASSIGN_BLOCK_BYTES = 64 << 20  # larger weights are assigned in blocks of rows of about this size
+
+
+def _mapped_file(array: np.ndarray) -> tuple[str, int] | None:
+    """(file, offset) when ``array`` is the whole of a C-ordered memory-mapped array, else None."""
+    base = array
+    while base is not None and not isinstance(base, np.memmap):
+        base = getattr(base, "base", None)
+    if base is None or getattr(base, "filename", None) is None or not base.flags.c_contiguous:
+        return None
+    same = array.__array_interface__["data"][0] == base.__array_interface__["data"][0]
+    if not same or array.shape != base.shape or array.dtype != base.dtype or not array.flags.c_contiguous:
+        return None
+    return base.filename, base.offset
+
+
+def row_blocks(array: np.ndarray, rows: int):
+    """``(start, block)`` over ``array``'s first axis, ``rows`` at a time, each block a fresh
+    C-ordered array. A memory-mapped array is read with file reads, so that its pages never
+    become part of this process (the page cache holds them once for every reader)."""
+    mapped = _mapped_file(array)
+    n = array.shape[0]
+    if mapped is None:
+        for start in range(0, n, rows):
+            yield start, np.ascontiguousarray(array[start : start + rows])
+        return
+    filename, offset = mapped
+    row_bytes = array[:1].nbytes
+    with open(filename, "rb") as f:
+        for start in range(0, n, rows):
+            block = np.empty((min(rows, n - start), *array.shape[1:]), array.dtype)
+            f.seek(offset + start * row_bytes)
+            if f.readinto(memoryview(block).cast("B")) != block.nbytes:
+                raise ConversionError(f"{filename}: shorter than its header says")
+            yield start, block
+
+
+def assign_variable(variable, array: np.ndarray) -> None:
+    """``variable.assign(array)``, in blocks of rows where the array is large: a whole-array
+    assign converts it into a tensor first, a second full copy (3 GB for a 1M-row table)."""
+    target = getattr(variable, "value", variable)  # Keras 3 on TensorFlow: the tf.Variable
+    if array.nbytes <= ASSIGN_BLOCK_BYTES or array.ndim == 0 or not hasattr(target, "__getitem__"):
+        variable.assign(np.asarray(array))
+        return
+    dtype = target.dtype.as_numpy_dtype if hasattr(target.dtype, "as_numpy_dtype") else array.dtype
+    rows = max(1, ASSIGN_BLOCK_BYTES // max(1, array[:1].nbytes))
+    for start, block in row_blocks(array, rows):
+        target[start : start + len(block)].assign(block.astype(dtype, copy=False))
+
+
 def set_keras_weights(model, weights: Mapping[str, np.ndarray]) -> None:
-    """Load torch-named numpy weights into a built Keras layer or model."""
+    """Load torch-named numpy weights into a built Keras layer or model (large ones in
+    blocks: :func:`assign_variable`)."""
     layers = pkm_layers(model)
     per_layer = split_layers(weights)
     if len(per_layer) != len(layers):
@@ -207,7 +258,7 @@ def set_keras_weights(model, weights: Mapping[str, np.ndarray]) -> None:
         converted = torch_to_keras(torch_named)
         check_weights(converted, {k: tuple(v.shape) for k, v in variables.items()}, f"Keras layer {layer.name!r}")
         for name, array in converted.items():
-            variables[name].assign(array)
+            assign_variable(variables[name], array)
 
 
 def get_keras_weights(model) -> Weights:

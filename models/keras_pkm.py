@@ -261,11 +261,10 @@ class ProductKeyMemory(keras.layers.Layer):
             shape=(self.heads, 2, self.n_keys, half),
             initializer=keras.initializers.RandomUniform(-key_bound, key_bound),
         )
-        self.values = self.add_weight(
-            name="values",
-            shape=(self.size, self.output_dim),
-            initializer=keras.initializers.RandomNormal(stddev=self.output_dim**-0.5),
-        )
+        # drawn in TensorFlow, the normal values take several temporaries of the table's
+        # size: a layer whose weights are loaded next starts from zeros instead
+        values_init = "zeros" if _LOADING else keras.initializers.RandomNormal(stddev=self.output_dim**-0.5)
+        self.values = self.add_weight(name="values", shape=(self.size, self.output_dim), initializer=values_init)
 
     # stages -----------------------------------------------------------------------------
     def _dropout(self, x, rate, training):
@@ -413,6 +412,9 @@ class ProductKeyMemory(keras.layers.Layer):
         }
 
 
+_LOADING = False  # layers built now get their weights loaded next (see build_keras_model)
+
+
 def build_keras_model(
     config: PKMConfig,
     layers: int = 1,
@@ -420,25 +422,39 @@ def build_keras_model(
     method: str = "auto",
     input_rank: int = 3,
     dtype: str | None = None,
+    weights=None,
 ) -> keras.Sequential:
     """A built ``Sequential`` of ``layers`` ProductKeyMemory layers taking
     ``(batch, ..., input_dim)`` inputs of rank ``input_rank`` with dynamic leading
     dimensions, loaded with the deterministic weights of ``(config, seed)`` unless
-    ``seed`` is None. ``dtype``: the layers' Keras dtype policy (e.g. ``"float16"``:
-    variables and computation in that type); default float32."""
+    ``seed`` is None, or with ``weights`` (torch-named numpy arrays) when given: then the
+    value tables are built as zeros and filled in blocks, never drawn at random first.
+    ``dtype``: the layers' Keras dtype policy (e.g. ``"float16"``: variables and
+    computation in that type); default float32."""
     from pkm_models.convert import set_keras_weights
     from pkm_models.weights import make_weights
 
     if input_rank < 2:
         raise ConfigError(f"input_rank must be >= 2 for a Keras model, got {input_rank}")
     check_stackable(config, layers, "build_keras_model")
-    model = keras.Sequential(
+    global _LOADING
+    _LOADING = weights is not None or seed is not None
+    try:
+        model = _sequential(config, layers, method, input_rank, dtype)
+    finally:
+        _LOADING = False
+    if weights is not None:
+        set_keras_weights(model, weights)
+    elif seed is not None:
+        set_keras_weights(model, make_weights(config, seed, layers=layers))
+    return model
+
+
+def _sequential(config: PKMConfig, layers: int, method: str, input_rank: int, dtype: str | None) -> keras.Sequential:
+    return keras.Sequential(
         [keras.Input(shape=(None,) * (input_rank - 2) + (config.input_dim,))]
         + [
             ProductKeyMemory.from_pkm_config(config, method=method, name=f"pkm_{i}", dtype=dtype) for i in range(layers)
         ],
         name="pkm" if layers == 1 else f"pkm_stack_{layers}",
     )
-    if seed is not None:
-        set_keras_weights(model, make_weights(config, seed, layers=layers))
-    return model

@@ -45,19 +45,46 @@ class BenchError(PKMError):
 @dataclasses.dataclass(frozen=True)
 class BenchPreset:
     name: str
-    model: str  # a model preset
+    model: str  # a model preset, or "case:<name>" for a conformance case (from_case)
     input_shape: tuple[int, ...]
     runs: int
     warmup: int
     description: str
+    case_json: dict | None = dataclasses.field(default=None, compare=False)  # Case.to_json of a case
+    case_source: str = ""
+
+    @classmethod
+    def from_case(cls, case, runs: int = 5, warmup: int = 1) -> BenchPreset:
+        """A conformance case benchmarked as it is: its model (a seed's or a user's
+        checkpoint) on its input's shape."""
+        return cls(
+            case.name,
+            f"case:{case.name}",
+            tuple(case.input_shape),
+            runs,
+            warmup,
+            case.description,
+            case.to_json(),
+            str(case.source),
+        )
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
 
     def case(self):
-        """This preset as a conformance case (the model preset's weights, input seed 0)."""
+        """This preset as a conformance case (the model preset's weights, input seed 0),
+        or the conformance case it was made from."""
         from conformance.cases import Case
         from conformance.spec import ModelSpec
 
+        if self.case_json is not None:
+            return Case.from_json(self.case_json, Path(self.case_source))
         spec = ModelSpec.from_preset(get_preset(self.model))
         return Case(self.name, self.description, spec, self.input_shape, 0, False, Path(f"<bench {self.name}>"))
+
+    @property
+    def layers(self) -> int:
+        return self.case_json["layers"] if self.case_json is not None else get_preset(self.model).layers
 
     @property
     def tokens(self) -> int:
@@ -68,9 +95,8 @@ class BenchPreset:
 
     def value_bytes(self) -> int:
         """Bytes of value rows one forward pass reads: tokens x heads x knn x v_dim x 4 per layer."""
-        preset = get_preset(self.model)
-        c = preset.config
-        return self.tokens * c.heads * c.knn * c.v_dim * 4 * preset.layers
+        c = self.case().config
+        return self.tokens * c.heads * c.knn * c.v_dim * 4 * self.layers
 
 
 BENCH_PRESETS = {
@@ -138,7 +164,7 @@ def pool_rounds(results: list[dict]) -> dict:
 
 def run_worker(preset: BenchPreset, path: str, runs: int, warmup: int, export_dir: Path, timeout: float) -> dict:
     """One path in a fresh process; its crash or time-out is its result."""
-    request = {"preset": preset.name, "path": path, "runs": runs, "warmup": warmup, "export_dir": str(export_dir)}
+    request = {"preset": preset.to_json(), "path": path, "runs": runs, "warmup": warmup, "export_dir": str(export_dir)}
     result, why = run_json_worker("conformance.bench.worker", request, timeout)
     return {"name": path, **result} if result is not None else {"name": path, "status": ERROR, "reason": why}
 

@@ -141,9 +141,7 @@ def runtime_threads(request: dict | None = None) -> dict:
 
 def gathered_bytes(preset) -> int:
     """Bytes of value rows one layer of a bench preset gathers per pass."""
-    from pkm_models.config import get_preset
-
-    return preset.value_bytes() // get_preset(preset.model).layers
+    return preset.value_bytes() // preset.layers
 
 
 def measure(gathered_bytes: int, timeout: float = 300) -> dict:

@@ -1,36 +1,51 @@
 """One benchmarked path, in its own process: ``python -m conformance.bench.worker REQUEST``.
 
-Prints one JSON line: the path's timings and peak memory, or why it could not run.
+Prints one JSON line: the path's timings and peak memory, or why it could not run. The
+peak host memory is that of this process's whole tree (itself and anything it started, such
+as compiler processes: :class:`conformance.memory.TreePeak`), sampled while the path is
+prepared and warmed up and once after the timed passes, and at least its own high-water mark.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
 from conformance.bench.device_memory import PeakSampler
 from conformance.isolation import memory_mb, serve
+from conformance.memory import TreePeak
 from conformance.results import OK, UNAVAILABLE
+from conformance.spec import read_weights_dir
 
 
 def measure(request: dict) -> dict:
-    from conformance.bench import get_bench_preset, summarize, time_calls
+    from conformance.bench import BenchPreset, summarize, time_calls
     from conformance.export import ExportUnsupported
     from conformance.paths import CaseContext, PathUnavailable, get_path
     from conformance.paths.precision_variants import precision_fields
     from pkm_models.weights import make_input
 
-    bench = get_bench_preset(request["preset"])
+    given = request["preset"]
+    bench = BenchPreset(**{**given, "input_shape": tuple(given["input_shape"])})
     path = get_path(request["path"])
     case = bench.case()
     device = path.device
     result = {"name": path.name, "device": device, "eager_reference": path.name == f"torch-eager-{device}"}
     sampler = PeakSampler() if device == "cuda" else None
-    with sampler or contextlib.nullcontext():  # sampling while preparing and warming up
+    host = TreePeak()
+    with sampler or contextlib.nullcontext(), host:  # sampling while preparing and warming up
         try:
             path.check(case)
-            context = CaseContext(case, case.spec.weights(), export_dir=Path(request["export_dir"]))
+            weights = Path(request["export_dir"]) / "weights"  # written once per bench, memory-mapped
+            if not weights.is_dir():
+                case.spec.write_weights(weights.with_name(f".weights-{os.getpid()}"))
+                with contextlib.suppress(OSError):  # another worker may have put its copy first
+                    os.rename(weights.with_name(f".weights-{os.getpid()}"), weights)
+            context = CaseContext(
+                case, read_weights_dir(weights, writable=True), export_dir=Path(request["export_dir"])
+            )
             fn = path.prepare_timed(context, make_input(bench.input_shape, seed=0))
         except (PathUnavailable, ExportUnsupported) as exc:
             return {**result, "status": UNAVAILABLE, "reason": str(exc)}
@@ -38,8 +53,9 @@ def measure(request: dict) -> dict:
         for _ in range(request["warmup"]):
             fn()
     times = time_calls(fn, request["runs"])  # input already on the device; returns once it has finished
+    host.sample()  # once more, after the timed passes
     if sampler:
-        sampler.sample()  # once more, after the timed passes
+        sampler.sample()
     peak_device = sampler.peak_mb if sampler else None
     if sampler and peak_device is None and path.family == "torch":  # no nvidia-smi: the allocator's own peak
         import torch
@@ -51,7 +67,7 @@ def measure(request: dict) -> dict:
         "reason": "",
         **summarize(times),
         "times_s": times,
-        "peak_host_mb": memory_mb("VmHWM"),
+        "peak_host_mb": max(memory_mb("VmHWM"), host.bytes / 2**20),
         "peak_device_mb": peak_device,
     }
 

@@ -83,6 +83,45 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
         onnx.save_model(model, path)
 
 
+def gather_external_data(source: Path, path: Path) -> None:
+    """Save the model ``source`` (whose tensors may lie in files beside it, one per tensor,
+    as the TorchScript exporter writes them past 2 GB) as ``path`` with every external
+    tensor, and every large inline one, in the one file ``<path>.data``; external tensors
+    are copied in blocks, never all in memory."""
+    source, path = Path(source), Path(path)
+    model = onnx.load(str(source), load_external_data=False)
+    data = path.with_name(path.name + ".data")
+    with open(data, "wb") as sink:
+        for tensor in model.graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                if len(tensor.raw_data) > 1024:  # written inline (a model under 2 GB): moved out too
+                    sink.write(b"\0" * (-sink.tell() % 4096))
+                    start = sink.tell()
+                    sink.write(tensor.raw_data)
+                    tensor.ClearField("raw_data")
+                    tensor.data_location = onnx.TensorProto.EXTERNAL
+                    for key, value in (("location", data.name), ("offset", start), ("length", sink.tell() - start)):
+                        tensor.external_data.add(key=key, value=str(value))
+                continue
+            info = {e.key: e.value for e in tensor.external_data}
+            offset, length = int(info.get("offset", 0)), info.get("length")
+            sink.write(b"\0" * (-sink.tell() % 4096))  # page-aligned: ONNX Runtime maps it in place
+            start = sink.tell()
+            with open(source.parent / info["location"], "rb") as f:
+                f.seek(offset)
+                left = int(length) if length is not None else None
+                while left is None or left > 0:
+                    block = f.read(64 << 20 if left is None else min(left, 64 << 20))
+                    if not block:
+                        break
+                    sink.write(block)
+                    left = None if left is None else left - len(block)
+            del tensor.external_data[:]
+            for key, value in (("location", data.name), ("offset", start), ("length", sink.tell() - start)):
+                tensor.external_data.add(key=key, value=str(value))
+    onnx.save_model(model, str(path))
+
+
 def check_model(path: Path) -> None:
     """onnx.checker (full check, including shape inference) on a saved file."""
     onnx.checker.check_model(str(path), full_check=True)

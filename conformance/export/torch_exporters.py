@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import onnx
 import torch
 from torch import nn
 
 from conformance.export import ModelSpec
-from conformance.export.onnx_files import EXTERNAL_DATA_THRESHOLD, quiet_exporters, save_model
+from conformance.export.onnx_files import EXTERNAL_DATA_THRESHOLD, gather_external_data, quiet_exporters
 from pkm_models.torch_fast import fast_module
 
 
@@ -117,8 +116,7 @@ def export_torchscript(spec: ModelSpec, path: Path, opset: int, tapped: bool) ->
             opset_version=opset,
         )
     if large:  # the exporter writes one file per tensor: gather them into one data file
-        model = onnx.load(str(target))
-        save_model(model, path)
+        gather_external_data(target, path)
         for f in target.parent.iterdir():
             f.unlink()
         target.parent.rmdir()

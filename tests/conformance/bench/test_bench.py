@@ -159,3 +159,30 @@ def test_pooling_rounds():
     assert pooled["peak_host_mb"] == 30 and pooled["peak_device_mb"] == 7
     failed = {"name": "p", "status": "error", "reason": "timed out"}
     assert pool_rounds([{**ok, "times_s": [1.0], "median_s": 1.0, "peak_host_mb": 1}, failed]) == failed
+
+
+def test_a_case_is_benchmarked_as_it_is(capsys, tmp_path):
+    """``bench --case``: the shipped trained checkpoint case, on its input's shape; the peak
+    host memory is that of the worker's whole tree, at least the weights it read."""
+    code = main(["bench", "--case", "trained", "--path", "torch-eager-cpu", "--runs", "2"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "torch-eager-cpu" in out
+    from pathlib import Path
+
+    from conformance.bench import BenchPreset
+    from conformance.cases import load_cases
+
+    (case,) = load_cases(Path(__file__).resolve().parents[3] / "conformance" / "cases", ["trained"])
+    preset = BenchPreset.from_case(case, runs=2, warmup=0)
+    result = run_bench(preset, select_paths(["torch-eager-cpu"], bench=True))
+    (eager,) = result["paths"]
+    assert eager["status"] == "ok", eager
+    assert result["model"] == "case:trained" and result["input_shape"] == list(case.input_shape)
+    assert eager["model_bytes"] == case.spec.weight_bytes
+    assert eager["peak_host_mb"] * 2**20 > case.spec.weight_bytes
+
+
+def test_bench_takes_a_preset_or_a_case(capsys):
+    assert main(["bench", "--preset", "tiny", "--case", "tiny"]) == 2
+    assert "--preset or --case" in capsys.readouterr().err
