@@ -105,7 +105,11 @@ class ModelSpec:
 
     @property
     def weight_bytes(self) -> int:
-        return self.layers * sum(4 * int(np.prod(s)) for s in expected_shapes(self.config).values())
+        """float32 bytes of the weights, a shared value table counted once."""
+        shapes = expected_shapes(self.config)
+        table = 4 * int(np.prod(shapes["values.weight"]))
+        total = self.layers * sum(4 * int(np.prod(s)) for s in shapes.values())
+        return total - (self.layers - 1) * table if self.config.share_values else total
 
     def generated_weights(self) -> Weights:
         weights = make_weights(self.config, self.seed, layers=self.layers)

@@ -115,7 +115,7 @@ class Checkpoint:
     """
 
     path: Path
-    format: str  # "torch", "xlm", "npz" or "keras"
+    format: str  # "torch", "xlm", "meta" (pkm_models.checkpoint_meta), "npz" or "keras"
     memories: tuple[str, ...]
     weights: tuple[Weights, ...]
     config: PKMConfig
@@ -328,6 +328,14 @@ def _is_tensor(x: Any) -> bool:
 def _found_in_torch_object(obj: Any, path: Path) -> _Found:
     if not isinstance(obj, Mapping):
         raise ConversionError(f"{path}: expected a state_dict or an XLM checkpoint (a dict), got {type(obj).__name__}")
+    from pkm_models import checkpoint_meta
+
+    meta_state = checkpoint_meta.state_dict_of(obj)  # facebookresearch/memory: layers.<i>.feed_forward.keys
+    if meta_state is not None:
+        params = checkpoint_meta.read_params(path)
+        memories, sources, recorded, notes = checkpoint_meta.memories_in(meta_state, params, path)
+        where = str(path.parent / "params.json") if params else ""
+        return _Found("meta", memories, sources, recorded, where, params, notes)
     modules = [m for m in XLM_MODULES if isinstance(obj.get(m), Mapping)]
     if modules:
         return _found_in_xlm(obj, modules, path)
