@@ -272,7 +272,7 @@ def _run_case(
     its own as its spec's ``weights_file``)."""
     folder = Path(tempfile.mkdtemp(prefix=f"pkm-{case.name}-")) if options.isolate else None
     weights_dir = weights_dir or case.spec.weights_file
-    context = CaseContext(case, weights, export_dir=folder, weights_dir=weights_dir if options.isolate else None)
+    context = CaseContext(case, weights, export_dir=folder, weights_dir=weights_dir)
     try:
         if folder is not None:  # what every worker of this case reads
             np.save(folder / "input.npy", golden.input, allow_pickle=False)

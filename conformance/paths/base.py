@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -61,6 +62,14 @@ class CaseContext:
             self._keras[method] = self.case.spec.keras_model(self.weights, method)
         return self._keras[method]
 
+    @property
+    def export_spec(self):
+        """The case's model as exporters read it: from the mapped weights folder when there
+        is one (not generated or read again in this process)."""
+        if self.weights_dir is None:
+            return self.case.spec
+        return dataclasses.replace(self.case.spec, weights_file=Path(self.weights_dir), checkpoint=None)
+
     def export(self, exporter: str) -> Path:
         """The tapped export of this case by ``exporter`` (made once per case)."""
         from conformance.export import export
@@ -73,7 +82,7 @@ class CaseContext:
                 if not self._own_dir and existing.is_file():
                     self._exports[exporter] = existing
                 else:  # written beside and moved in: a killed export never leaves a file to reuse
-                    self._exports[exporter] = export(self.case.spec, exporter, self._dir, tapped=True).path
+                    self._exports[exporter] = export(self.export_spec, exporter, self._dir, tapped=True).path
             except Exception as exc:  # remembered: every path on this export reports it
                 self._exports[exporter] = exc
         result = self._exports[exporter]
