@@ -20,8 +20,9 @@ class PathUnavailable(PKMError):
 
 class CaseContext:
     """What the paths of one case share, built on first use and dropped with the case:
-    the weights, the native models, and the tapped ONNX exports (in ``export_dir`` when
-    given, where an existing export is reused, else in a temporary folder).
+    the weights, the native models, and the tapped ONNX exports (from ``cache``, an
+    :class:`~conformance.export.cache.ExportCache`, when given; else in ``export_dir`` when
+    given, where an existing export is reused; else in a temporary folder).
 
     ``weights`` may be None: then they are the case's generated weights, made on first
     use (paths on an existing export never need them). ``shares_weights`` says that the
@@ -33,8 +34,10 @@ class CaseContext:
         weights: dict[str, np.ndarray] | None = None,
         export_dir: Path | None = None,
         shares_weights: bool = False,
+        cache=None,
     ):
         self.case = case
+        self.cache = cache
         self.shares_weights = shares_weights
         self._weights = weights
         self._exports: dict[str, Path | Exception] = {}
@@ -69,7 +72,9 @@ class CaseContext:
                 self._dir = Path(tempfile.mkdtemp(prefix=f"pkm-{self.case.name}-"))
             existing = self._dir / f"{exporter}.onnx"
             try:
-                if not self._own_dir and existing.is_file():
+                if self.cache is not None:  # built once, for this run and the next
+                    self._exports[exporter] = self.cache.export(self.case.spec, exporter)
+                elif not self._own_dir and existing.is_file():
                     self._exports[exporter] = existing
                 else:  # written beside and moved in: a killed export never leaves a file to reuse
                     self._exports[exporter] = export(self.case.spec, exporter, self._dir, tapped=True).path
@@ -115,11 +120,11 @@ class ExecutionPath:
     def prepare(self, context: CaseContext) -> Runner:
         raise NotImplementedError
 
-    def judged_layer_by_layer(self, case: Case) -> bool:
-        """True when a network (``case.spec.layers > 1``) is judged one layer at a time,
-        each layer alone on its golden input, instead of end to end: for paths whose
-        tolerances hold for one layer on the reference's input but not for an error that
-        grows from layer to layer (reduced precision)."""
+    def tolerances_per_layer(self, case: Case) -> bool:
+        """True when this path's tolerances hold for one layer on the reference's input but
+        not for an error that grows from layer to layer (reduced precision): on a network
+        (``case.spec.layers > 1``) only layer 0 is then judged end to end, and every later
+        layer alone on its golden input (``conformance.runner.judge_on_golden_inputs``)."""
         return False
 
     def prepare_timed(self, context: CaseContext, x: np.ndarray) -> TimedPass:
