@@ -43,6 +43,7 @@ class TensorResult:
     # the worst elements: {"index", "obtained", "expected", "difference"}, largest difference first
     worst_elements: list[dict] = dataclasses.field(default_factory=list)
     figures: dict = dataclasses.field(default_factory=dict)  # reduced precision: see conformance.precision
+    required_atol: float | None = None  # a failing tap: the smallest atol that would have passed it
 
     def __bool__(self) -> bool:
         return self.status == PASS
