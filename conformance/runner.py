@@ -350,26 +350,33 @@ def read_goldens(cases: list[Case], store: GoldenStore, progress: Progress | Non
 
 
 class _Progress:
-    """``[k/N] case path: status``, with the time so far and an estimate of the time left
-    (from the pairs that ran: an unavailable one costs nothing)."""
+    """``[k/N] case path: status``, with the time so far and an estimate of the time left:
+    the pairs still to run at the pace of those that ran since the first one finished (an
+    unavailable pair costs nothing; worker start-up and exports come before the first)."""
 
     def __init__(self, total: int, progress: Progress | None):
         self.total, self.progress = total, progress
         self.done = self.ran = 0
         self.t0 = time.monotonic()
+        self.first: float | None = None
         self._lock = threading.Lock()
 
     def __call__(self, case: str, result: PathResult, ran: bool = True) -> None:
         with self._lock:
+            now = time.monotonic()
             self.done += 1
             self.ran += ran
+            if ran and self.first is None:
+                self.first = now
             if self.progress is None:
                 return
-            elapsed = time.monotonic() - self.t0
             line = f"[{self.done}/{self.total}] {case} {result.name}: {result.status}"
             if ran and self.done < self.total:
-                left = elapsed / self.ran * (self.total - self.done)
-                line += f"  ({_clock(elapsed)} so far, about {_clock(left)} left)"
+                line += f"  ({_clock(now - self.t0)} so far"
+                if self.ran > 1:
+                    left = (now - self.first) / (self.ran - 1) * (self.total - self.done)
+                    line += f", about {_clock(left)} left"
+                line += ")"
             self.progress(line)
 
 

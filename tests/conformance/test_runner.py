@@ -317,3 +317,19 @@ def test_family_workers_and_path_processes_agree_on_every_shipped_case():
         for isolation in ("family", "path")
     ]
     assert_same_verdicts(*both)
+
+
+def test_progress_estimates_the_time_left_from_the_pace_of_the_paths_that_ran(monkeypatch):
+    from conformance import runner
+    from conformance.results import PathResult
+
+    clock = iter([0.0, 1.0, 60.0, 70.0, 80.0])  # start, an unavailable path, then three that ran, 10 s apart
+    monkeypatch.setattr(runner.time, "monotonic", lambda: next(clock))
+    lines = []
+    progress = runner._Progress(6, lines.append)
+    progress("tiny", PathResult("torch-eager-cuda", "unavailable"), ran=False)
+    for name in ("torch-eager-cpu", "tf-eager-cpu", "ort-cpu[keras]"):
+        progress("tiny", PathResult(name, "pass"))
+    assert lines[0] == "[1/6] tiny torch-eager-cuda: unavailable"
+    assert lines[1] == "[2/6] tiny torch-eager-cpu: pass  (1:00 so far)"
+    assert lines[3] == "[4/6] tiny ort-cpu[keras]: pass  (1:20 so far, about 0:20 left)"
