@@ -156,16 +156,35 @@ def _add_run(sub) -> None:
         "obtained taps (obtained/<case>/<path>.npz) here",
     )
     p.add_argument(
+        "--isolation",
+        choices=("family", "path"),
+        default="family",
+        help="family (default): long-lived worker processes, one family of paths each (torch, tf, ort, "
+        "onnx-reference), replaced after a crash or a time-out, which is then that path's error; "
+        "path: a fresh process for every (case, path), slower, the same verdicts",
+    )
+    p.add_argument(
         "--in-process",
         action="store_true",
-        help="run the paths in this process: faster, but a path that crashes takes the run with it",
+        help="run the paths in this process: no worker start-up, but a path that crashes takes the run with it",
     )
     p.add_argument(
         "--jobs",
-        type=int,
-        default=2,
-        help="path processes at a time (default 2; their times then share the machine: use bench for speed)",
+        type=_count,
+        default=None,
+        help="(case, path) pairs at a time (default: the cores this process may use; their times then "
+        "share the machine: use bench for speed)",
     )
+    p.add_argument(
+        "--timeout", type=_seconds, default=1800, help="seconds allowed per (case, path) in a worker (default 1800)"
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="keep the exports here, by content, for the next run (default: $PKM_CONFORMANCE_CACHE, else "
+        "$XDG_CACHE_HOME/pkm-conformance, else ~/.cache/pkm-conformance)",
+    )
+    p.add_argument("--no-cache", action="store_true", help="build every export for this run only")
     p.add_argument("--verbose", action="store_true", help="per-tap rows, third-party logs")
     _add_store_options(p)
     p.set_defaults(func=_run_run)
@@ -177,9 +196,9 @@ def _run_run(args: argparse.Namespace) -> int:
     from conformance.files import check_writable, refuse_overwriting_inputs
     from conformance.paths import select_paths
     from conformance.report import table, write_reports
-    from conformance.runner import RunOptions, run_conformance
+    from conformance.runner import RunOptions, default_jobs, run_conformance
 
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         raise PKMError(f"--jobs must be at least 1, got {args.jobs}")
     paths = select_paths(args.paths)
     if args.require:
@@ -192,10 +211,21 @@ def _run_run(args: argparse.Namespace) -> int:
             inputs, [report_dir / n for n in ("report.json", "junit.xml", "report.md")], [report_dir / "obtained"]
         )
         check_writable(args.report_dir)  # before minutes of work, not after; creates nothing
+    cache_dir = None
+    if not args.no_cache:
+        from pathlib import Path
+
+        from conformance.export.cache import default_cache_dir
+
+        cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+        check_writable(cache_dir)
     options = RunOptions(
+        cache_dir=cache_dir,
         require=args.require or [],
         isolate=not args.in_process,
-        jobs=args.jobs,
+        isolation=args.isolation,
+        timeout=args.timeout,
+        jobs=args.jobs or default_jobs(),
         progress=lambda m: print(m, file=sys.stderr, flush=True),
     )
     result = run_conformance(cases, paths, store, policy, options)
@@ -291,15 +321,17 @@ def _add_listings(sub) -> None:
 
 def _run_paths(args: argparse.Namespace) -> int:
     from conformance.paths import REGISTRY, PathUnavailable
+    from conformance.text import aligned
 
-    width = max(len(p.name) for p in REGISTRY)
+    rows = []
     for path in REGISTRY:
         suffix = "  (bench only)" if path.benchmark_only else ""
         try:
             path.check(None)
-            print(f"{path.name:<{width}}  available{suffix}")
+            rows.append((path.name, f"available{suffix}"))
         except PathUnavailable as exc:
-            print(f"{path.name:<{width}}  unavailable: {exc}{suffix}")
+            rows.append((path.name, f"unavailable: {exc}{suffix}"))
+    print("\n".join(aligned(rows, header=False)))
     return EXIT_OK
 
 
@@ -307,13 +339,15 @@ def _run_cases(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from conformance.cases import default_cases_dir, load_cases
+    from conformance.text import aligned
 
     cases_dir = Path(args.cases_dir) if args.cases_dir else default_cases_dir()
-    names = sorted(p.stem for p in cases_dir.glob("*.toml"))
-    for case in load_cases(cases_dir, names):
-        shape = "x".join(map(str, case.input_shape))
-        group = f"[{case.group}] " if case.group else ""
-        print(f"{case.name:<10} input {shape:<12} {group}{case.description}")
+    cases = load_cases(cases_dir, sorted(p.stem for p in cases_dir.glob("*.toml")))  # the large group too
+    rows = [
+        (c.name, "input " + "x".join(map(str, c.input_shape)), (f"[{c.group}] " if c.group else "") + c.description)
+        for c in cases
+    ]
+    print("\n".join(aligned(rows, header=False)))
     return EXIT_OK
 
 
@@ -581,7 +615,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        if args.command in ("run", "golden", "export", "bench", "paths"):  # convert: only for .keras
+        # a run in family workers loads no framework in this process (its workers are quiet themselves)
+        in_workers = args.command == "run" and not args.in_process and args.isolation == "family"
+        if args.command in ("run", "golden", "export", "bench", "paths") and not in_workers:  # convert: .keras only
             quiet_third_party(getattr(args, "verbose", False))
         return args.func(args)
     except PKMError as exc:

@@ -36,9 +36,32 @@ def signal_name(returncode: int) -> str:
         return f"signal {-returncode}"
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the worker's process group: the worker and anything it started."""
     with contextlib.suppress(OSError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def register_worker(proc: subprocess.Popen) -> None:
+    """A worker (started with ``start_new_session=True``) that :func:`end_workers` must end."""
+    with _LIVE_LOCK:
+        _LIVE.add(proc)
+
+
+def forget_worker(proc: subprocess.Popen) -> None:
+    with _LIVE_LOCK:
+        _LIVE.discard(proc)
+
+
+def death_reason(returncode: int, stderr_tail: str) -> str:
+    """Why a worker gave no answer, from its exit status and the last lines of its stderr."""
+    if returncode is not None and returncode < 0:
+        why = f"the process died of {signal_name(returncode)}"
+        if returncode == -signal.SIGKILL:
+            why += " (killed: out of memory?)"
+    else:
+        why = f"the process exited with {returncode}"
+    return f"{why}: {stderr_tail}" if stderr_tail else why
 
 
 def end_workers() -> None:
@@ -46,7 +69,7 @@ def end_workers() -> None:
     with _LIVE_LOCK:
         live = list(_LIVE)
     for proc in live:
-        _kill_group(proc)
+        kill_group(proc)
 
 
 def run_json_worker(module: str, request: dict, timeout: float) -> tuple[dict | None, str]:
@@ -57,32 +80,23 @@ def run_json_worker(module: str, request: dict, timeout: float) -> tuple[dict | 
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
     )
-    with _LIVE_LOCK:
-        _LIVE.add(proc)
+    register_worker(proc)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
+        kill_group(proc)
         proc.communicate()
         return None, f"timed out after {timeout:.0f} s"
     finally:
-        _kill_group(proc)  # anything the worker left running in its group
-        with _LIVE_LOCK:
-            _LIVE.discard(proc)
+        kill_group(proc)  # anything the worker left running in its group
+        forget_worker(proc)
     lines = stdout.strip().splitlines()
     if proc.returncode == 0 and lines:
         try:
             return json.loads(lines[-1]), ""
         except ValueError:
             pass
-    tail = "\n".join(stderr.strip().splitlines()[-5:])
-    if proc.returncode < 0:
-        why = f"the process died of {signal_name(proc.returncode)}"
-        if proc.returncode == -signal.SIGKILL:
-            why += " (killed: out of memory?)"
-    else:
-        why = f"the process exited with {proc.returncode}"
-    return None, f"{why}: {tail}" if tail else why
+    return None, death_reason(proc.returncode, "\n".join(stderr.strip().splitlines()[-5:]))
 
 
 class Terminated(BaseException):

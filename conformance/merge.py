@@ -29,6 +29,7 @@ from pathlib import Path
 from conformance.files import FileProblem, write_files_together
 from conformance.report import ReportError, junit
 from conformance.results import CaseResult, PathResult, RunResult
+from conformance.text import aligned
 from pkm_models.errors import PKMError
 
 RAN = ("pass", "fail", "error")
@@ -258,9 +259,7 @@ def table(merged: dict) -> str:
                     f"{max_abs:.2e}" if isinstance(max_abs, int | float) else "-",
                 )
             )
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = aligned([header, *rows])
     notes = [
         f"{c['name']} {p['name']}: {p['status']}: {p['reason']}"
         for c in merged["cases"]

@@ -8,11 +8,13 @@ full disk or a killed run never leaves a partial report.json behind.
 from __future__ import annotations
 
 import json
+import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from conformance.files import FileProblem, atomic_output, write_files_together
-from conformance.results import ERROR, FAIL, UNAVAILABLE, PathResult, RunResult
+from conformance.results import ERROR, FAIL, PASS, UNAVAILABLE, PathResult, RunResult
+from conformance.text import aligned
 
 ReportError = FileProblem  # the report folder cannot be written
 
@@ -29,9 +31,65 @@ def _num(value) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
-def table(result: RunResult, verbose: bool = False) -> str:
-    header = ("case", "path", "status", "worst tap", "max abs", "max rel", "time (s)")
-    rows: list[tuple[str, ...]] = []
+SYMBOLS = {PASS: "+", FAIL: "X", ERROR: "E", UNAVAILABLE: "-"}
+LEGEND = "+ pass   X fail   E error   - unavailable   (blank: not run)"
+MATRIX_WIDTH = 100  # wider than this, and the case columns are numbered with a key
+
+
+def _paths_in_order(result: RunResult) -> list[str]:
+    return list(dict.fromkeys(p.name for c in result.cases for p in c.paths))
+
+
+def matrix(result: RunResult) -> list[str]:
+    """One row per path, one column per case, one symbol per cell (a run has many more
+    paths than cases), then the legend."""
+    names = _paths_in_order(result)
+    cells = {(c.name, p.name): SYMBOLS.get(p.status, "?") for c in result.cases for p in c.paths}
+    heads = [c.name for c in result.cases]
+    width = max((len(n) for n in names), default=4) + sum(len(h) + 2 for h in heads)
+    key = []
+    if width > MATRIX_WIDTH:
+        key = ["cases: " + ", ".join(f"{i} {h}" for i, h in enumerate(heads, 1))]
+        heads = [str(i) for i in range(1, len(heads) + 1)]
+    rows = [("path", *heads)]
+    rows += [(name, *(cells.get((c.name, name), " ") for c in result.cases)) for name in names]
+    return [*aligned(rows), *key, LEGEND]
+
+
+def unavailable_reasons(result: RunResult) -> list[str]:
+    """Each distinct reason once, with the paths it covers (and the cases, where not all)."""
+    by_reason: dict[str, dict[str, list[str]]] = {}
+    for case in result.cases:
+        for p in case.paths:
+            if p.status == UNAVAILABLE:
+                by_reason.setdefault(p.reason, {}).setdefault(p.name, []).append(case.name)
+    every = [c.name for c in result.cases]
+    lines = []
+    for reason, paths in by_reason.items():
+        covered = [name if cases == every else f"{name} ({', '.join(cases)})" for name, cases in paths.items()]
+        lines += [
+            f"- {reason}",
+            *textwrap.wrap(
+                ", ".join(covered), 100, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False
+            ),
+        ]
+    return lines
+
+
+def _why(p: PathResult) -> str:
+    """A path's reason, with the smallest tolerance that would have passed each failing tap
+    where the comparison knows it."""
+    needed = [f"{t.name} atol {t.required_atol:.3g}" for t in p.tensors if not t and t.required_atol is not None]
+    return p.reason + (f" (would pass at {', '.join(needed)})" if needed else "")
+
+
+def _note(case: str, p: PathResult) -> str:
+    return f"{case} {p.name}: {p.status}: {_why(p)}"
+
+
+def _rows(result: RunResult, verbose: bool) -> list[tuple[str, ...]]:
+    """The per-(case, path) table (and per tap with ``verbose``)."""
+    rows = [("case", "path", "status", "worst tap", "max abs", "max rel", "time (s)")]
     for case in result.cases:
         for p in case.paths:
             worst = p.worst
@@ -50,23 +108,38 @@ def table(result: RunResult, verbose: bool = False) -> str:
                 for t in p.tensors:
                     amb = f" ({t.ambiguous_rows} ambiguous)" if t.ambiguous_rows else ""
                     rows.append(("", f"  {t.name}", t.status + amb, "", _fmt(t.max_abs), _fmt(t.max_rel), ""))
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    notes = [
-        f"{case.name} {p.name}: {p.status}: {p.reason}"
-        for case in result.cases
-        for p in case.paths
-        if p.status in (FAIL, ERROR) or (verbose and p.reason)
-    ]
+    return rows
+
+
+def summary(result: RunResult) -> str:
     counts: dict[str, int] = {}
     for case in result.cases:
         for p in case.paths:
             counts[p.status] = counts.get(p.status, 0) + 1
-    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    blocks = [*lines, "", *notes, *([""] if notes else []), f"{'OK' if result.ok else 'FAILED'}: {summary}"]
-    return "\n".join(blocks)
+    seconds = sum(p.seconds or 0 for c in result.cases for p in c.paths)
+    text = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    return f"{'OK' if result.ok else 'FAILED'}: {text} (the paths' own time: {seconds:.1f} s)"
+
+
+def table(result: RunResult, verbose: bool = False) -> str:
+    """What the terminal shows: the matrix, the unavailable reasons grouped, one line per
+    failing or erroring path, the summary; ``verbose`` adds the per-(case, path) and per-tap
+    rows and every path's reason."""
+    blocks = matrix(result)
+    reasons = unavailable_reasons(result)
+    if reasons:
+        blocks += ["", "unavailable here:", *reasons]
+    if verbose:
+        blocks += ["", *aligned(_rows(result, verbose=True))]
+    notes = [
+        _note(case.name, p)
+        for case in result.cases
+        for p in case.paths
+        if p.status in (FAIL, ERROR) or (verbose and p.reason and p.status != UNAVAILABLE)
+    ]
+    if notes:
+        blocks += ["", *notes]
+    return "\n".join([*blocks, "", summary(result)])
 
 
 def junit(result: RunResult) -> bytes:
@@ -127,10 +200,20 @@ def markdown(result: RunResult, folder: Path) -> bytes:
     env = result.environment
     lines += [f"- {k}: {v}" for k, v in env.get("versions", {}).items()]
     lines += [f"- providers: {env.get('providers')}", f"- cpu: {env.get('cpu')}", f"- gpu: {env.get('gpu')}", ""]
-    lines += ["| case | path | status | first divergence | reason |", "|---|---|---|---|---|"]
-    for case in result.cases:
-        for p in case.paths:
-            reason = p.reason.replace("|", "\\|").replace("\n", " ")
+    names = _paths_in_order(result)
+    cells = {(c.name, p.name): SYMBOLS.get(p.status, "?") for c in result.cases for p in c.paths}
+    lines += ["| path | " + " | ".join(c.name for c in result.cases) + " |", "|---" * (len(result.cases) + 1) + "|"]
+    lines += [f"| {n} | " + " | ".join(cells.get((c.name, n), " ") for c in result.cases) + " |" for n in names]
+    lines += ["", f"`{LEGEND}`", "", summary(result), ""]
+    reasons = unavailable_reasons(result)
+    if reasons:
+        lines += ["## Unavailable here", "", *(r.strip() if r.startswith(" ") else r for r in reasons), ""]
+    ran = [(c, p) for c in result.cases for p in c.paths if p.status != UNAVAILABLE]
+    if ran:
+        lines += ["## Every path that ran", ""]
+        lines += ["| case | path | status | first divergence | reason |", "|---|---|---|---|---|"]
+        for case, p in ran:
+            reason = _why(p).replace("|", "\\|").replace("\n", " ")
             lines.append(f"| {case.name} | {p.name} | {p.status} | {p.first_divergence or ''} | {reason} |")
     precision = []
     for case in result.cases:

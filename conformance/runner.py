@@ -11,14 +11,17 @@ regeneration running beside the run cannot mix two goldens into one verdict.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
 import gc
+import os
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +34,22 @@ from conformance.golden import Golden, GoldenStore, check_golden_matches_case
 from conformance.isolation import run_json_worker
 from conformance.memory import Admission, available_bytes, estimate_bytes
 from conformance.paths import CaseContext, ExecutionPath, PathUnavailable
+from conformance.pool import Answer, WorkerPool
 from conformance.results import ERROR, FAIL, OK, PASS, UNAVAILABLE, CaseResult, PathResult, RunResult, WorkerResult
 from conformance.tolerances import TolerancePolicy, path_matches
 from pkm_models.config import TAPS
+from pkm_models.errors import PKMError
 
 Progress = Callable[[str], None]
+ISOLATIONS = ("family", "path")
+
+
+def default_jobs() -> int:
+    """The cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 @dataclasses.dataclass
@@ -43,11 +57,24 @@ class RunOptions:
     """How the run executes paths (not what it compares)."""
 
     require: list[str] = dataclasses.field(default_factory=list)  # globs of paths that must be available
-    isolate: bool = True  # every path in its own process
-    timeout: float = 1800  # seconds per isolated path
-    jobs: int = 1  # isolated paths at a time, as many as fit in memory (conformance.memory)
+    isolate: bool = True  # paths in worker processes (False: in this process)
+    # "family": long-lived workers, one family of paths each, replaced after a crash or a
+    # time-out (conformance.pool); "path": a fresh process for every (case, path)
+    isolation: str = "family"
+    timeout: float = 1800  # seconds per (case, path) in a worker
+    # (case, path) pairs at a time, as many as fit in memory (conformance.memory)
+    jobs: int = dataclasses.field(default_factory=lambda: default_jobs())
     available: Callable[[], int | None] | None = None  # bytes of memory available (default: this machine's)
     progress: Progress | None = None
+    cache_dir: Path | None = None  # exports kept between runs (conformance.export.cache); None: this run's only
+
+    def __post_init__(self) -> None:
+        if self.isolation not in ISOLATIONS:
+            raise PKMError(f"isolation must be one of {list(ISOLATIONS)}, got {self.isolation!r}")
+        if self.jobs < 1:
+            raise PKMError(f"jobs must be at least 1, got {self.jobs}")
+        # one for the run: a path starts only when its estimated peak fits beside those running
+        self.admission = Admission(self.available or available_bytes)
 
     def required(self, path: str) -> bool:
         return any(path_matches(path, g) for g in self.require)
@@ -56,7 +83,7 @@ class RunOptions:
 LAYERWISE = "@golden-input"  # suffix of the taps of a layer judged alone
 
 
-def judge_layerwise(
+def judge_on_golden_inputs(
     path: ExecutionPath,
     case: Case,
     golden: Golden,
@@ -65,6 +92,7 @@ def judge_layerwise(
     options: RunOptions,
     result: PathResult,
     first: int = 1,
+    pool: WorkerPool | None = None,
 ) -> PathResult:
     """A network whose end-to-end comparison set tokens aside (a legitimate flip in one
     layer changes the next layer's input): run every later layer of ``path`` alone on its
@@ -83,7 +111,8 @@ def judge_layerwise(
             sub = case.layer(i, Path(tmp) / "weights", Path(tmp) / "input.npy")
             taps = {tap: golden.taps[f"{i}/{tap}"] for tap in TAPS}
             sub_golden = Golden(case.name, golden.meta, layer_input, taps, per_layer[i])
-            (alone,) = _run_case(sub, sub_golden, per_layer[i], [path], policy, options, lambda _: None)
+            with case_context(sub, sub_golden, per_layer[i], options) as context:
+                alone = start_path(path, context, sub_golden, policy, options, options.required(path.name), pool=pool)
         if alone.status not in (PASS, FAIL):
             return dataclasses.replace(
                 result, status=alone.status, reason=f"layer {i} alone on its golden input: {alone.reason}"
@@ -121,34 +150,32 @@ def run_path(
     return judge(path.name, case, got, golden, context.weights, policy, seconds, judged_layers)
 
 
-def run_path_isolated(
+def run_path_in_worker(
     path: ExecutionPath,
     context: CaseContext,
     golden: Golden,
     policy: TolerancePolicy,
     required: bool,
-    timeout: float,
+    ask: Callable[[dict], Answer],
     judged_layers: int | None = None,
 ) -> PathResult:
-    """One path in a fresh process (``conformance.paths.worker``), on the input and weights
-    this process wrote into the case's folder, sharing its exports."""
+    """One path in a worker process (``ask``: a fresh one, or a family's long-lived one),
+    on the input and weights this process wrote into the case's folder, sharing its exports."""
     case = context.case
-    try:
-        path.check(case)
-    except PathUnavailable as exc:
-        return PathResult.unavailable(path.name, str(exc), required)
     with tempfile.TemporaryDirectory(prefix="pkm-taps-") as tmp:
         out = Path(tmp) / "taps.npz"
         request = {
+            "op": "run",
             "path": path.name,
             "case": case.to_json(),
             "source": str(case.source),
             "input": str(context.export_dir / "input.npy"),
             "weights": str(context.weights_dir) if context.weights_dir is not None else None,
             "export_dir": str(context.export_dir),
+            "cache_dir": str(context.cache.root) if context.cache else None,
             "out": str(out),
         }
-        answer, why = run_json_worker("conformance.paths.worker", request, timeout)
+        answer, why = ask(request)
         if answer is None:
             return PathResult(path.name, ERROR, reason=why)
         result = WorkerResult.from_json(answer)
@@ -161,6 +188,118 @@ def run_path_isolated(
     return judge(path.name, case, got, golden, context.weights, policy, result.seconds, judged_layers)
 
 
+def start_path(
+    path: ExecutionPath,
+    context: CaseContext,
+    golden: Golden,
+    policy: TolerancePolicy,
+    options: RunOptions,
+    required: bool,
+    judged_layers: int | None = None,
+    pool: WorkerPool | None = None,
+) -> PathResult:
+    """The one place where a (case, path) starts running, whatever the mode: in this
+    process, in a fresh process (``--isolation path``), or in a family's worker (``pool``),
+    once its estimated memory fits beside the paths running (:mod:`conformance.memory`);
+    a path that cannot fit even alone is ``unavailable`` with the figures."""
+    with options.admission.admit(estimate_bytes(context.case, path)) as refusal:
+        if refusal is None:
+            return _start_path(path, context, golden, policy, options, required, judged_layers, pool)
+    return PathResult.unavailable(path.name, refusal, required)
+
+
+def _start_path(path, context, golden, policy, options, required, judged_layers, pool) -> PathResult:
+    if not options.isolate:
+        return run_path(path, context, golden, policy, required, judged_layers)
+    if pool is not None:  # availability was decided once, by the family's worker
+        return run_path_in_worker(
+            path, context, golden, policy, required, lambda r: pool.ask(path.family, r), judged_layers
+        )
+    try:
+        path.check(context.case)
+    except PathUnavailable as exc:
+        return PathResult.unavailable(path.name, str(exc), required)
+    timeout = options.timeout
+    return run_path_in_worker(
+        path,
+        context,
+        golden,
+        policy,
+        required,
+        lambda r: run_json_worker("conformance.paths.worker", r, timeout),
+        judged_layers,
+    )
+
+
+def judge_path(
+    path: ExecutionPath,
+    context: CaseContext,
+    golden: Golden,
+    policy: TolerancePolicy,
+    options: RunOptions,
+    pool: WorkerPool | None = None,
+) -> PathResult:
+    """One path's verdict on one case: end to end, and for a network also layer by layer
+    where that is how it is judged (:meth:`~conformance.paths.ExecutionPath.tolerances_per_layer`,
+    or tokens set aside after a legitimate flip)."""
+    case = context.case
+    required = options.required(path.name)
+    network = case.spec.layers > 1
+    if network and path.tolerances_per_layer(case):
+        return _judge_layer0_end_to_end(path, context, golden, policy, options, required, pool)
+    result = start_path(path, context, golden, policy, options, required, pool=pool)
+    if network and result.downstream_tokens and result.status == PASS:
+        result = judge_on_golden_inputs(path, case, golden, context.weights, policy, options, result, pool=pool)
+    return result
+
+
+def _judge_layer0_end_to_end(
+    path: ExecutionPath,
+    context: CaseContext,
+    golden: Golden,
+    policy: TolerancePolicy,
+    options: RunOptions,
+    required: bool,
+    pool: WorkerPool | None,
+) -> PathResult:
+    """A path whose tolerances hold per layer
+    (:meth:`~conformance.paths.ExecutionPath.tolerances_per_layer`), on a network: the
+    network end to end, with layer 0 (which sees the golden input) judged and the later
+    layers' taps only checked for shape, type and finiteness; then every later layer
+    alone on its golden input (:func:`judge_on_golden_inputs`)."""
+    result = start_path(path, context, golden, policy, options, required, judged_layers=1, pool=pool)
+    if result.status != PASS:
+        return result
+    return judge_on_golden_inputs(path, context.case, golden, context.weights, policy, options, result, pool=pool)
+
+
+@contextlib.contextmanager
+def case_context(
+    case: Case, golden: Golden, weights: dict[str, np.ndarray], options: RunOptions, weights_dir: Path | None = None
+) -> Iterator[CaseContext]:
+    """What the paths of one case share: the weights (mapped from ``weights_dir``, or the
+    folder the spec names itself: a layer judged alone) and, for paths in workers, a
+    private folder with the input every worker of the case reads, and its exports."""
+    folder = Path(tempfile.mkdtemp(prefix=f"pkm-{case.name}-")) if options.isolate else None
+    cache = None
+    if options.cache_dir is not None:
+        from conformance.export.cache import ExportCache
+
+        cache = ExportCache(options.cache_dir)
+    context = CaseContext(
+        case, weights, export_dir=folder, weights_dir=weights_dir or case.spec.weights_file, cache=cache
+    )
+    try:
+        if folder is not None:
+            np.save(folder / "input.npy", golden.input, allow_pickle=False)
+        yield context
+    finally:
+        context.close()
+        gc.collect()
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def read_goldens(cases: list[Case], store: GoldenStore, progress: Progress | None = None) -> dict[str, Golden]:
     """Every case's golden, read once and checked, under the store's shared lock. Golden
     problems raise GoldenError (bad data, exit 2) before anything runs."""
@@ -171,6 +310,42 @@ def read_goldens(cases: list[Case], store: GoldenStore, progress: Progress | Non
             check_golden_matches_case(case, golden, store)
             goldens[case.name] = golden
     return goldens
+
+
+class _Progress:
+    """``[k/N] case path: status``, with the time so far and an estimate of the time left:
+    the pairs still to run at the pace of those that ran since the first one finished (an
+    unavailable pair costs nothing; worker start-up and exports come before the first)."""
+
+    def __init__(self, total: int, progress: Progress | None):
+        self.total, self.progress = total, progress
+        self.done = self.ran = 0
+        self.t0 = time.monotonic()
+        self.first: float | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, case: str, result: PathResult, ran: bool = True) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self.done += 1
+            self.ran += ran
+            if ran and self.first is None:
+                self.first = now
+            if self.progress is None:
+                return
+            line = f"[{self.done}/{self.total}] {case} {result.name}: {result.status}"
+            if ran and self.done < self.total:
+                line += f"  ({_clock(now - self.t0)} so far"
+                if self.ran > 1:
+                    left = (now - self.first) / (self.ran - 1) * (self.total - self.done)
+                    line += f", about {_clock(left)} left"
+                line += ")"
+            self.progress(line)
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes}:{seconds:02d}"
 
 
 def run_conformance(
@@ -220,42 +395,17 @@ def _run_cases(cases, paths, goldens, weights_root: Path, policy, options: RunOp
             case=case.name,
             paths=[p.name for p in paths],
         )
+    progress = _Progress(len(cases) * len(paths), options.progress)
+    if options.isolate and options.isolation == "family":
+        return _run_families(cases, paths, goldens, weights, weights_root, policy, options, progress)
     results = []
-    counter = iter(range(1, len(cases) * len(paths) + 1))
-    total = len(cases) * len(paths)
     for case in cases:
-
-        def report(result: PathResult, case: Case = case) -> None:
-            if options.progress:
-                options.progress(f"[{next(counter)}/{total}] {case.name} {result.name}: {result.status}")
-
         golden = goldens.pop(case.name)
         case_results = _run_case(
-            case, golden, weights.pop(case.name), paths, policy, options, report, weights_dir=weights_root / case.name
+            case, golden, weights.pop(case.name), paths, policy, options, progress, weights_dir=weights_root / case.name
         )
         results.append(CaseResult(case.name, case_results, golden_sha256=golden.digest))
     return RunResult(results, environment())
-
-
-def _judge_layer_by_layer(
-    path: ExecutionPath,
-    context: CaseContext,
-    golden: Golden,
-    policy: TolerancePolicy,
-    options: RunOptions,
-    required: bool,
-) -> PathResult:
-    """A path that is :meth:`~conformance.paths.ExecutionPath.judged_layer_by_layer` on a
-    network: the network end to end, with layer 0 (which sees the golden input) judged
-    and the later layers' taps only checked for shape, type and finiteness; then every
-    later layer alone on its golden input (:func:`judge_layerwise`)."""
-    if options.isolate:
-        result = run_path_isolated(path, context, golden, policy, required, options.timeout, judged_layers=1)
-    else:
-        result = run_path(path, context, golden, policy, required, judged_layers=1)
-    if result.status != PASS:
-        return result
-    return judge_layerwise(path, context.case, golden, context.weights, policy, options, result)
 
 
 def _run_case(
@@ -265,42 +415,16 @@ def _run_case(
     paths: list[ExecutionPath],
     policy: TolerancePolicy,
     options: RunOptions,
-    report: Callable[[PathResult], None],
+    progress: _Progress,
     weights_dir: Path | None = None,
 ) -> list[PathResult]:
-    """``weights_dir``: the folder ``weights`` are mapped from (a layer judged alone names
-    its own as its spec's ``weights_file``)."""
-    folder = Path(tempfile.mkdtemp(prefix=f"pkm-{case.name}-")) if options.isolate else None
-    weights_dir = weights_dir or case.spec.weights_file
-    context = CaseContext(case, weights, export_dir=folder, weights_dir=weights_dir)
-    try:
-        if folder is not None:  # what every worker of this case reads
-            np.save(folder / "input.npy", golden.input, allow_pickle=False)
-
-        admission = Admission(options.available or available_bytes)
+    """One case, path after path (in this process, or one process per path); ``weights_dir``:
+    the folder ``weights`` are mapped from."""
+    with case_context(case, golden, weights, options, weights_dir) as context:
 
         def one(path: ExecutionPath) -> PathResult:
-            """``path`` once its estimated memory fits (:mod:`conformance.memory`)."""
-            with admission.admit(estimate_bytes(case, path)) as refusal:
-                if refusal is None:
-                    return start(path)
-            result = PathResult.unavailable(path.name, refusal, options.required(path.name))
-            report(result)
-            return result
-
-        def start(path: ExecutionPath) -> PathResult:
-            required = options.required(path.name)
-            if case.spec.layers > 1 and path.judged_layer_by_layer(case):
-                result = _judge_layer_by_layer(path, context, golden, policy, options, required)
-                report(result)
-                return result
-            if options.isolate:
-                result = run_path_isolated(path, context, golden, policy, required, options.timeout)
-            else:
-                result = run_path(path, context, golden, policy, required)
-            if case.spec.layers > 1 and result.downstream_tokens and result.status == PASS:
-                result = judge_layerwise(path, case, golden, context.weights, policy, options, result)
-            report(result)
+            result = judge_path(path, context, golden, policy, options)
+            progress(case.name, result)
             return result
 
         if not (options.isolate and options.jobs > 1):
@@ -314,8 +438,177 @@ def _run_case(
                     context.export(exporter)
         with concurrent.futures.ThreadPoolExecutor(max_workers=options.jobs) as pool:
             return list(pool.map(one, paths))
-    finally:
-        context.close()
-        gc.collect()
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- one worker per family ---------------------------------------------------------------
+def exporter_family(exporter: str) -> str:
+    """The family of workers that builds an export: torch's exporters need torch, the others TensorFlow."""
+    return "torch" if exporter.startswith("torch-") else "tf"
+
+
+@dataclasses.dataclass
+class _Task:
+    family: str
+    run: Callable[[], None]
+    after: list[threading.Event] = dataclasses.field(default_factory=list)
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+def _run_tasks(tasks: list[_Task], jobs: int, pool: WorkerPool) -> None:
+    """``tasks`` on ``jobs`` threads, each task in list order once the tasks it comes
+    after are done; a family's workers are closed once its last task is done."""
+    pending = list(tasks)
+    left = collections.Counter(t.family for t in tasks)
+    ready = threading.Condition()
+
+    def loop() -> None:
+        while True:
+            with ready:
+                while True:
+                    if not pending:
+                        return
+                    task = next((t for t in pending if all(e.is_set() for e in t.after)), None)
+                    if task is not None:
+                        pending.remove(task)
+                        break
+                    ready.wait()
+            try:
+                task.run()
+            finally:
+                task.done.set()
+                with ready:
+                    left[task.family] -= 1
+                    finished = left[task.family] == 0
+                    ready.notify_all()
+                if finished:
+                    pool.retire(task.family)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as threads:
+        for future in [threads.submit(loop) for _ in range(jobs)]:
+            future.result()
+
+
+def _run_families(
+    cases: list[Case],
+    paths: list[ExecutionPath],
+    goldens: dict[str, Golden],
+    weights: dict[str, dict[str, np.ndarray]],
+    weights_root: Path,
+    policy: TolerancePolicy,
+    options: RunOptions,
+    progress: _Progress,
+) -> RunResult:
+    """Every path on every case in long-lived workers, one family of paths each
+    (:mod:`conformance.pool`): availability decided once per path and case, in one worker
+    per family (an unavailable path starts nothing); every export that a path of another
+    family runs built once, by a worker that has its exporter's framework, before those
+    paths start; then the paths, family after family, ``options.jobs`` at a time."""
+    pool = WorkerPool(options.timeout)
+    results: dict[tuple[str, str], PathResult] = {}
+    facts: dict = {}
+    with contextlib.ExitStack() as stack:
+        stack.callback(pool.close)
+        contexts = {
+            c.name: stack.enter_context(
+                case_context(c, goldens[c.name], weights[c.name], options, weights_root / c.name)
+            )
+            for c in cases
+        }
+        families = list(dict.fromkeys(p.family for p in paths))
+        unavailable = _availability(cases, paths, families, pool, options, facts)
+
+        builds: dict[tuple[str, str], _Task] = {}
+        runs: list[_Task] = []
+        for family in families:
+            for case in cases:
+                for path in paths:
+                    if path.family != family:
+                        continue
+                    key = (case.name, path.name)
+                    if key in unavailable:
+                        results[key] = unavailable[key]
+                        progress(case.name, results[key], ran=False)
+                        continue
+                    task = _Task(
+                        family,
+                        _path_task(
+                            path, contexts[case.name], goldens[case.name], policy, options, pool, results, progress
+                        ),
+                    )
+                    exporter = getattr(path, "exporter", None)
+                    if exporter is not None and exporter_family(exporter) != family:
+                        if (case.name, exporter) not in builds:
+                            builds[(case.name, exporter)] = _Task(
+                                exporter_family(exporter), _export_task(contexts[case.name], exporter, pool, options)
+                            )
+                        task.after.append(builds[(case.name, exporter)].done)
+                    runs.append(task)
+        _run_tasks([*builds.values(), *runs], options.jobs, pool)
+    case_results = [
+        CaseResult(c.name, [results[(c.name, p.name)] for p in paths], golden_sha256=goldens[c.name].digest)
+        for c in cases
+    ]
+    return RunResult(case_results, environment(facts))
+
+
+def _availability(
+    cases: list[Case],
+    paths: list[ExecutionPath],
+    families: list[str],
+    pool: WorkerPool,
+    options: RunOptions,
+    facts: dict,
+) -> dict[tuple[str, str], PathResult]:
+    """Every (case, path) that cannot run here, decided once per run: one ``check`` request
+    per family, answered by that family's first worker (which then serves its paths)."""
+    listed = [{"case": c.to_json(), "source": str(c.source)} for c in cases]
+    out: dict[tuple[str, str], PathResult] = {}
+
+    def probe(family: str) -> None:
+        names = [p.name for p in paths if p.family == family]
+        answer, why = pool.ask(family, {"op": "check", "family": family, "paths": names, "cases": listed})
+        if answer is None or answer.get("status") != OK:
+            why = why or (answer or {}).get("reason", "unknown")
+            for name in names:
+                for case in cases:
+                    out[(case.name, name)] = PathResult(name, ERROR, reason=why)
+            return
+        found = answer.get("facts", {})
+        facts.setdefault("versions", {}).update(found.pop("versions", {}))
+        facts.update(found)
+        for name in names:
+            for case, reason in zip(cases, answer["reasons"][name], strict=True):
+                if reason is not None:
+                    out[(case.name, name)] = PathResult.unavailable(name, reason, options.required(name))
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=options.jobs) as threads:
+        list(threads.map(probe, families))
+    return out
+
+
+def _path_task(path, context, golden, policy, options, pool, results, progress) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            result = judge_path(path, context, golden, policy, options, pool=pool)
+        except Exception as exc:  # judging raised: that path's error, the run goes on
+            result = PathResult(path.name, ERROR, reason=f"{type(exc).__name__}: {exc}".strip())
+        results[(context.case.name, path.name)] = result
+        progress(context.case.name, result)
+
+    return run
+
+
+def _export_task(context: CaseContext, exporter: str, pool: WorkerPool, options: RunOptions) -> Callable[[], None]:
+    """Build ``exporter``'s export of the case into its folder. A failure is not reported
+    here: the paths that run the export meet it themselves and report it as theirs."""
+    case = context.case
+    request = {
+        "op": "export",
+        "exporter": exporter,
+        "case": case.to_json(),
+        "source": str(case.source),
+        "weights": str(context.weights_dir) if context.weights_dir is not None else None,
+        "export_dir": str(context.export_dir),
+        "cache_dir": str(context.cache.root) if context.cache else None,
+    }
+    return lambda: pool.ask(exporter_family(exporter), request)

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from conformance.merge import MergeError, machine_labels, write_together
+from conformance.text import aligned
 
 SAME = ("preset", "model", "input_shape")
 
@@ -109,9 +110,7 @@ NOTE = (
 
 def terminal(merged: dict) -> str:
     rows = table(merged)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = aligned(rows)
     head = f"bench preset {merged['preset']} merged from {len(merged['machines'])} machines: " + ", ".join(
         f"{m['name']} ({m['report']})" for m in merged["machines"]
     )

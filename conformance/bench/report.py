@@ -8,6 +8,7 @@ from pathlib import Path
 from conformance.bench.machine import summary
 from conformance.files import FileProblem, atomic_output, atomic_write
 from conformance.results import ERROR, OK
+from conformance.text import aligned
 
 
 def _row(r: dict, runs: int) -> list[str]:
@@ -57,9 +58,7 @@ def table(bench: dict) -> list[list[str]]:
 
 def terminal(bench: dict) -> str:
     rows = table(bench)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = aligned(rows)
     return "\n".join(
         [
             f"bench preset {bench['preset']}: model {bench['model']}, input {tuple(bench['input_shape'])}, "

@@ -21,8 +21,9 @@ class PathUnavailable(PKMError):
 
 class CaseContext:
     """What the paths of one case share, built on first use and dropped with the case:
-    the weights, the native models, and the tapped ONNX exports (in ``export_dir`` when
-    given, where an existing export is reused, else in a temporary folder).
+    the weights, the native models, and the tapped ONNX exports (from ``cache``, an
+    :class:`~conformance.export.cache.ExportCache`, when given; else in ``export_dir`` when
+    given, where an existing export is reused; else in a temporary folder).
 
     ``weights`` may be None: then they are the case's own (``case.spec.weights()``), read
     on first use (paths on an existing export never need them). ``weights_dir``: the
@@ -35,9 +36,11 @@ class CaseContext:
         weights: dict[str, np.ndarray] | None = None,
         export_dir: Path | None = None,
         weights_dir: Path | None = None,
+        cache=None,
     ):
         self.case = case
         self.weights_dir = weights_dir
+        self.cache = cache
         self._weights = weights
         self._exports: dict[str, Path | Exception] = {}
         self._keras: dict[str, object] = {}
@@ -79,7 +82,9 @@ class CaseContext:
                 self._dir = Path(tempfile.mkdtemp(prefix=f"pkm-{self.case.name}-"))
             existing = self._dir / f"{exporter}.onnx"
             try:
-                if not self._own_dir and existing.is_file():
+                if self.cache is not None:  # built once, for this run and the next
+                    self._exports[exporter] = self.cache.export(self.case.spec, exporter)
+                elif not self._own_dir and existing.is_file():
                     self._exports[exporter] = existing
                 else:  # written beside and moved in: a killed export never leaves a file to reuse
                     self._exports[exporter] = export(self.export_spec, exporter, self._dir, tapped=True).path
@@ -125,11 +130,11 @@ class ExecutionPath:
     def prepare(self, context: CaseContext) -> Runner:
         raise NotImplementedError
 
-    def judged_layer_by_layer(self, case: Case) -> bool:
-        """True when a network (``case.spec.layers > 1``) is judged one layer at a time,
-        each layer alone on its golden input, instead of end to end: for paths whose
-        tolerances hold for one layer on the reference's input but not for an error that
-        grows from layer to layer (reduced precision)."""
+    def tolerances_per_layer(self, case: Case) -> bool:
+        """True when this path's tolerances hold for one layer on the reference's input but
+        not for an error that grows from layer to layer (reduced precision): on a network
+        (``case.spec.layers > 1``) only layer 0 is then judged end to end, and every later
+        layer alone on its golden input (``conformance.runner.judge_on_golden_inputs``)."""
         return False
 
     def prepare_timed(self, context: CaseContext, x: np.ndarray) -> TimedPass:

@@ -94,7 +94,7 @@ class PrecisionPath(ExecutionPath):
                 "torch.compile does not trace PyTorch's quantized EmbeddingBag op; run torch-eager-cpu@int8"
             )
 
-    def judged_layer_by_layer(self, case) -> bool:
+    def tolerances_per_layer(self, case) -> bool:
         """A network at reduced precision is judged layer by layer, each layer alone on its
         golden input: the derived bounds are those of one layer on the reference's input,
         while end to end each layer's rounded output feeds the next (docs/precision.md)."""

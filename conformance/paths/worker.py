@@ -1,41 +1,80 @@
-"""One execution path on one case, in its own process:
-``python -m conformance.paths.worker REQUEST``.
+"""Execution paths in worker processes, two ways:
 
-The conformance run starts one per path so that a path that crashes its process
-(a segfault in a runtime, the kernel's out-of-memory killer) is that path's error and
-the other paths' results still come out. The request carries the case (as JSON), the
-input file and the folder of weights that the parent wrote (memory-mapped here, so that
-parent and workers share one copy): the worker reads nothing else (never the golden store). Writes the
-taps to ``out`` (.npz) and prints one JSON line (:class:`conformance.results.WorkerResult`).
+* ``python -m conformance.paths.worker REQUEST``: one path on one case, then exit (the
+  run's ``--isolation path``);
+* ``python -m conformance.paths.worker --serve FAMILY``: one long-lived worker of a family
+  of paths (``conformance.pool``), one JSON request per stdin line, one JSON answer per
+  line. It imports the family's framework once and keeps the context of the case it last
+  served (models, exports), so the next path of that case starts at once.
+
+A ``run`` request carries the case (as JSON), the input file and the folder of weights
+that the parent wrote (memory-mapped here, so that parent and workers share one copy):
+the worker reads nothing else (never the golden store). It writes the taps to ``out`` (.npz) and answers
+with a :class:`conformance.results.WorkerResult`. A ``check`` request asks which paths of
+the family can run which cases here (decided once per run); an ``export`` request builds
+an export that other families' paths will run.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from conformance.isolation import serve
-from conformance.results import OK, UNAVAILABLE, WorkerResult
+from conformance.results import ERROR, OK, UNAVAILABLE, WorkerResult
+
+# keep the contexts of recent cases while their weights take at most this much (a network
+# judged layer by layer goes back and forth between the case and its layers)
+KEPT_WEIGHT_BYTES = 256 << 20
+_CONTEXTS: collections.OrderedDict = collections.OrderedDict()
+
+
+def _context(request: dict):
+    """The case context of ``request``: a kept one for the same case, weights and folder."""
+    from conformance.cases import Case
+    from conformance.paths import CaseContext
+
+    key = json.dumps([request["case"], request["source"], request.get("weights"), request["export_dir"]])
+    key += json.dumps(request.get("cache_dir"))
+    if key in _CONTEXTS:
+        _CONTEXTS.move_to_end(key)
+        return _CONTEXTS[key]
+    case = Case.from_json(request["case"], Path(request["source"]))
+    if request.get("weights"):  # the parent's folder of .npy files: memory-mapped, the one copy
+        spec = dataclasses.replace(case.spec, weights_file=Path(request["weights"]), checkpoint=None)
+        case = dataclasses.replace(case, spec=spec)
+    cache = None
+    if request.get("cache_dir"):
+        from conformance.export.cache import ExportCache
+
+        cache = ExportCache(Path(request["cache_dir"]))
+    context = CaseContext(case, export_dir=Path(request["export_dir"]), weights_dir=case.spec.weights_file, cache=cache)
+    _CONTEXTS[key] = context
+    total = 0
+    for old in reversed(list(_CONTEXTS)):  # newest first: keep while they fit, always the newest
+        total += _CONTEXTS[old].case.spec.weight_bytes
+        if old != key and total > KEPT_WEIGHT_BYTES:
+            _CONTEXTS.pop(old).close()
+    return context
 
 
 def run(request: dict) -> dict:
+    """One path on one case (the ``run`` request)."""
     import numpy as np
 
-    from conformance.cases import Case
     from conformance.export import ExportUnsupported
-    from conformance.paths import CaseContext, PathUnavailable, get_path
+    from conformance.paths import PathUnavailable, get_path
 
-    case = Case.from_json(request["case"], Path(request["source"]))
-    if request["weights"]:  # the parent's folder of .npy files: memory-mapped, the one copy
-        spec = dataclasses.replace(case.spec, weights_file=Path(request["weights"]), checkpoint=None)
-        case = dataclasses.replace(case, spec=spec)
+    context = _context(request)
     x = np.load(request["input"], allow_pickle=False)
     path = get_path(request["path"])
-    context = CaseContext(case, export_dir=Path(request["export_dir"]), weights_dir=case.spec.weights_file)
     try:
-        path.check(case)
+        path.check(context.case)
         fn = path.prepare(context)
     except (PathUnavailable, ExportUnsupported) as exc:
         return WorkerResult(UNAVAILABLE, str(exc)).to_json()
@@ -46,5 +85,73 @@ def run(request: dict) -> dict:
     return WorkerResult(OK, seconds=seconds).to_json()
 
 
+def check(request: dict) -> dict:
+    """Which of ``paths`` can run which of ``cases`` here: ``{path: [reason or None per case]}``."""
+    from conformance.cases import Case
+    from conformance.paths import PathUnavailable, get_path
+
+    cases = [Case.from_json(c["case"], Path(c["source"])) for c in request["cases"]]
+    reasons = {}
+    for name in request["paths"]:
+        path = get_path(name)
+        reasons[name] = []
+        for case in cases:
+            try:
+                path.check(case)
+                reasons[name].append(None)
+            except PathUnavailable as exc:
+                reasons[name].append(str(exc))
+    from conformance.environment import framework_facts
+
+    return {"status": OK, "reasons": reasons, "facts": framework_facts(request["family"])}
+
+
+def build_export(request: dict) -> dict:
+    """The export ``exporter`` of the case, made now for the paths that will run it."""
+    _context(request).export(request["exporter"])
+    return {"status": OK}
+
+
+OPS = {"run": run, "check": check, "export": build_export}
+
+
+def _preload(family: str) -> None:
+    """The family's framework, imported once before the first request."""
+    if family == "tf":
+        from conformance.isolation import quiet_third_party
+
+        quiet_third_party(verbose=False)
+    elif family == "torch":
+        import torch  # noqa: F401
+    elif family == "ort":
+        import onnxruntime  # noqa: F401
+    elif family == "onnx-reference":
+        import onnx.reference  # noqa: F401
+
+
+def serve_family(family: str) -> int:
+    """The long-lived worker's loop (see the module docstring)."""
+    answers = os.fdopen(os.dup(1), "w")  # the protocol's own copy of stdout
+    os.dup2(2, 1)  # what libraries print goes to stderr
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+    def send(answer: dict) -> None:
+        answers.write(json.dumps(answer) + "\n")
+        answers.flush()
+
+    _preload(family)
+    send({"ready": True, "pid": os.getpid()})
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            answer = OPS[request.get("op", "run")](request)
+        except Exception as exc:
+            answer = {"status": ERROR, "reason": f"{type(exc).__name__}: {exc}".strip()}
+        send(answer)
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--serve"]:
+        sys.exit(serve_family(sys.argv[2]))
     sys.exit(serve(run))

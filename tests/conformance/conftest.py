@@ -48,6 +48,21 @@ class Project:
         return ["--golden-dir", str(self.golden_dir), "--cases-dir", str(self.cases_dir)]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def export_cache(tmp_path_factory):
+    """The runs of the tests keep their exports in a cache of their own, not the user's."""
+    import os
+
+    folder = tmp_path_factory.mktemp("export-cache")
+    saved = os.environ.get("PKM_CONFORMANCE_CACHE")
+    os.environ["PKM_CONFORMANCE_CACHE"] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop("PKM_CONFORMANCE_CACHE", None)
+    else:
+        os.environ["PKM_CONFORMANCE_CACHE"] = saved
+
+
 @pytest.fixture(scope="session")
 def pristine_project(tmp_path_factory):
     root = tmp_path_factory.mktemp("project")

@@ -211,3 +211,20 @@ def test_disk_full_while_writing_leaves_no_report(project, tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert "cannot write the report to" in err and "No space left on device" in err
     assert not [p for p in folder.iterdir() if p.suffix in (".json", ".xml", ".md") or p.name.startswith(".")]
+
+
+def test_a_run_in_family_workers_loads_no_framework_in_its_own_process(project, tmp_path):
+    """The parent of a default run judges and reports; torch, TensorFlow and ONNX Runtime
+    load in the workers only."""
+    import subprocess
+    import sys
+
+    args = ["run", "--case", "tiny", "--path", "torch-eager-cpu", "--path", "tf-eager-cpu"]
+    args += ["--path", "ort-cpu[torch-fast]", "--path", "torch-eager-cuda", *project.cli_args()]
+    code = (
+        "import sys\nfrom conformance.cli import main\ncode = main(sys.argv[1:])\n"
+        "print(sorted({'torch', 'tensorflow', 'keras', 'onnxruntime'} & set(sys.modules)), code)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600).stdout
+    assert re.search(r"^tf-eager-cpu\s+\+$", out, re.M) and "OK: 3 pass, 1 unavailable" in out, out
+    assert out.strip().splitlines()[-1] == "[] 0"

@@ -212,7 +212,7 @@ def test_a_path_that_crashes_its_process_is_that_paths_error(project, tmp_path, 
     )
     script.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(script))
-    result = run(project, paths=FAST, isolate=True)
+    result = run(project, paths=FAST, isolate=True, isolation="path")
     s = {p.name: p for p in result.cases[0].paths}
     assert s["tf-function-cpu"].status == "error"
     assert "died of SIGSEGV" in s["tf-function-cpu"].reason and "runtime blew up" in s["tf-function-cpu"].reason
@@ -220,12 +220,79 @@ def test_a_path_that_crashes_its_process_is_that_paths_error(project, tmp_path, 
     assert not result.ok
 
 
-def test_isolated_and_in_process_runs_agree(project):
-    isolated = run(project, cases=("tiny-bn",), paths=FAST, isolate=True)
-    in_process = run(project, cases=("tiny-bn",), paths=FAST, isolate=False)
-    for a, b in zip(isolated.cases[0].paths, in_process.cases[0].paths, strict=True):
-        assert (a.name, a.status) == (b.name, b.status)
-        assert [t.max_abs for t in a.tensors] == [t.max_abs for t in b.tensors]
+CRASHES = """
+import os, sys, time
+
+import conformance.paths.tf_paths as tf_paths
+import conformance.paths.torch_paths as torch_paths
+
+
+def planted(cls):
+    original = cls.prepare
+
+    def prepare(self, context):
+        if self.name == "tf-eager-cpu":  # a runtime that segfaults
+            sys.stderr.write("runtime blew up\\n")
+            sys.stderr.flush()
+            os.kill(os.getpid(), 11)
+        if self.name == "torch-eager-cpu[fast]":  # one that hangs
+            time.sleep(3600)
+        return original(self, context)
+
+    cls.prepare = prepare
+
+
+planted(tf_paths.TFPath)
+planted(torch_paths.TorchPath)
+"""
+
+
+def test_a_crash_or_a_hang_in_a_family_worker_is_that_paths_error(project, tmp_path, monkeypatch):
+    """In a family's long-lived worker, a segfault and a time-out are that (case, path)'s
+    error; the worker is replaced and the family's next paths pass."""
+    (tmp_path / "sitecustomize.py").write_text(CRASHES)  # loaded by every worker process
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    paths = ["torch-eager-cpu", "torch-eager-cpu[fast]", "torch-eager-cpu[fast-bag]", "tf-eager-cpu", "tf-function-cpu"]
+    result = run(project, paths=paths, isolate=True, isolation="family", timeout=30, jobs=1)
+    s = {p.name: p for p in result.cases[0].paths}
+    assert s["tf-eager-cpu"].status == "error"
+    assert "died of SIGSEGV" in s["tf-eager-cpu"].reason and "runtime blew up" in s["tf-eager-cpu"].reason
+    assert s["torch-eager-cpu[fast]"].status == "error" and "timed out after 30 s" in s["torch-eager-cpu[fast]"].reason
+    assert [s[p].status for p in ("torch-eager-cpu", "torch-eager-cpu[fast-bag]", "tf-function-cpu")] == ["pass"] * 3
+    assert not result.ok
+
+
+AGREE = [*FAST, "onnx-reference[keras]", "ort-cpu[torch-fast]@int8", "torch-eager-cuda", "ort-cuda[torch-fast]"]
+
+
+def assert_same_verdicts(a, b):
+    """The same status for every (case, path), and every one a verdict on the path itself:
+    two runs that both ``error`` prove nothing."""
+    sa, sb = statuses(a), statuses(b)
+    assert sa == sb
+    assert set(sa.values()) <= {"pass", "fail", "unavailable"}, sa
+    assert "pass" in sa.values()
+    for ca, cb in zip(a.cases, b.cases, strict=True):
+        for pa, pb in zip(ca.paths, cb.paths, strict=True):
+            assert [t.name for t in pa.tensors] == [t.name for t in pb.tensors], pa.name
+            assert [t.max_abs for t in pa.tensors] == [t.max_abs for t in pb.tensors], pa.name
+
+
+def test_family_workers_path_processes_and_in_process_agree(project):
+    """The three ways of running give the same verdicts, on every family of paths (an
+    unavailable CUDA one included); the slow test below compares them on every shipped case."""
+    family = run(project, cases=("tiny-bn",), paths=AGREE, isolate=True, isolation="family")
+    path = run(project, cases=("tiny-bn",), paths=AGREE, isolate=True, isolation="path")
+    in_process = run(project, cases=("tiny-bn",), paths=AGREE, isolate=False)
+    assert_same_verdicts(family, path)
+    assert_same_verdicts(family, in_process)
+    assert statuses(family)[("tiny-bn", "torch-eager-cuda")] == ("pass" if torch_cuda() else "unavailable")
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 NATIVE_VARIANTS = ["torch-eager-cpu[fast]", "torch-eager-cpu[fast-bag]", "tf-function-cpu[einsum]", "tf-xla-cpu"]
@@ -239,3 +306,41 @@ def test_native_variants_pass_and_a_corrupted_golden_fails_them_at_its_tap(proje
     result = run(project, paths=NATIVE_VARIANTS)
     for path in result.cases[0].paths:
         assert path.status == "fail" and path.first_divergence == "output", path.name
+
+
+@pytest.mark.slow
+def test_family_workers_and_path_processes_agree_on_every_shipped_case():
+    """The default run (family workers) and one process per path: the same verdict for
+    every shipped case and conformance path, networks judged layer by layer included."""
+    from pathlib import Path
+
+    from conformance.cases import load_cases
+    from conformance.golden import GoldenStore
+    from conformance.paths import PATH_NAMES, PATHS
+    from conformance.tolerances import load_policy
+
+    repo = Path(__file__).resolve().parents[2]
+    store = GoldenStore(repo / "golden")
+    cases = load_cases(repo / "conformance" / "cases")
+    policy = load_policy(repo / "golden" / "tolerances.toml", PATH_NAMES, [c.name for c in cases])
+    both = [
+        run_conformance(cases, PATHS, store, policy, RunOptions(isolation=isolation))
+        for isolation in ("family", "path")
+    ]
+    assert_same_verdicts(*both)
+
+
+def test_progress_estimates_the_time_left_from_the_pace_of_the_paths_that_ran(monkeypatch):
+    from conformance import runner
+    from conformance.results import PathResult
+
+    clock = iter([0.0, 1.0, 60.0, 70.0, 80.0])  # start, an unavailable path, then three that ran, 10 s apart
+    monkeypatch.setattr(runner.time, "monotonic", lambda: next(clock))
+    lines = []
+    progress = runner._Progress(6, lines.append)
+    progress("tiny", PathResult("torch-eager-cuda", "unavailable"), ran=False)
+    for name in ("torch-eager-cpu", "tf-eager-cpu", "ort-cpu[keras]"):
+        progress("tiny", PathResult(name, "pass"))
+    assert lines[0] == "[1/6] tiny torch-eager-cuda: unavailable"
+    assert lines[1] == "[2/6] tiny torch-eager-cpu: pass  (1:00 so far)"
+    assert lines[3] == "[4/6] tiny ort-cpu[keras]: pass  (1:20 so far, about 0:20 left)"

@@ -360,7 +360,7 @@ class Fp16Stub(ExecutionPath):
 
     name = "torch-eager-cpu@fp16"
 
-    def judged_layer_by_layer(self, case):
+    def tolerances_per_layer(self, case):
         return case.spec.layers > 1
 
     def edit(self, case, taps) -> None:

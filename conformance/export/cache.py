@@ -1,0 +1,182 @@
+"""Tapped exports kept between runs, found by what they were made from.
+
+An export is a pure function of the model (config, layers and weights), the exporter
+and its precision, the opset, the code that builds and exports the model, and the
+libraries that do it. The key is the sha256 of exactly that:
+
+* the spec: config, layers, weight seed and duplicated sub-keys; where the weights are
+  not generated from the seed, the sha256 of their file (a checkpoint's as the case pins
+  it, a layer's own weights file);
+* the exporter name with its precision (``torch-fast@int8``), the opset, tapped or not;
+* the sources of ``pkm_models`` and of ``conformance/export`` and ``conformance/spec.py``;
+* the versions of numpy, torch, onnx, onnxscript, TensorFlow, Keras and tf2onnx.
+
+Generated weights are not hashed: they are a pure function of the seed and of the code
+in the key. So a change to any of these makes a new entry; nothing is ever invalidated
+in place.
+
+Layout: ``<root>/exports/<key>/<exporter>.onnx`` (and its external data), with
+``key.json`` saying what the key was made of. An entry is built in a private folder
+beside it and renamed into place whole, under an exclusive lock on ``<key>.lock``, so two
+workers that need the same export build it once, and a killed build leaves no entry. An
+entry used is touched; entries unused for a day are removed once the cache holds more
+than :data:`CACHE_BYTES`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from conformance.export import DEFAULT_OPSET, ExportError, export
+from conformance.files import fsync_dir
+from conformance.spec import ModelSpec
+
+CACHE_BYTES = 8 << 30  # more than this, and entries unused for a day go
+STALE_SECONDS = 24 * 3600
+LIBRARIES = ("numpy", "torch", "onnx", "onnxscript", "tensorflow", "keras", "tf2onnx")
+
+
+def default_cache_dir() -> Path:
+    """``$PKM_CONFORMANCE_CACHE``, else ``$XDG_CACHE_HOME/pkm-conformance``, else
+    ``~/.cache/pkm-conformance``."""
+    if os.environ.get("PKM_CONFORMANCE_CACHE"):
+        return Path(os.environ["PKM_CONFORMANCE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pkm-conformance"
+
+
+@functools.cache
+def code_digest() -> str:
+    """sha256 of the sources that decide what an export holds."""
+    import conformance.export
+    import pkm_models
+
+    here = Path(conformance.export.__file__).parent
+    files = [
+        *sorted(Path(pkm_models.__file__).parent.rglob("*.py")),
+        *sorted(here.glob("*.py")),
+        here.parent / "spec.py",
+    ]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+@functools.cache
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in LIBRARIES:
+        names = ("tensorflow", "tensorflow-cpu") if name == "tensorflow" else (name,)
+        versions[name] = None
+        for dist in names:
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                versions[name] = importlib.metadata.version(dist)
+                break
+    return versions
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def key_material(spec: ModelSpec, exporter: str, opset: int = DEFAULT_OPSET, tapped: bool = True) -> dict:
+    """What the export of ``spec`` by ``exporter`` is made from (see the module docstring)."""
+    if spec.checkpoint is not None:
+        ref = spec.checkpoint
+        weights = {"checkpoint_sha256": ref.sha256, "memories": list(ref.memories), "knn": ref.knn}
+    elif spec.weights_file is not None:
+        weights = {"weights_file_sha256": _file_sha256(spec.weights_file)}
+    else:
+        weights = {"generated": {"seed": spec.seed, "duplicate_subkeys": spec.duplicate_subkeys}}
+    return {
+        "exporter": exporter,
+        "opset": opset,
+        "tapped": tapped,
+        "config": spec.config.to_dict(),
+        "layers": spec.layers,
+        "weights": weights,
+        "code": code_digest(),
+        "versions": library_versions(),
+    }
+
+
+class ExportCache:
+    """Exports under ``root`` by content (see the module docstring)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.folder = self.root / "exports"
+
+    def export(self, spec: ModelSpec, exporter: str) -> Path:
+        """The tapped export of ``spec`` by ``exporter``: from the cache, or built now and kept."""
+        material = key_material(spec, exporter)
+        key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
+        entry = self.folder / key
+        found = entry / f"{exporter}.onnx"
+        if found.is_file():
+            return self._used(entry, found)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ExportError(f"cannot create the export cache {self.folder}: {exc.strerror or exc}") from exc
+        with self._locked(key):
+            if found.is_file():  # built while this process waited for the lock
+                return self._used(entry, found)
+            staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.folder))
+            try:
+                export(spec, exporter, staging, tapped=True)
+                (staging / "key.json").write_text(json.dumps(material, indent=2, sort_keys=True) + "\n")
+                os.rename(staging, entry)
+                fsync_dir(self.folder)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        self._trim()
+        return found
+
+    def _used(self, entry: Path, found: Path) -> Path:
+        with contextlib.suppress(OSError):
+            os.utime(entry)
+        return found
+
+    @contextlib.contextmanager
+    def _locked(self, key: str) -> Iterator[None]:
+        fd = os.open(self.folder / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _trim(self) -> None:
+        """Entries unused for :data:`STALE_SECONDS` removed, oldest first, while the cache
+        holds more than :data:`CACHE_BYTES` (an entry in use by a run is fresh)."""
+        entries = []
+        with contextlib.suppress(OSError):
+            for entry in self.folder.iterdir():
+                if entry.is_dir() and not entry.name.startswith("."):
+                    size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
+                    entries.append((entry.stat().st_mtime, size, entry))
+        total = sum(size for _, size, _ in entries)
+        for mtime, size, entry in sorted(entries):
+            if total <= CACHE_BYTES or time.time() - mtime < STALE_SECONDS:
+                break
+            shutil.rmtree(entry, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.unlink(self.folder / f"{entry.name}.lock")
+            total -= size

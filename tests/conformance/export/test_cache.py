@@ -1,0 +1,78 @@
+"""The export cache: one build per content, shared by processes, kept between runs."""
+
+import dataclasses
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import conformance.export.cache as cache_module
+from conformance.cases import load_cases
+from conformance.export import ExportError
+from conformance.export.cache import ExportCache, key_material
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture
+def tiny():
+    return load_cases(REPO / "conformance" / "cases", ["tiny"])[0].spec
+
+
+@pytest.fixture
+def builds(monkeypatch):
+    """Every export the cache builds, by exporter name (the real exporter runs)."""
+    made = []
+    real = cache_module.export
+
+    def counted(spec, exporter, out_dir, **kwargs):
+        made.append(exporter)
+        return real(spec, exporter, out_dir, **kwargs)
+
+    monkeypatch.setattr(cache_module, "export", counted)
+    return made
+
+
+def test_the_key_follows_the_content(tiny, tmp_path):
+    same = key_material(tiny, "torch-fast")
+    assert key_material(dataclasses.replace(tiny), "torch-fast") == same
+    assert key_material(dataclasses.replace(tiny, seed=1), "torch-fast") != same
+    assert key_material(tiny, "torch-fast@int8") != same
+    weights = tiny.weights()
+    np.savez(tmp_path / "a.npz", **weights)
+    weights["values.weight"][0, 0] += 1
+    np.savez(tmp_path / "b.npz", **weights)
+    from_a = key_material(dataclasses.replace(tiny, weights_file=tmp_path / "a.npz"), "torch-fast")
+    from_b = key_material(dataclasses.replace(tiny, weights_file=tmp_path / "b.npz"), "torch-fast")
+    assert from_a != from_b and from_a != same  # one value changed: another export
+
+
+def test_an_export_is_built_once_and_found_by_the_next_run(tiny, tmp_path, builds):
+    first = ExportCache(tmp_path).export(tiny, "torch-fast")
+    again = ExportCache(tmp_path).export(tiny, "torch-fast")  # another process, another run
+    assert first == again and first.is_file() and builds == ["torch-fast"]
+    assert (first.parent / "key.json").is_file()
+    assert [p.name for p in (tmp_path / "exports").iterdir() if p.is_dir()] == [first.parent.name]
+
+
+def test_two_workers_that_need_one_export_build_it_once(tiny, tmp_path, builds):
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(ExportCache(tmp_path).export(tiny, "torch-fast")))]
+    threads.append(threading.Thread(target=lambda: got.append(ExportCache(tmp_path).export(tiny, "torch-fast"))))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 2 and got[0] == got[1] and builds == ["torch-fast"]
+
+
+def test_a_failed_build_leaves_no_entry(tiny, tmp_path, monkeypatch):
+    def broken(spec, exporter, out_dir, **kwargs):
+        (Path(out_dir) / f"{exporter}.onnx").write_bytes(b"half")
+        raise ExportError("the exporter gave up")
+
+    monkeypatch.setattr(cache_module, "export", broken)
+    with pytest.raises(ExportError, match="gave up"):
+        ExportCache(tmp_path).export(tiny, "torch-fast")
+    assert [p for p in (tmp_path / "exports").iterdir() if not p.name.endswith(".lock")] == []
