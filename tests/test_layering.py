@@ -16,9 +16,24 @@ PACKAGES = {"pkm_models": REPO / "models", "conformance": REPO / "conformance"}
 # that matches a module decides its layer (longest prefixes first within a layer list).
 LAYERS = [
     ("pkm_models",),
-    ("conformance.files", "conformance.results", "conformance.environment", "conformance.isolation"),
-    # precision: path names and per-precision tolerances, read by export and the paths
-    ("conformance.cases", "conformance.spec", "conformance.golden", "conformance.tolerances", "conformance.precision"),
+    (
+        "conformance.files",
+        "conformance.results",
+        "conformance.environment",
+        "conformance.isolation",
+        "conformance.pool",
+        "conformance.text",
+    ),
+    # precision: path names and the rounding bounds, read by export, the paths and the verdict;
+    # memory: a case's estimated peak and the admission of paths
+    (
+        "conformance.cases",
+        "conformance.spec",
+        "conformance.golden",
+        "conformance.tolerances",
+        "conformance.precision",
+        "conformance.memory",
+    ),
     ("conformance.export",),
     ("conformance.paths",),
     (

@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from conformance.export import DEFAULT_OPSET, ExportError, export
-from conformance.files import fsync_dir
+from conformance.files import fsync
 from conformance.spec import ModelSpec
 
 CACHE_BYTES = 8 << 30  # more than this, and entries unused for a day go
@@ -143,7 +143,7 @@ class ExportCache:
                 export(spec, exporter, staging, tapped=True)
                 (staging / "key.json").write_text(json.dumps(material, indent=2, sort_keys=True) + "\n")
                 os.rename(staging, entry)
-                fsync_dir(self.folder)
+                fsync(self.folder)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         self._trim()

@@ -55,7 +55,7 @@ class Planted(ExecutionPath):
         self.golden, self.precision, self.plant, self.layer = golden, precision, plant, layer
         self.layers = len([t for t in golden.taps if t.endswith("output")])
 
-    def judged_layer_by_layer(self, case):
+    def tolerances_per_layer(self, case):
         return self.precision != "fp32"
 
     def prepare(self, context):
