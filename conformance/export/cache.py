@@ -88,10 +88,25 @@ def library_versions() -> dict[str, str | None]:
 
 
 def _file_sha256(path: Path) -> str:
+    """sha256 of a file, or of a folder of weights (``.npy`` files: each name and content,
+    in name order), hashed once per process while the files stay as they were."""
+    path = Path(path)
+    files = sorted(path.glob("*.npy")) if path.is_dir() else [path]
+    stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _sha256_of(str(path.resolve()), stamp)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: str, stamp: tuple) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    root = Path(path)
+    for name, _, _ in stamp:
+        file = root / name if root.is_dir() else root
+        if root.is_dir():
+            digest.update(name.encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
