@@ -64,7 +64,7 @@ from conformance.precision import (
 )
 from conformance.results import ERROR, FAIL, PASS, Comparison, PathResult, TensorResult
 from conformance.tolerances import Tolerance, ToleranceError, TolerancePolicy
-from pkm_models.config import TAPS, PKMConfig, tap_names
+from pkm_models.config import LAYER_OUTPUT, PKMConfig, layer_taps, tap_names
 from pkm_models.convert import split_layers
 from pkm_models.selection import (
     kth_best,
@@ -150,6 +150,11 @@ class Float32Rules:
 
     def output_bound_name(self) -> str:
         return f"the {self.precision} rounding bound of its weighted sum"
+
+    def output_rtol(self) -> float:
+        """A bfloat16 value table's read is rounded once to bfloat16: two correct sums in
+        another order may land one bfloat16 step (2^-7 relative) apart."""
+        return 2.0**-7 if self.layer.config.value_dtype == "bfloat16" else 0.0
 
     def figures(self, got: dict, usable: set[str], ambiguous: np.ndarray) -> dict[str, dict]:
         return {}
@@ -336,7 +341,7 @@ def _structure(got: dict, expected: dict, prefix: str) -> dict[str, TensorResult
     """The taps of one layer that are missing, of the wrong shape or dtype, or not finite:
     tap -> failing result."""
     results: dict[str, TensorResult] = {}
-    for name in TAPS:
+    for name in expected:
         full = prefix + name
         if name not in got:
             results[name] = TensorResult(full, FAIL, message=f"the path returned no {full!r} tap")
@@ -360,8 +365,8 @@ def _type_problems(got: dict, usable: set[str], prefix: str, rules: Float32Rules
     """The usable taps that show the path did not compute at its declared precision."""
     return {
         name: TensorResult(prefix + name, FAIL, message=why)
-        for name in TAPS
-        if name in usable and (why := rules.type_problem(name, np.asarray(got[name])))
+        for name in usable
+        if (why := rules.type_problem(name, np.asarray(got[name])))
     }
 
 
@@ -485,7 +490,14 @@ def _judge_output(
     considered = (own_tokens | golden_tokens)[:, None]
     bound_name = rules.output_bound_name() + " (against its own rows)" if own_tokens.any() else ""
     result, err = _judge_float(
-        full, g2, reference, tol, bound=bound, considered=considered, bound_name=bound_name if bound.any() else ""
+        full,
+        g2,
+        reference,
+        tol,
+        bound=bound,
+        extra_rtol=rules.output_rtol(),
+        considered=considered,
+        bound_name=bound_name if bound.any() else "",
     )
     if not result and own_tokens.any():
         bad_own = np.flatnonzero(own_tokens)
@@ -514,10 +526,10 @@ def _judge_layer(
     float taps, and the tokens whose selection legitimately differs here."""
     c = layer.config
     results = _structure(got, layer.expected, prefix)
-    usable = {t for t in TAPS if t not in results}
+    usable = {t for t in layer.expected if t not in results}
     rules = make_rules(layer, got, usable)
     results.update(_type_problems(got, usable, prefix, rules))
-    usable = {t for t in TAPS if t not in results}
+    usable = {t for t in layer.expected if t not in results}
     errors: dict[str, np.ndarray] = {}
     skip_rows = None if skip_tokens is None else np.repeat(skip_tokens, c.heads)  # (bs*heads,)
     rows = len(layer.expected["indices"])
@@ -564,10 +576,26 @@ def _judge_layer(
         results["output"] = result
         if not result:
             errors[prefix + "output"] = err
+    flipped_tokens = flipped.reshape(-1, c.heads).any(axis=1)
+    if LAYER_OUTPUT in usable:  # projected / gated: against the golden, except where the read legitimately differs
+        g = np.asarray(got[LAYER_OUTPUT]).reshape(len(flipped_tokens), -1)
+        e = np.asarray(layer.expected[LAYER_OUTPUT]).reshape(g.shape)
+        judged = ~flipped_tokens if skip_tokens is None else ~(flipped_tokens | skip_tokens)
+        result, err = _judge_float(
+            prefix + LAYER_OUTPUT,
+            g,
+            e,
+            layer.tolerance(LAYER_OUTPUT),
+            extra_rtol=rules.output_rtol(),
+            considered=judged[:, None],
+        )
+        result.ambiguous_rows = int((~judged).sum())
+        results[LAYER_OUTPUT] = result
+        if not result:
+            errors[prefix + LAYER_OUTPUT] = err
     for name, figures in rules.figures(got, usable, ambiguous).items():
         results[name].figures = figures
-    flipped_tokens = flipped.reshape(-1, c.heads).any(axis=1)
-    return [results[name] for name in TAPS], errors, flipped_tokens
+    return [results[name] for name in layer.expected], errors, flipped_tokens
 
 
 def _join(a: str, b: str) -> str:
@@ -606,12 +634,13 @@ def compare_taps(
     per_layer = split_layers(weights)  # torch names without the layers.<i>. prefix
     for i in range(layers):
         prefix = "" if layers == 1 else f"{i}/"
-        layer_got = {t: got[prefix + t] for t in TAPS if prefix + t in got}
-        layer_expected = {t: expected[prefix + t] for t in TAPS}
+        names = layer_taps(config)
+        layer_got = {t: got[prefix + t] for t in names if prefix + t in got}
+        layer_expected = {t: expected[prefix + t] for t in names}
         layer = Layer(config, per_layer[i], layer_expected, tolerance, layer_input if i == 0 else None)
         if judged_layers is not None and i >= judged_layers:
             structure = _structure(layer_got, layer_expected, prefix)
-            usable = {t for t in TAPS if t not in structure}
+            usable = {t for t in layer_expected if t not in structure}
             rules = make_rules(layer, layer_got, usable)
             tensors += [*structure.values(), *_type_problems(layer_got, usable, prefix, rules).values()]
             continue
@@ -731,7 +760,7 @@ def check_checkable(
     nonzero = np.concatenate(margins) if margins else np.zeros(0)
     median_margin = float(np.median(nonzero)) if nonzero.size else np.inf
     for path in paths:
-        for name in tap_names(layers):
+        for name in tap_names(layers, config):
             tap = name.rpartition("/")[2]
             tol = policy.resolve(case, path, tap)
             e = np.abs(np.asarray(expected[name], np.float64))

@@ -37,7 +37,7 @@ from conformance.paths import CaseContext, ExecutionPath, PathUnavailable
 from conformance.pool import Answer, WorkerPool
 from conformance.results import ERROR, FAIL, OK, PASS, UNAVAILABLE, CaseResult, PathResult, RunResult, WorkerResult
 from conformance.tolerances import TolerancePolicy, path_matches
-from pkm_models.config import TAPS
+from pkm_models.config import layer_taps
 from pkm_models.errors import PKMError
 
 Progress = Callable[[str], None]
@@ -109,7 +109,7 @@ def judge_on_golden_inputs(
             write_weights_dir(per_layer[i], Path(tmp) / "weights")
             np.save(Path(tmp) / "input.npy", layer_input, allow_pickle=False)
             sub = case.layer(i, Path(tmp) / "weights", Path(tmp) / "input.npy")
-            taps = {tap: golden.taps[f"{i}/{tap}"] for tap in TAPS}
+            taps = {tap: golden.taps[f"{i}/{tap}"] for tap in layer_taps(case.config)}
             sub_golden = Golden(case.name, golden.meta, layer_input, taps, per_layer[i])
             with case_context(sub, sub_golden, per_layer[i], options) as context:
                 alone = start_path(path, context, sub_golden, policy, options, options.required(path.name), pool=pool)

@@ -53,7 +53,7 @@ class Planted(ExecutionPath):
     def __init__(self, golden, precision: str, plant, layer: int):
         self.name = "torch-eager-cpu" if precision == "fp32" else f"torch-eager-cpu@{precision}"
         self.golden, self.precision, self.plant, self.layer = golden, precision, plant, layer
-        self.layers = len([t for t in golden.taps if t.endswith("output")])
+        self.layers = len([t for t in golden.taps if t == "output" or t.endswith("/output")])
 
     def tolerances_per_layer(self, case):
         return self.precision != "fp32"
@@ -227,3 +227,15 @@ def test_an_exception_inside_judging_is_that_paths_error_and_the_run_goes_on(mon
     assert not result.ok
     written = write_reports(result, tmp_path / "reports")
     assert (tmp_path / "reports" / "report.json").is_file() and written
+
+
+def test_a_projected_layers_final_output_is_judged():
+    """Meta's memory layers: the read (``output``) and the projected ``layer_output``; a
+    wrong projection fails at ``layer_output`` though every read is right."""
+
+    def projected_wrong(taps, p, config, golden, layer):
+        taps[p + "layer_output"] = taps[p + "layer_output"] * np.float32(1.01)
+
+    assert _verdict("memory-layers", "fp32", nothing, 1).status == "pass"
+    path = _verdict("memory-layers", "fp32", projected_wrong, 1)
+    assert path.status == "fail" and path.first_divergence == "1/layer_output", path.reason
