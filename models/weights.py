@@ -125,9 +125,7 @@ def make_weights(config: PKMConfig, seed: int, *, layers: int = 1) -> Weights:
 def _layer_weights(config: PKMConfig, seed: int, prefix: str, skip: str = "") -> Weights:
     shapes = weight_shapes(config)
     return {
-        prefix + name: next(_draw(config, seed, prefix, name, shape))
-        for name, shape in shapes.items()
-        if name != skip
+        prefix + name: next(_draw(config, seed, prefix, name, shape)) for name, shape in shapes.items() if name != skip
     }
 
 
