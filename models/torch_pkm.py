@@ -229,10 +229,7 @@ class HashingMemory(nn.Module):
         flat_weights = weights.view(bs, self.heads * self.knn)  # (bs,heads*knn)
 
         # weighted sum of values
-        if self.values.weight.dtype == torch.bfloat16:
-            output = bf16_weighted_sum(self.values.weight, flat_indices, flat_weights)  # (bs,v_dim)
-        else:
-            output = self.values(flat_indices, per_sample_weights=flat_weights)  # (bs,v_dim)
+        output = self.read(flat_indices, flat_weights)  # (bs,v_dim)
         if not self.config.projects_output:  # Meta drops out after value_proj (in project)
             output = F.dropout(output, p=self.value_dropout, training=self.training)  # (bs,v_dim)
 
@@ -251,6 +248,17 @@ class HashingMemory(nn.Module):
                 taps[LAYER_OUTPUT] = final
             return taps
         return output if final is None else final
+
+    def read(self, indices, weights):
+        """The weighted sum of value rows for (bs,n) ``indices`` and ``weights``: (bs,v_dim).
+        The notebook's ``nn.EmbeddingBag``; a bfloat16 table summed as Meta's kernel does
+        (:func:`bf16_weighted_sum`). A table sharded over processes
+        (:class:`pkm_models.torch_sharded.ColumnShardedValues`) takes the ``EmbeddingBag``'s
+        place and call, and reads its own way."""
+        values = self.values
+        if isinstance(values, nn.EmbeddingBag) and values.weight.dtype == torch.bfloat16:
+            return bf16_weighted_sum(values.weight, indices, weights)
+        return values(indices, per_sample_weights=weights)
 
     def project(self, input, read):
         """Meta's read projection and gate on (bs,input_dim) input and the (bs,v_dim) read:
