@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from conformance.export import EXPORTER_NAMES
 from conformance.paths.base import CaseContext, ExecutionPath, PathUnavailable
+from conformance.paths.dist_paths import DistPath, parse_name
 from conformance.paths.onnx_reference import ReferencePath
 from conformance.paths.ort_paths import OrtPath
 from conformance.paths.precision_variants import precision_variants
@@ -37,6 +38,9 @@ REGISTRY: list[ExecutionPath] = [
     *(TorchPath(device, False, model=model) for model in ("fast", "fast-bag") for device in ("cpu", "cuda")),
     *(TorchPath(device, True, model="fast-bag") for device in ("cpu", "cuda")),
     *(benchmark_only(TorchPath(device, True, model="fast")) for device in ("cpu", "cuda")),
+    # the value table sharded over 2 processes (any N by its name: get_path, select_paths)
+    DistPath("cpu", 2),
+    DistPath("cuda", 2),
     TFPath("eager", "cpu"),
     TFPath("function", "cpu"),
     TFPath("xla", "cpu"),
@@ -96,9 +100,14 @@ class PathSelectionError(PKMError):
 
 
 def get_path(name: str) -> ExecutionPath:
+    """The path of this name: a registered one, or a sharded path over any N
+    (``torch-dist-cpu[4]``: only N = 2 is registered)."""
     for path in REGISTRY:
         if path.name == name:
             return path
+    sharded = parse_name(name)
+    if sharded is not None:
+        return DistPath(*sharded)
     raise PathSelectionError(f"no execution path {name!r}; available: {REGISTRY_NAMES}")
 
 
@@ -111,6 +120,9 @@ def select_paths(globs: list[str] | None, bench: bool = False) -> list[Execution
     pool = REGISTRY if bench else PATHS
     if not globs:
         return [p for p in pool if not (bench and p.family == "onnx-reference")]
+    # a sharded path over an N that is not registered, named in full (torch-dist-cpu[4])
+    extra = [DistPath(*parse_name(g)) for g in dict.fromkeys(globs) if parse_name(g) and g not in REGISTRY_NAMES]
+    pool = pool + extra
     names = [p.name for p in pool]
     for glob in globs:
         if not any(path_matches(name, glob) for name in names):

@@ -123,6 +123,7 @@ class ExecutionPath:
     family: str = ""
     device: str = "cpu"  # where it computes: "cpu" or "cuda"
     benchmark_only: bool = False  # a variant timed by bench but not part of the conformance run
+    judged_in_bench: bool = False  # bench also judges its taps against the reference's (a failure is its result)
 
     def check(self, case: Case | None) -> None:
         """Raise PathUnavailable if this path cannot run ``case`` (any case if None) here."""

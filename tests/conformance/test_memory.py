@@ -116,7 +116,7 @@ def measured_peak(case: str, path: str, tmp_path: Path) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ["torch-eager-cpu", "ort-cpu[torch-fast]"])
+@pytest.mark.parametrize("path", ["torch-eager-cpu", "ort-cpu[torch-fast]", "torch-dist-cpu[2]"])
 def test_the_estimate_covers_the_measured_peak(path, tmp_path):
     """xlm (805 MB of values): the estimate is above what the run really took, and not
     more than twice it."""
