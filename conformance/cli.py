@@ -435,7 +435,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.report_dir:
         for path in bench_report.write(bench, args.report_dir):
             print(f"wrote {path}")
-    failed = [r["name"] for r in bench["paths"] if r.get("status") == "error"]
+    failed = [r["name"] for r in bench["paths"] if r.get("status") in ("error", "fail")]
     return EXIT_FAIL if failed else EXIT_OK
 
 

@@ -162,9 +162,25 @@ def pool_rounds(results: list[dict]) -> dict:
     }
 
 
-def run_worker(preset: BenchPreset, path: str, runs: int, warmup: int, export_dir: Path, timeout: float) -> dict:
+def default_tolerances() -> Path:
+    """The tolerances a judged bench path is held to: the golden store's."""
+    from conformance.golden import GoldenStore
+
+    return GoldenStore(None).root / "tolerances.toml"
+
+
+def run_worker(
+    preset: BenchPreset,
+    path: str,
+    runs: int,
+    warmup: int,
+    export_dir: Path,
+    timeout: float,
+    tolerances: Path | None = None,
+) -> dict:
     """One path in a fresh process; its crash or time-out is its result."""
     request = {"preset": preset.to_json(), "path": path, "runs": runs, "warmup": warmup, "export_dir": str(export_dir)}
+    request["tolerances"] = str(tolerances or default_tolerances())
     result, why = run_json_worker("conformance.bench.worker", request, timeout)
     return {"name": path, **result} if result is not None else {"name": path, "status": ERROR, "reason": why}
 
@@ -177,10 +193,16 @@ def run_bench(
     timeout: float = 1800,
     progress=None,
     rounds: int = 1,
+    tolerances: Path | None = None,
 ) -> dict:
     """Time ``paths``, each in fresh processes. With ``rounds`` > 1 every path runs that
     many times, the paths taking turns round by round, and each path's passes are pooled:
-    a machine that drifts during the run then shifts every path alike."""
+    a machine that drifts during the run then shifts every path alike.
+
+    A path that is ``judged_in_bench`` (a sharded one) is also judged, under ``tolerances``
+    (default: the golden store's ``tolerances.toml``), against the reference's taps of the
+    bench's input: a failure is its result (``fail``), not a time."""
+    tolerances = tolerances or default_tolerances()
     runs = preset.runs if runs is None else runs
     warmup = preset.warmup if warmup is None else warmup
     for option, value, least in (("--runs", runs, 1), ("--rounds", rounds, 1), ("--warmup", warmup, 0)):
@@ -201,7 +223,7 @@ def run_bench(
                     continue  # unavailable or failed: once is enough
                 if progress:
                     progress(step, total, path.name + (f" (round {round_ + 1}/{rounds})" if rounds > 1 else ""))
-                previous.append(run_worker(preset, path.name, runs, warmup, Path(export_dir), timeout))
+                previous.append(run_worker(preset, path.name, runs, warmup, Path(export_dir), timeout, tolerances))
                 step += 1
         if progress:
             progress(total, total, "")

@@ -16,8 +16,32 @@ from pathlib import Path
 from conformance.bench.device_memory import PeakSampler
 from conformance.isolation import memory_mb, serve
 from conformance.memory import TreePeak
-from conformance.results import OK, UNAVAILABLE
+from conformance.results import FAIL, OK, UNAVAILABLE
 from conformance.spec import read_weights_dir
+
+
+def judge_against_reference(path, context, x, request: dict) -> str:
+    """What is wrong with ``path``'s taps of ``x``, judged as the conformance run judges
+    them against the golden that the reference (unsharded, float32, on CPU) gives for ``x``
+    (``conformance.regenerate.reference_taps``), under the tolerances ``request`` names;
+    "" when they conform."""
+    from conformance.cases import default_cases_dir
+    from conformance.compare import compare_case
+    from conformance.paths import PATH_NAMES
+    from conformance.regenerate import reference_taps
+    from conformance.tolerances import load_policy
+
+    case = context.case
+    known_cases = {p.stem for p in default_cases_dir().glob("*.toml")} | {case.name}
+    policy = load_policy(Path(request["tolerances"]), [*PATH_NAMES, path.name], known_cases)
+    golden = reference_taps(case, context.weights, x)
+    comparison = compare_case(
+        case, path.prepare(context)(x), golden, weights=context.weights, policy=policy, path=path.name, layer_input=x
+    )
+    if comparison.ok:
+        return ""
+    failed = next(t for t in comparison.tensors if t.name == comparison.first_divergence)
+    return f"its taps do not conform to the reference's: first at {failed.name}: {failed.message}"
 
 
 def measure(request: dict) -> dict:
@@ -54,6 +78,11 @@ def measure(request: dict) -> dict:
             fn()
     times = time_calls(fn, request["runs"])  # input already on the device; returns once it has finished
     host.sample()  # once more, after the timed passes
+    if path.judged_in_bench:
+        problem = judge_against_reference(path, context, make_input(bench.input_shape, seed=0), request)
+        if problem:
+            return {**result, "status": FAIL, "reason": problem}
+        result["judged"] = True
     if sampler:
         sampler.sample()
     peak_device = sampler.peak_mb if sampler else None
