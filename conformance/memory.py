@@ -154,11 +154,11 @@ PRECISION_FACTORS = {"fp16": 0.5, "bf16": 0.5, "int8": 0.3}
 RUNTIME_BYTES = {"torch": int(1.0 * GB), "ort": int(1.2 * GB), "tf": int(2.0 * GB)}
 DEFAULT_RUNTIME_BYTES = int(2.0 * GB)
 # a path that starts processes of its own (torch-dist-cpu[N]: ``path.processes``): each
-# imports torch (measured 0.28 GB) and holds its slice of the tables, copied from the mapped
-# folder, whose pages stay counted until the copy is done (xlm at N = 2, --jobs 1: a peak of
-# 1.88 GiB for 0.75 GiB of weights; torch-eager-cpu: 1.04 GiB)
-PROCESS_RUNTIME_BYTES = int(0.4 * GB)
-SHARDED_FACTOR = 2.1
+# imports torch (measured 0.28 GB) and holds its columns of the tables, read from the file in
+# blocks; the worker that drives them holds nothing (--jobs 1, N = 2: xlm 1.38 GiB for 0.75 GiB
+# of weights, mega 3.82 GiB for 3.01 GiB)
+PROCESS_RUNTIME_BYTES = int(0.3 * GB)
+SHARDED_FACTOR = 1.3
 
 
 def estimate_bytes(case, path) -> int:

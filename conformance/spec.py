@@ -51,6 +51,31 @@ def read_weights_dir(folder: Path, writable: bool = False) -> Weights:
     return {f.stem: np.load(f, mmap_mode="c" if writable else "r", allow_pickle=False) for f in files}
 
 
+def read_columns(path: Path, start: int, stop: int, block_bytes: int = 64 << 20) -> np.ndarray:
+    """Columns ``[start, stop)`` of the 2-D float32 ``.npy`` at ``path``, read in blocks of
+    rows: what a process that holds a slice of a table needs, without ever mapping (and so
+    holding) the whole table."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        if len(shape) != 2 or fortran or dtype != np.float32 or not 0 <= start <= stop <= shape[1]:
+            raise ValueError(f"{path}: columns {start}:{stop} of a {shape} {dtype} array")
+        rows, width = shape
+        out = np.empty((rows, stop - start), np.float32)
+        step = max(1, block_bytes // max(1, 4 * width))
+        block = np.empty((step, width), np.float32)
+        for first in range(0, rows, step):
+            n = min(step, rows - first)
+            view = block[:n]
+            if f.readinto(memoryview(view).cast("B")) != view.nbytes:
+                raise ValueError(f"{path}: shorter than its header says")
+            out[first : first + n] = view[:, start:stop]
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointRef:
     """A user's checkpoint file as a case names it: which memories, in which order, and the

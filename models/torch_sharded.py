@@ -66,10 +66,11 @@ class ColumnShardedValues(nn.Module):
 
     ``table``: the whole (size, v_dim) table (float32, or bfloat16 summed as
     :func:`pkm_models.torch_pkm.bf16_weighted_sum`); only this process's columns are kept
-    (copied: a memory-mapped table is read once, and released with the module it came from).
+    (copied). ``columns``: those columns, already read (a large table read by columns from
+    its file never has all its pages in this process); ``table`` then only gives the shape.
     """
 
-    def __init__(self, table: torch.Tensor, group=None):
+    def __init__(self, table: torch.Tensor, group=None, columns: torch.Tensor | None = None):
         super().__init__()
         self.group = group
         self.rank = dist.get_rank(group)
@@ -77,7 +78,11 @@ class ColumnShardedValues(nn.Module):
         self.size, self.v_dim = table.shape
         self.bounds = column_bounds(self.v_dim, self.world)
         start, stop = self.bounds[self.rank]
-        self.weight = nn.Parameter(table[:, start:stop].detach().clone(), requires_grad=False)
+        if columns is None:
+            columns = table[:, start:stop].detach().clone()
+        elif tuple(columns.shape) != (self.size, stop - start):
+            raise ValueError(f"columns {start}:{stop} of a {tuple(table.shape)} table, got {tuple(columns.shape)}")
+        self.weight = nn.Parameter(columns.to(table.dtype), requires_grad=False)
 
     def extra_repr(self) -> str:
         start, stop = self.bounds[self.rank]
@@ -113,16 +118,24 @@ class ColumnShardedValues(nn.Module):
         return full[first : first + mine]  # (bs,v_dim)
 
 
-def shard_values(model: nn.Module, group=None) -> nn.Module:
+def shard_values(model: nn.Module, group=None, read_columns=None) -> nn.Module:
     """Replace the value table of every ``HashingMemory`` in ``model`` by this process's
     :class:`ColumnShardedValues` (a table shared by several layers stays one shard, shared).
-    Returns ``model``; call it on every process of ``group`` with the same model."""
+    ``read_columns(name, start, stop)``, when given, returns the columns of the table whose
+    ``state_dict`` name is ``name`` (``values.weight``, ``layers.0.values.weight``) instead
+    of their being sliced from the model's. Returns ``model``; call it on every process of
+    ``group`` with the same model."""
     from pkm_models.torch_pkm import HashingMemory
 
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
     sharded: dict[int, ColumnShardedValues] = {}
-    for layer in [m for m in model.modules() if isinstance(m, HashingMemory)]:
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, HashingMemory)]:
         table = layer.values
         if id(table) not in sharded:
-            sharded[id(table)] = ColumnShardedValues(table.weight, group)
+            columns = None
+            if read_columns is not None:
+                start, stop = column_bounds(table.weight.shape[1], world)[rank]
+                columns = read_columns(f"{name}.values.weight".lstrip("."), start, stop)
+            sharded[id(table)] = ColumnShardedValues(table.weight, group, columns)
         layer.values = sharded[id(table)]
     return model

@@ -318,8 +318,11 @@ def _my_tokens(x: np.ndarray, rank: int, world: int, where):
 
 def _load(config: dict, layers: int, folder: str, where):
     """The reference model of ``config`` on the mapped weights of ``folder``, its tables
-    sharded (this process's columns copied, the mapping then let go), on ``where``."""
-    from conformance.spec import read_weights_dir
+    sharded: this process's columns read from the table's file in blocks (the mapped table
+    itself is never touched, so never held), the mapping then let go; on ``where``."""
+    import torch
+
+    from conformance.spec import read_columns, read_weights_dir
     from pkm_models.config import PKMConfig
     from pkm_models.torch_pkm import build_torch_model
     from pkm_models.torch_sharded import shard_values
@@ -327,7 +330,11 @@ def _load(config: dict, layers: int, folder: str, where):
     weights = read_weights_dir(Path(folder), writable=True)
     model = build_torch_model(PKMConfig.from_dict(config), layers, weights=weights)
     del weights
-    return shard_values(model).to(where).eval()
+
+    def columns(name, start, stop):
+        return torch.from_numpy(read_columns(Path(folder) / f"{name}.npy", start, stop))
+
+    return shard_values(model, read_columns=columns).to(where).eval()
 
 
 if __name__ == "__main__":  # a process of a RankGroup

@@ -1,0 +1,34 @@
+"""The weights folder: a table read by columns, in blocks, equals the same columns of the
+array, whatever the block size; a file that is not a 2-D float32 table is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conformance.spec import read_columns, read_weights_dir, write_weights_dir
+
+
+@pytest.mark.parametrize("block_bytes", [1, 40, 1 << 20])
+@pytest.mark.parametrize(("start", "stop"), [(0, 5), (2, 4), (3, 3), (0, 0)])
+def test_columns_read_in_blocks_are_the_arrays_columns(tmp_path, block_bytes, start, stop):
+    table = np.random.default_rng(0).standard_normal((13, 5)).astype(np.float32)
+    folder = write_weights_dir({"values.weight": table}, tmp_path)
+    got = read_columns(folder / "values.weight.npy", start, stop, block_bytes=block_bytes)
+    np.testing.assert_array_equal(got, table[:, start:stop])
+    np.testing.assert_array_equal(read_weights_dir(folder)["values.weight"], table)
+
+
+def test_what_is_not_a_float32_table_is_refused(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((2, 3, 4), np.float32))
+    np.save(tmp_path / "b.npy", np.zeros((2, 3), np.float64))
+    for name in ("a", "b"):
+        with pytest.raises(ValueError, match="columns"):
+            read_columns(tmp_path / f"{name}.npy", 0, 1)
+    np.save(tmp_path / "c.npy", np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="columns 2:4"):
+        read_columns(tmp_path / "c.npy", 2, 4)
+    data = (tmp_path / "c.npy").read_bytes()
+    (tmp_path / "d.npy").write_bytes(data[:-4])
+    with pytest.raises(ValueError, match="shorter"):
+        read_columns(tmp_path / "d.npy", 0, 3)
