@@ -392,6 +392,9 @@ def _found_in_keras(path: Path) -> _Found:
         sources[str(i)] = {k: f"{layer.name}/{k}" for k in memories[str(i)]}
     cfg = layers[0].get_config()
     recorded = {k: cfg[k] for k in ("knn", "input_dropout", "query_dropout", "value_dropout") if k in cfg}
+    # Meta's options, where the layer sets them (an own value dim: the output dim is value_proj's)
+    meta = ("value_dim", "swilu_projection", "gated", "value_dtype", "share_values")
+    recorded.update({k: cfg[k] for k in (*meta, "output_dim") if k in cfg and any(m in cfg for m in meta)})
     return _Found(
         kind="keras", memories=memories, source_names=sources, recorded=recorded, recorded_where="the layer config"
     )
@@ -580,7 +583,7 @@ def _as_float32(tensors: Mapping[str, Any], sources: Mapping[str, str], path: Pa
         else:
             array = np.asarray(value)
             dtype = str(array.dtype)
-            if not np.issubdtype(array.dtype, np.floating):
+            if not (np.issubdtype(array.dtype, np.floating) or dtype == "bfloat16"):  # a Keras bfloat16 table
                 raise ConversionError(f"{path}: {source}: {dtype} array where floats are expected")
             array = array.astype(np.float32, copy=False)
         if dtype != "float32":

@@ -37,6 +37,13 @@ TORCH_TO_KERAS: dict[str, tuple[str, bool]] = {
     "query_proj.1.running_var": ("bn_moving_variance", False),
     "keys": ("keys", False),
     "values.weight": ("values", False),
+    # Meta's memory layers (docs/memory-layers.md)
+    "value_proj.weight": ("value_proj_kernel", True),
+    "value_proj.bias": ("value_proj_bias", False),
+    "swilu_projection.weight": ("swilu_projection_kernel", True),
+    "swilu_projection.bias": ("swilu_projection_bias", False),
+    "gating.weight": ("gating_kernel", True),
+    "gating.bias": ("gating_bias", False),
 }
 # BatchNorm1d's step counter: only used when momentum=None, which the reference never sets.
 IGNORED_TORCH_NAMES = ("query_proj.1.num_batches_tracked",)
@@ -246,11 +253,14 @@ def assign_variable(variable, array: np.ndarray) -> None:
 
 def set_keras_weights(model, weights: Mapping[str, np.ndarray]) -> None:
     """Load torch-named numpy weights into a built Keras layer or model (large ones in
-    blocks: :func:`assign_variable`)."""
+    blocks: :func:`assign_variable`). A value table that several layers share (one
+    variable, ``share_values``) is assigned once; every layer's array for it must be that
+    table. A bfloat16 table takes float32 arrays that hold bfloat16 values."""
     layers = pkm_layers(model)
     per_layer = split_layers(weights)
     if len(per_layer) != len(layers):
         raise ConversionError(f"weights hold {len(per_layer)} layer(s), the Keras model has {len(layers)}")
+    assigned: dict[int, tuple[str, np.ndarray]] = {}  # id(variable) -> (where, the array it holds)
     for layer, torch_named in zip(layers, per_layer, strict=True):
         if not layer.built:
             raise ConversionError(f"Keras layer {layer.name!r} is not built: call it on an input first")
@@ -258,12 +268,31 @@ def set_keras_weights(model, weights: Mapping[str, np.ndarray]) -> None:
         converted = torch_to_keras(torch_named)
         check_weights(converted, {k: tuple(v.shape) for k, v in variables.items()}, f"Keras layer {layer.name!r}")
         for name, array in converted.items():
-            assign_variable(variables[name], array)
+            variable = variables[name]
+            where = f"{layer.name}/{name}"
+            if id(variable) in assigned:  # a shared table: one variable, assigned once
+                first, held = assigned[id(variable)]
+                if array is not held and not np.array_equal(array, held):
+                    raise ConversionError(
+                        f"{where} differs from {first}, the table it shares: a shared table is one table"
+                    )
+                continue
+            assign_variable(variable, array)
+            assigned[id(variable)] = (where, array)
 
 
 def get_keras_weights(model) -> Weights:
-    """Torch-named numpy weights of a Keras layer or model."""
-    per_layer = [keras_to_torch({v.name: np.asarray(v.numpy()) for v in layer.weights}) for layer in pkm_layers(model)]
+    """Torch-named numpy weights of a Keras layer or model (a bfloat16 table as float32
+    holding its values; a shared table under every layer's name, one array)."""
+    arrays: dict[int, np.ndarray] = {}
+
+    def value(v) -> np.ndarray:
+        if id(v) not in arrays:
+            array = np.asarray(v.numpy())
+            arrays[id(v)] = array.astype(np.float32) if array.dtype.name == "bfloat16" else array
+        return arrays[id(v)]
+
+    per_layer = [keras_to_torch({v.name: value(v) for v in layer.weights}) for layer in pkm_layers(model)]
     return join_layers(per_layer)
 
 

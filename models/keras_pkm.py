@@ -21,6 +21,22 @@ Differences from the seed's TensorFlow port, all of them deliberate:
 * query batchnorm follows PyTorch's ``BatchNorm1d`` exactly (see ``_batchnorm``), which is
   what made the seed's port disagree with the reference.
 
+Options of Meta's memory layers (docs/memory-layers.md), as in the reference and all off by
+default:
+
+* ``value_dim``, ``swilu_projection``: ``value_proj(read * silu(swilu_projection(input)))``
+  (or ``value_proj(read)`` with an own value dim and no SwiLU), each a kernel and a bias;
+* ``gated``: ``sigmoid(gating(input)) * out``;
+* ``value_dtype="bfloat16"``: the table is a bfloat16 variable; every method sums
+  ``weight x float32(row)`` in float32 slot by slot in order and rounds the sum once to
+  bfloat16, as the reference's ``bf16_weighted_sum`` does (:func:`_blockwise_sum`), then
+  continues in float32;
+* ``share_values``: the layers of a network read one table, one variable held by the first
+  layer (:meth:`ProductKeyMemory.share_values_of`, :func:`pkm_layers_of`).
+
+The ``output`` tap stays the weighted sum (..., v_dim); a layer that projects or gates also
+returns its final output as ``layer_output`` (..., output_dim).
+
 The layer uses ``keras.ops`` only and runs eagerly, under ``tf.function`` and with
 ``jit_compile=True``, with dynamic batch and sequence dimensions.
 """
@@ -33,7 +49,7 @@ import math
 import keras
 from keras import ops
 
-from pkm_models.config import ConfigError, PKMConfig, check_stackable
+from pkm_models.config import LAYER_OUTPUT, ConfigError, PKMConfig, check_stackable
 from pkm_models.selection import product_candidates
 
 METHODS = ("auto", "einsum", "reduce_sum", "accumulate", "fused")
@@ -50,17 +66,6 @@ FUSED_BUCKETS = tuple(sorted({1 << k for k in range(6, 31)} | {3 << k for k in r
 AUTO_EAGER_FUSED_BYTES = 64 << 20
 
 
-def unsupported(config: PKMConfig) -> str | None:
-    """Why this port cannot run ``config`` (None when it can): it implements XLM's layer,
-    not the options of Meta's memory layers (docs/memory-layers.md)."""
-    if config.variant:
-        return (
-            f"the Keras port implements XLM's layer, not Meta's memory-layer options {config.variant} "
-            "(docs/memory-layers.md); the PyTorch reference, its loop-free twin and their ONNX exports run them"
-        )
-    return None
-
-
 def fused_bucket(tokens: int) -> int:
     """The token count the "fused" method computes ``tokens`` at: the smallest of
     :data:`FUSED_BUCKETS` that holds them (``tokens`` itself beyond the last)."""
@@ -68,9 +73,36 @@ def fused_bucket(tokens: int) -> int:
     return FUSED_BUCKETS[i] if i < len(FUSED_BUCKETS) else tokens
 
 
+def is_bfloat16(values) -> bool:
+    """True for a bfloat16 value table (``value_dtype="bfloat16"``)."""
+    return keras.backend.standardize_dtype(values.dtype) == "bfloat16"
+
+
+def _round_to_bfloat16(x):
+    """float32 -> the nearest bfloat16 (ties to even), returned as float32."""
+    return ops.cast(ops.cast(x, "bfloat16"), "float32")
+
+
 def _blockwise_sum(values, indices, weights, n: int, slots: int):
     """sum_j weights[b, j] * values[indices[b, j]] over the n slots j, ``slots`` slots at a
-    time (unrolled): each block's gather, multiply and sum fuse into one loop under XLA."""
+    time (unrolled): each block's gather, multiply and sum fuse into one loop under XLA.
+
+    A bfloat16 table is summed as the reference's ``bf16_weighted_sum`` does: each block's
+    rows are gathered in bfloat16 and widened to float32, then ``acc = acc + w_j * row_j``
+    in float32, one slot at a time in slot order across the blocks, and the sum is rounded
+    once to bfloat16 (returned as float32). Under XLA (the "fused" method, and every method
+    in a function compiled whole) the CPU backend may contract a product and its sum into
+    one fused multiply-add: at most one float32 ulp of the accumulator per slot, which the
+    final rounding to bfloat16 hides except next to a rounding boundary."""
+    if is_bfloat16(values):
+        weights = ops.cast(weights, "float32")
+        acc = None
+        for start in range(0, n, slots):
+            rows = ops.cast(ops.take(values, indices[:, start : start + slots], axis=0), "float32")  # (bs,slots,v_dim)
+            for j in range(min(slots, n - start)):  # slot order: one product and one sum at a time
+                part = weights[:, start + j, None] * rows[:, j]  # (bs,v_dim)
+                acc = part if acc is None else acc + part
+        return _round_to_bfloat16(acc)
     output = None
     for start in range(0, n, slots):
         rows = ops.take(values, indices[:, start : start + slots], axis=0)  # (bs,slots,v_dim)
@@ -141,6 +173,11 @@ class ProductKeyMemory(keras.layers.Layer):
         n_keys: sub-keys per half; the memory holds ``n_keys ** 2`` value rows.
         query_batchnorm: normalise the projected queries like ``torch.nn.BatchNorm1d``.
         input_dropout, query_dropout, value_dropout: dropout rates (training only).
+        value_dim, swilu_projection, gated, value_dtype, share_values: Meta's memory-layer
+            options (:class:`~pkm_models.config.PKMConfig`, docs/memory-layers.md); a layer
+            that projects or gates returns ``value_proj``'s (gated) output and adds the
+            ``layer_output`` tap. ``share_values`` records that the layers of a network read
+            one table; :meth:`share_values_of` makes a layer read another's.
         method: how the selected value rows are summed: ``"auto"`` (the default: the
             fastest for the call, see :meth:`resolved_method`), ``"einsum"``,
             ``"reduce_sum"``, ``"accumulate"`` (lowest memory) or ``"fused"`` (fastest on
@@ -153,7 +190,7 @@ class ProductKeyMemory(keras.layers.Layer):
     Input shape: ``(..., input_dim)``, at least 1-D; ``input_dim`` is read at build time.
 
     Output shape: ``(..., output_dim)``; a 1-D input gives ``(1, output_dim)``, as the
-    reference does.
+    reference does. The ``output`` tap (the weighted sum of value rows) is ``(..., v_dim)``.
 
     Example:
 
@@ -173,6 +210,11 @@ class ProductKeyMemory(keras.layers.Layer):
         input_dropout: float = 0.0,
         query_dropout: float = 0.0,
         value_dropout: float = 0.0,
+        value_dim: int = 0,
+        swilu_projection: bool = False,
+        gated: bool = False,
+        value_dtype: str = "float32",
+        share_values: bool = False,
         method: str = "auto",
         batchnorm_momentum: float = 0.1,
         batchnorm_epsilon: float = 1e-5,
@@ -181,7 +223,7 @@ class ProductKeyMemory(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         # input_dim is only known in build(); 1 stands in for it while validating the rest
-        PKMConfig(
+        self.pkm_config = PKMConfig(
             input_dim=1,
             output_dim=output_dim,
             k_dim=k_dim,
@@ -192,6 +234,11 @@ class ProductKeyMemory(keras.layers.Layer):
             input_dropout=input_dropout,
             query_dropout=query_dropout,
             value_dropout=value_dropout,
+            value_dim=value_dim,
+            swilu_projection=swilu_projection,
+            gated=gated,
+            value_dtype=value_dtype,
+            share_values=share_values,
         )
         if method not in METHODS:
             raise ConfigError(f"ProductKeyMemory.method: unknown method {method!r}; available: {list(METHODS)}")
@@ -208,11 +255,18 @@ class ProductKeyMemory(keras.layers.Layer):
         self.input_dropout = input_dropout
         self.query_dropout = query_dropout
         self.value_dropout = value_dropout
+        self.value_dim = self.pkm_config.value_dim  # Meta's -1 is 0: the output dim
+        self.swilu_projection = swilu_projection
+        self.gated = gated
+        self.value_dtype = value_dtype
+        self.share_values = share_values
         self.method = method
         self.batchnorm_momentum = batchnorm_momentum
         self.batchnorm_epsilon = batchnorm_epsilon
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed) if self._has_dropout else None
+        # the layer whose value table this one reads (share_values_of); not tracked as a sublayer
+        object.__setattr__(self, "_values_owner", None)
 
     @classmethod
     def from_pkm_config(cls, config: PKMConfig, **kwargs) -> ProductKeyMemory:
@@ -232,6 +286,27 @@ class ProductKeyMemory(keras.layers.Layer):
     def size(self) -> int:
         return self.n_keys**2
 
+    @property
+    def v_dim(self) -> int:
+        """The size of a value row: ``value_dim`` when set, else ``output_dim``."""
+        return self.pkm_config.v_dim
+
+    def share_values_of(self, owner: ProductKeyMemory) -> None:
+        """Read ``owner``'s value table instead of a table of its own (Meta's
+        ``share_values``): one variable, held once, in both layers' weights. Call before
+        this layer is built; ``owner`` must be built first (a ``Sequential`` builds its
+        layers in order)."""
+        if self.built:
+            raise ConfigError(f"ProductKeyMemory {self.name!r}: share_values_of must be called before it is built")
+        if not isinstance(owner, ProductKeyMemory) or owner is self:
+            raise ConfigError(f"ProductKeyMemory {self.name!r}: can only share the table of another ProductKeyMemory")
+        object.__setattr__(self, "_values_owner", owner)
+
+    @property
+    def values_owner(self) -> ProductKeyMemory | None:
+        """The layer whose value table this one reads, or None (its own)."""
+        return self._values_owner
+
     def build(self, input_shape):
         input_dim = input_shape[-1]
         if input_dim is None:
@@ -240,6 +315,7 @@ class ProductKeyMemory(keras.layers.Layer):
         if expected is not None and expected != input_dim:
             raise ConfigError(f"ProductKeyMemory: built for input_dim={expected}, got input shape {input_shape}")
         self.input_dim = int(input_dim)
+        self.pkm_config = self.pkm_config.replace(input_dim=self.input_dim)  # 1 stood in for it
         hk = self.heads * self.k_dim
         bound = 1.0 / math.sqrt(self.input_dim)
         linear_init = keras.initializers.RandomUniform(-bound, bound)
@@ -261,10 +337,60 @@ class ProductKeyMemory(keras.layers.Layer):
             shape=(self.heads, 2, self.n_keys, half),
             initializer=keras.initializers.RandomUniform(-key_bound, key_bound),
         )
+        self._build_values()
+        self._build_projection()
+
+    def _build_values(self):
+        owner = self._values_owner
+        if owner is not None:  # share_values: the owner's variable, tracked here too (one variable)
+            if not owner.built:
+                raise ConfigError(f"ProductKeyMemory {self.name!r}: {owner.name!r}, whose table it reads, is not built")
+            table = owner.values
+            expected = ((self.size, self.v_dim), self.value_dtype)
+            got = (tuple(table.shape), keras.backend.standardize_dtype(table.dtype))
+            if got != expected:
+                raise ConfigError(
+                    f"ProductKeyMemory {self.name!r}: cannot share {owner.name!r}'s value table {got}, "
+                    f"expected {expected}"
+                )
+            self.values = table
+            return
         # drawn in TensorFlow, the normal values take several temporaries of the table's
         # size: a layer whose weights are loaded next starts from zeros instead
-        values_init = "zeros" if _LOADING else keras.initializers.RandomNormal(stddev=self.output_dim**-0.5)
-        self.values = self.add_weight(name="values", shape=(self.size, self.output_dim), initializer=values_init)
+        values_init = "zeros" if _LOADING else keras.initializers.RandomNormal(stddev=self.v_dim**-0.5)
+        bf16 = self.value_dtype == "bfloat16"
+        self.values = self.add_weight(
+            name="values",
+            shape=(self.size, self.v_dim),
+            initializer=values_init,
+            # a bfloat16 table is stored as such and never cast by a dtype policy
+            dtype="bfloat16" if bf16 else None,
+            autocast=not bf16,
+        )
+
+    def _build_projection(self):
+        """Meta's read projection and gate (kernels (in, out), as the query's)."""
+
+        def linear(name, fan_in, fan_out, std):
+            bound = 1.0 / math.sqrt(fan_in)
+            kernel = self.add_weight(
+                name=f"{name}_kernel", shape=(fan_in, fan_out), initializer=keras.initializers.RandomNormal(stddev=std)
+            )
+            bias = self.add_weight(
+                name=f"{name}_bias", shape=(fan_out,), initializer=keras.initializers.RandomUniform(-bound, bound)
+            )
+            return kernel, bias
+
+        if self.pkm_config.projects_value:
+            self.value_proj_kernel, self.value_proj_bias = linear(
+                "value_proj", self.v_dim, self.output_dim, self.output_dim**-0.5
+            )
+        if self.swilu_projection:
+            self.swilu_projection_kernel, self.swilu_projection_bias = linear(
+                "swilu_projection", self.input_dim, self.v_dim, self.output_dim**-0.5
+            )
+        if self.gated:
+            self.gating_kernel, self.gating_bias = linear("gating", self.input_dim, 1, self.input_dim**-0.5)
 
     # stages -----------------------------------------------------------------------------
     def _dropout(self, x, rate, training):
@@ -338,27 +464,51 @@ class ProductKeyMemory(keras.layers.Layer):
 
         if not tf.executing_eagerly():
             return "fused"
-        gathered = (tokens or 0) * self.heads * self.knn * self.output_dim * 4
+        gathered = (tokens or 0) * self.heads * self.knn * self.v_dim * 4
         return "fused" if gathered >= AUTO_EAGER_FUSED_BYTES else "einsum"
 
     def _weighted_sum(self, indices, weights):
-        """sum_j weights[b, j] * values[indices[b, j]]: (bs, n) x (bs, n) -> (bs, v_dim)."""
+        """sum_j weights[b, j] * values[indices[b, j]]: (bs, n) x (bs, n) -> (bs, v_dim).
+
+        A bfloat16 table is summed in slot order in float32 and rounded once to bfloat16 by
+        every method (the gathering ones gather every slot, then add in order)."""
         method = self.resolved_method(indices.shape[0])
+        n = self.heads * self.knn
+        bf16 = self.value_dtype == "bfloat16"
         if method == "accumulate":
-            n = self.heads * self.knn
 
             def body(j, acc):
                 row = ops.take(self.values, ops.take(indices, j, axis=1), axis=0)  # (bs,v_dim)
-                return acc + ops.take(weights, j, axis=1)[:, None] * row
+                if bf16:
+                    row = ops.cast(row, "float32")
+                return acc + ops.cast(ops.take(weights, j, axis=1), acc.dtype)[:, None] * row
 
-            zeros = ops.zeros((ops.shape(indices)[0], self.output_dim), dtype=self.values.dtype)
-            return ops.fori_loop(0, n, body, zeros)
+            dtype = "float32" if bf16 else self.values.dtype
+            zeros = ops.zeros((ops.shape(indices)[0], self.v_dim), dtype=dtype)
+            output = ops.fori_loop(0, n, body, zeros)
+            return _round_to_bfloat16(output) if bf16 else output
         if method == "fused":
-            return _fused_sum(self.values, indices, weights, self.heads * self.knn)
+            return _fused_sum(self.values, indices, weights, n)
+        if bf16:  # einsum and reduce_sum: every slot gathered at once, then summed in slot order
+            return _blockwise_sum(self.values, indices, weights, n, n)
         rows = ops.take(self.values, indices, axis=0)  # (bs,heads*knn,v_dim)
         if method == "einsum":
             return ops.einsum("bn,bnd->bd", weights, rows)
         return ops.sum(rows * weights[..., None], axis=1)  # reduce_sum
+
+    def _project(self, x, read, training):
+        """Meta's read projection and gate on (bs,input_dim) ``x`` and the (bs,v_dim) read:
+        ``value_proj(read * silu(swilu_projection(x)))`` (or ``value_proj(read)``), value
+        dropout, then ``sigmoid(gating(x)) *``, as the reference's ``project``."""
+        out = read
+        if self.swilu_projection:
+            out = out * ops.silu(ops.matmul(x, self.swilu_projection_kernel) + self.swilu_projection_bias)
+        if self.pkm_config.projects_value:
+            out = ops.matmul(out, self.value_proj_kernel) + self.value_proj_bias  # (bs,output_dim)
+        out = self._dropout(out, self.value_dropout, training)
+        if self.gated:
+            out = ops.sigmoid(ops.matmul(x, self.gating_kernel) + self.gating_bias) * out  # (bs,output_dim)
+        return out
 
     def call(self, inputs, training=None, return_taps=False):
         x = ops.convert_to_tensor(inputs)
@@ -379,19 +529,29 @@ class ProductKeyMemory(keras.layers.Layer):
         # weighted sum of value rows over heads and knn
         n = self.heads * self.knn
         output = self._weighted_sum(ops.reshape(indices, (-1, n)), ops.reshape(weights, (-1, n)))  # (bs,v_dim)
-        output = self._dropout(output, self.value_dropout, training)
+        projects = self.pkm_config.projects_output
+        if not projects:  # Meta's layer drops out after value_proj (in _project)
+            output = self._dropout(output, self.value_dropout, training)
+
+        # Meta's projection and gate: the layer's output is then not the weighted sum
+        final = self._project(x, output, training) if projects else None  # (bs,output_dim)
         if len(prefix) >= 2:
-            output = ops.reshape(output, (*prefix, self.output_dim))  # (...,v_dim)
+            output = ops.reshape(output, (*prefix, self.v_dim))  # (...,v_dim)
+            if projects:
+                final = ops.reshape(final, (*prefix, self.output_dim))  # (...,output_dim)
 
         if not return_taps:
-            return output
-        return {
+            return final if projects else output
+        taps = {
             "query": ops.reshape(query, (-1, self.k_dim)),
             "scores": ops.reshape(scores, (-1, self.knn)),
             "indices": ops.cast(ops.reshape(indices, (-1, self.knn)), "int64"),
             "weights": ops.reshape(weights, (-1, self.knn)),
             "output": output,
         }
+        if projects:
+            taps[LAYER_OUTPUT] = final
+        return taps
 
     def get_config(self):
         return {
@@ -405,6 +565,8 @@ class ProductKeyMemory(keras.layers.Layer):
             "input_dropout": self.input_dropout,
             "query_dropout": self.query_dropout,
             "value_dropout": self.value_dropout,
+            # Meta's options only where set: an XLM layer's config is what it was
+            **{k: v for k, v in self.pkm_config.to_dict().items() if k in self.pkm_config.variant},
             "method": self.method,
             "batchnorm_momentum": self.batchnorm_momentum,
             "batchnorm_epsilon": self.batchnorm_epsilon,
@@ -450,11 +612,22 @@ def build_keras_model(
     return model
 
 
+def pkm_layers_of(config: PKMConfig, layers: int = 1, **kwargs) -> list[ProductKeyMemory]:
+    """``layers`` unbuilt ProductKeyMemory layers of ``config`` named ``pkm_<i>`` (``kwargs``
+    go to each), to be applied in order; with ``config.share_values`` every layer after the
+    first reads the first one's value table (:meth:`ProductKeyMemory.share_values_of`)."""
+    out = [ProductKeyMemory.from_pkm_config(config, name=f"pkm_{i}", **kwargs) for i in range(layers)]
+    if config.share_values:
+        for layer in out[1:]:
+            layer.share_values_of(out[0])
+    return out
+
+
 def _sequential(config: PKMConfig, layers: int, method: str, input_rank: int, dtype: str | None) -> keras.Sequential:
     return keras.Sequential(
-        [keras.Input(shape=(None,) * (input_rank - 2) + (config.input_dim,))]
-        + [
-            ProductKeyMemory.from_pkm_config(config, method=method, name=f"pkm_{i}", dtype=dtype) for i in range(layers)
+        [
+            keras.Input(shape=(None,) * (input_rank - 2) + (config.input_dim,)),
+            *pkm_layers_of(config, layers, method=method, dtype=dtype),
         ],
         name="pkm" if layers == 1 else f"pkm_stack_{layers}",
     )

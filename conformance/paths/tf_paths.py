@@ -19,12 +19,6 @@ class TFPath(ExecutionPath):
         self.name = f"tf-{mode}-{device}" + ("" if method == "auto" else f"[{method}]")
 
     def check(self, case) -> None:
-        if case is not None:
-            from pkm_models.keras_pkm import unsupported
-
-            problem = unsupported(case.config)
-            if problem:
-                raise PathUnavailable(problem)
         if self.device == "cuda":
             import tensorflow as tf
 

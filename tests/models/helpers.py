@@ -6,10 +6,12 @@ import numpy as np
 import torch
 
 from pkm_models import PKMConfig, make_weights
-from pkm_models.convert import set_keras_weights
-from pkm_models.keras_pkm import ProductKeyMemory
+from pkm_models.config import tap_names
+from pkm_models.convert import pkm_layers, set_keras_weights, split_layers
+from pkm_models.keras_pkm import ProductKeyMemory, build_keras_model
 from pkm_models.selection import selection_margins
-from pkm_models.torch_pkm import HashingMemory
+from pkm_models.stack import stack_forward
+from pkm_models.torch_pkm import HashingMemory, build_torch_model
 
 # Scores closer than this at a top-k boundary may legitimately select differently in
 # float32 (scores agree to ~1e-6 between the frameworks, see test_equivalence).
@@ -73,4 +75,57 @@ def assert_taps_match(ref, got, weights, config: PKMConfig, atol: float) -> dict
         expected = np.einsum("bn,bnd->bd", w, values[idx])
         assert np.abs(out_got[token_differs] - expected).max() <= atol
     errors["ambiguous_rows"] = int(differ.sum())
+    return errors
+
+
+# --- networks: build_torch_model / build_keras_model, every layer's taps -----------------------
+def build_models(config: PKMConfig, layers: int = 1, seed: int = 0, method: str = "einsum"):
+    """(torch reference, Keras model, numpy weights): ``layers`` layers of ``config`` built
+    the way the conformance run builds them, loaded with the same weights."""
+    weights = make_weights(config, seed, layers=layers)
+    return (
+        build_torch_model(config, layers, weights=weights),
+        build_keras_model(config, layers, seed=None, method=method, weights=weights),
+        weights,
+    )
+
+
+def torch_model_taps(model, x: np.ndarray, training: bool = False) -> dict[str, np.ndarray]:
+    model.train(training)
+    with torch.no_grad():
+        taps = model(torch.from_numpy(x), return_taps=True)
+    return {k: v.numpy() for k, v in taps.items()}
+
+
+def keras_model_taps(model, x, training: bool = False, fn=None) -> dict[str, np.ndarray]:
+    """Every layer's taps of a Keras model (``fn``: a wrapper such as ``tf.function``)."""
+
+    def call(layer, t, return_taps):
+        return layer(t, training=training, return_taps=return_taps)
+
+    def forward(t):
+        return stack_forward(pkm_layers(model), t, call, return_taps=True)
+
+    return {k: np.asarray(v) for k, v in (fn(forward) if fn else forward)(x).items()}
+
+
+def assert_model_taps_match(
+    ref, got, weights, config: PKMConfig, layers: int, atol: float, rtol: float = 0.0
+) -> dict[str, float]:
+    """Every tap of every layer, ``layer_output`` included: the same names in the same
+    order, the same selections (none of these rows may be a near-tie in the reference),
+    every float tap within ``atol + rtol * |reference|``. Returns the max abs error per tap."""
+    assert list(got) == list(ref) == tap_names(layers, config)
+    errors = {}
+    for i, layer_weights in enumerate(split_layers(weights)):
+        prefix = "" if layers == 1 else f"{i}/"
+        margins = selection_margins(ref[prefix + "query"], layer_weights["keys"], config.knn)
+        assert np.all(margins >= TIE_TOL), f"layer {i}: a near-tie in the reference; pick another input"
+        np.testing.assert_array_equal(got[prefix + "indices"], ref[prefix + "indices"], err_msg=prefix + "indices")
+        assert got[prefix + "indices"].dtype == np.int64
+    for name in ref:
+        assert got[name].shape == ref[name].shape and got[name].dtype == ref[name].dtype, name
+        err = np.abs(got[name].astype(np.float64) - ref[name])
+        errors[name] = float(err.max(initial=0.0))
+        assert np.all(err <= atol + rtol * np.abs(ref[name])), f"{name} differs by {errors[name]}"
     return errors

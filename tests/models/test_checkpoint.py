@@ -245,6 +245,28 @@ def test_knn_from_the_checkpoint_or_given_never_guessed(tmp_path, capsys):
         read_checkpoint(tmp_path / "a.keras", knn=4)
 
 
+def test_keras_checkpoint_keeps_meta_options(tmp_path):
+    """A .keras file of Meta's layers records their options in the layer config (an own
+    value dim, SwiLU, gate, a bfloat16 table shared by three layers) and reads back as it was."""
+    config = TINY.replace(
+        output_dim=TINY.input_dim,
+        value_dim=8,
+        swilu_projection=True,
+        gated=True,
+        value_dtype="bfloat16",
+        share_values=True,
+    )
+    weights = make_weights(config, 2, layers=3)
+    save_checkpoint(weights, tmp_path / "meta.keras", config)
+    back = read_checkpoint(tmp_path / "meta.keras")
+    assert back.config == config and back.memories == ("0", "1", "2")
+    stacked = back.stacked_weights()
+    assert set(stacked) == set(weights)
+    for name, array in weights.items():
+        np.testing.assert_array_equal(stacked[name], array, err_msg=name)
+    assert "converted bfloat16 weights to float32" in back.notes
+
+
 def test_dtype_notes_and_refusals(tmp_path, capsys):
     w = make_weights(TINY, 0)
     np.savez(tmp_path / "half.npz", **{k: v.astype(np.float16) for k, v in w.items()})

@@ -1,14 +1,20 @@
 """The Keras port as a Keras layer: build from shapes, tf.function and XLA, dynamic
-shapes, serialization."""
+shapes, serialization; Meta's options as Keras weights (a shared table is one variable, a
+bfloat16 table a bfloat16 one)."""
+
+import math
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import torch
 
-from pkm_models import ConfigError, get_preset, keras_pkm
+from pkm_models import ConfigError, PKMConfig, get_preset, keras_pkm
+from pkm_models.convert import ConversionError, get_keras_weights, set_keras_weights
 from pkm_models.keras_pkm import METHODS, ProductKeyMemory, build_keras_model
-from pkm_models.weights import make_input
+from pkm_models.torch_pkm import bf16_weighted_sum, build_torch_model
+from pkm_models.weights import make_input, make_weights
 from tests.models.helpers import assert_taps_match, build_pair, keras_taps, torch_taps
 
 TINY = get_preset("tiny").config
@@ -234,3 +240,114 @@ def test_unknown_last_dimension_and_wrong_input_dim():
         ProductKeyMemory(output_dim=8, k_dim=8, heads=2, knn=4, n_keys=8).build((None, None))
     with pytest.raises(ConfigError, match="built for input_dim=16"):
         ProductKeyMemory.from_pkm_config(TINY).build((None, 15))
+
+
+# --- Meta's memory-layer options as Keras weights ----------------------------------------------
+META = PKMConfig(
+    input_dim=24,
+    output_dim=24,
+    k_dim=8,
+    heads=2,
+    knn=4,
+    n_keys=8,
+    value_dim=16,
+    swilu_projection=True,
+    gated=True,
+    value_dtype="bfloat16",
+    share_values=True,
+)
+
+
+def test_shared_table_is_one_variable():
+    model = build_keras_model(META, layers=3, seed=1)
+    first, *others = model.layers
+    assert all(layer.values is first.values and layer.values_owner is first for layer in others)
+    assert first.values_owner is None
+    assert [w.name for w in model.weights].count("values") == 1  # held once by the model
+    torch_model = build_torch_model(META, 3, seed=1)
+    assert sum(math.prod(w.shape) for w in model.weights) == sum(p.numel() for p in torch_model.parameters())
+    # read back as one array under every layer's name, equal to the reference's weights
+    weights = get_keras_weights(model)
+    assert weights["layers.2.values.weight"] is weights["layers.0.values.weight"]
+    expected = make_weights(META, 1, layers=3)
+    assert set(weights) == set(expected)
+    for name, array in expected.items():
+        np.testing.assert_array_equal(weights[name], array, err_msg=name)
+    # one gradient for the table, gathering every layer's reads
+    x = tf.constant(make_input((2, 3, META.input_dim), seed=2))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(model(x, training=True) ** 2)
+    grads = tape.gradient(loss, model.trainable_weights)
+    assert [w.name for w in model.trainable_weights].count("values") == 1
+    assert all(g is not None for g in grads)
+
+
+def test_a_shared_table_loads_only_one_table():
+    model = build_keras_model(META, layers=3, seed=None)
+    weights = make_weights(META, 1, layers=3)
+    copies = {k: (v.copy() if k.endswith("values.weight") else v) for k, v in weights.items()}
+    set_keras_weights(model, copies)  # equal copies: one table
+    np.testing.assert_array_equal(model.layers[2].values.numpy().astype(np.float32), weights["layers.0.values.weight"])
+    copies["layers.2.values.weight"] = copies["layers.2.values.weight"] + 1
+    with pytest.raises(ConversionError, match=r"pkm_2/values differs from pkm_0/values, the table it shares"):
+        set_keras_weights(model, copies)
+
+
+def test_sharing_is_set_before_building_and_only_with_a_layer_of_the_same_table():
+    owner = ProductKeyMemory.from_pkm_config(META, name="owner")
+    owner.build((None, META.input_dim))
+    built = ProductKeyMemory.from_pkm_config(META)
+    built.build((None, META.input_dim))
+    with pytest.raises(ConfigError, match="before it is built"):
+        built.share_values_of(owner)
+    with pytest.raises(ConfigError, match="another ProductKeyMemory"):
+        ProductKeyMemory.from_pkm_config(META).share_values_of(keras.layers.Dense(3))
+    other = ProductKeyMemory.from_pkm_config(META.replace(value_dtype="float32"))
+    other.share_values_of(owner)
+    with pytest.raises(ConfigError, match=r"cannot share 'owner''s value table \(\(64, 16\), 'bfloat16'\)"):
+        other.build((None, META.input_dim))
+
+
+def test_bfloat16_table_is_a_bfloat16_variable_and_its_read_is_the_references():
+    """The table is stored in bfloat16, holding the reference's values; every method's read
+    is the reference's ``bf16_weighted_sum`` of the slots it selected, exactly."""
+    config = TINY.replace(value_dtype="bfloat16")
+    x = make_input((3, 4, config.input_dim), seed=5)
+    for method in METHODS:
+        _, layer, weights = build_pair(config, method=method)
+        assert layer.values.dtype == "bfloat16"
+        np.testing.assert_array_equal(layer.values.numpy().astype(np.float32), weights["values.weight"])
+        taps = keras_taps(layer, x)
+        n = config.heads * config.knn
+        expected = bf16_weighted_sum(
+            torch.from_numpy(weights["values.weight"]).bfloat16(),
+            torch.tensor(taps["indices"].reshape(-1, n)),
+            torch.tensor(taps["weights"].reshape(-1, n)),
+        ).numpy()
+        np.testing.assert_array_equal(taps["output"].reshape(-1, config.output_dim), expected, err_msg=method)
+
+
+def test_meta_layer_config_and_keras_file_round_trip(tmp_path):
+    model = build_keras_model(META, layers=3, seed=3, method="einsum")
+    config = model.layers[1].get_config()
+    assert {k: config[k] for k in META.variant} == {k: getattr(META, k) for k in META.variant}
+    assert ProductKeyMemory.from_config(config).get_config() == config
+    assert not set(META.variant) & set(build_keras_model(TINY).layers[0].get_config())  # XLM's config as it was
+    x = make_input((2, 3, META.input_dim), seed=4)
+    path = tmp_path / "meta.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+    assert loaded.layers[0].values.dtype == "bfloat16"
+
+
+def test_value_dropout_comes_after_the_projection():
+    """As in the reference: the read (``output``) is not dropped out, the projected output is."""
+    config = META.replace(gated=False, value_dropout=0.5)
+    _, layer, _ = build_pair(config)
+    x = make_input((2, 3, config.input_dim), seed=1)
+    plain, trained = keras_taps(layer, x), keras_taps(layer, x, training=True)
+    np.testing.assert_array_equal(trained["output"], plain["output"])
+    dropped = trained["layer_output"] == 0
+    assert 0.2 < dropped.mean() < 0.8 and not np.any(plain["layer_output"] == 0)
+    np.testing.assert_allclose(trained["layer_output"][~dropped], 2 * plain["layer_output"][~dropped], rtol=1e-6)

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from conformance.export import EXPORTER_NAMES, TAPS, ExportError, ModelSpec, export
-from pkm_models import get_preset
+from conformance.export.tf_exporters import bfloat16_kept, check_bfloat16_rounding
+from pkm_models import PKMConfig, get_preset
+from pkm_models.config import tap_names
 from pkm_models.torch_pkm import build_torch_model
 from pkm_models.weights import make_input
-from tests.models.helpers import assert_taps_match
+from tests.models.helpers import assert_model_taps_match, assert_taps_match, torch_model_taps
 
 SPEC = ModelSpec.from_preset(get_preset("tiny"), seed=3)
 # batch 1, and a sequence length never seen at export time (the example input is (2, 3))
@@ -83,3 +85,80 @@ def test_bad_requests(tmp_path):
         export(SPEC, "torch-fast", tmp_path, opset=9)
     with pytest.raises(ExportError, match=r"tf2onnx 1\.17 supports opsets up to 18, got 20"):
         export(SPEC, "tf2onnx", tmp_path, opset=20)
+
+
+# --- Meta's memory-layer options through the Keras port's exporters ---------------------------
+META = ModelSpec(
+    name="meta",
+    config=PKMConfig(
+        input_dim=24,
+        output_dim=24,
+        k_dim=8,
+        heads=2,
+        knn=4,
+        n_keys=8,
+        value_dim=16,
+        swilu_projection=True,
+        gated=True,
+        value_dtype="bfloat16",
+        share_values=True,
+    ),
+    layers=3,
+    seed=4,
+)
+
+
+def _bf16_casts(model: onnx.ModelProto) -> int:
+    return sum(
+        1
+        for n in model.graph.node
+        if n.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.BFLOAT16 for a in n.attribute)
+    )
+
+
+@pytest.mark.parametrize("exporter", ["tf2onnx", "keras"])
+def test_meta_options_export_as_the_reference(tmp_path, exporter):
+    """One bfloat16 table for the three layers, one rounding to bfloat16 per layer, and the
+    taps of the reference, ``layer_output`` included; the deployed output is the last
+    layer's final output."""
+    c = META.config
+    report = export(META, exporter, tmp_path, tapped=True)
+    assert report.outputs == tap_names(3, c)
+    model = onnx.load(str(report.path))
+    tables = [t for t in model.graph.initializer if tuple(t.dims) == (c.size, c.v_dim)]
+    assert [t.data_type for t in tables] == [onnx.TensorProto.BFLOAT16]
+    assert _bf16_casts(model) == 3
+    reference = build_torch_model(c, 3, META.seed).eval()
+    session = _session(report.path)
+    for shape in SHAPES:
+        x = make_input((*shape, c.input_dim), seed=sum(shape) + 20)
+        got = dict(zip(report.outputs, session.run(None, {"input": x}), strict=True))
+        assert_model_taps_match(torch_model_taps(reference, x), got, META.weights(), c, 3, atol=1e-5)
+    deployed = export(META, exporter, tmp_path / "deployed", tapped=False)
+    x = make_input((2, 5, c.input_dim), seed=1)
+    (got,) = _session(deployed.path).run(None, {"input": x})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, reference(torch.from_numpy(x)).numpy(), atol=1e-5, rtol=0)
+
+
+def test_tf2onnx_is_left_as_it_was_and_a_lost_rounding_is_refused():
+    """The bfloat16 fixes to tf2onnx hold only inside the export; a graph that lost the
+    rounding is refused, not written."""
+    from tensorflow.core.framework import types_pb2
+    from tf2onnx import tf_utils
+    from tf2onnx.optimizer import back_to_back_optimizer as b2b
+
+    before = (tf_utils.TF_TO_ONNX_DTYPE[types_pb2.DT_BFLOAT16], b2b._func_map[("Cast",)])
+    with bfloat16_kept():
+        assert tf_utils.TF_TO_ONNX_DTYPE[types_pb2.DT_BFLOAT16] == onnx.TensorProto.BFLOAT16
+        assert b2b._func_map[("Cast",)] is not before[1]
+    assert (tf_utils.TF_TO_ONNX_DTYPE[types_pb2.DT_BFLOAT16], b2b._func_map[("Cast",)]) == before
+    one_cast = onnx.helper.make_graph(
+        [onnx.helper.make_node("Cast", ["x"], ["y"], to=onnx.TensorProto.BFLOAT16)],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.BFLOAT16, [1])],
+    )
+    check_bfloat16_rounding(onnx.helper.make_model(one_cast), ModelSpec("one", META.config, 1), "tf2onnx")
+    with pytest.raises(ExportError, match=r"dropped the rounding .* \(1 Cast to bfloat16 for 3 layer\(s\)\)"):
+        check_bfloat16_rounding(onnx.helper.make_model(one_cast), META, "tf2onnx")
