@@ -13,13 +13,15 @@ its own.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from pkm_models.config import ConfigError, PKMConfig, Preset, check_stackable, tap_names
 from pkm_models.convert import check_weights, expected_shapes
-from pkm_models.weights import Weights, make_weights, weight_blocks
+from pkm_models.weights import Weights, make_weights, shared_aliases, weight_blocks
 
 
 def _write_npy(path: Path, shape: tuple[int, ...], blocks) -> None:
@@ -31,15 +33,25 @@ def _write_npy(path: Path, shape: tuple[int, ...], blocks) -> None:
             np.ascontiguousarray(block, dtype=np.float32).tofile(f)
 
 
-def write_weights_dir(weights, folder: Path) -> Path:
+def write_weights_dir(weights, folder: Path, aliases: dict[str, str] | None = None) -> Path:
     """Torch-named ``weights`` (a mapping, or ``(name, shape, blocks)`` triples) as
-    ``folder/<name>.npy``; returns ``folder``."""
+    ``folder/<name>.npy``; returns ``folder``. ``aliases`` (name -> name): tensors that are
+    another one (a shared value table, :func:`pkm_models.weights.shared_aliases`), written
+    once and hard-linked under their own names (one file on disk, one copy in the page
+    cache; copied where the file system has no hard links), never drawn or read again."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    aliases = aliases or {}
     items = weights.items() if hasattr(weights, "items") else weights
     for item in items:
         name, shape, blocks = item if len(item) == 3 else (item[0], item[1].shape, [item[1]])
-        _write_npy(folder / f"{name}.npy", shape, blocks)
+        if name not in aliases:
+            _write_npy(folder / f"{name}.npy", shape, blocks)
+    for name, target in aliases.items():
+        try:
+            os.link(folder / f"{target}.npy", folder / f"{name}.npy")
+        except OSError:
+            shutil.copyfile(folder / f"{target}.npy", folder / f"{name}.npy")
     return folder
 
 
@@ -162,12 +174,13 @@ class ModelSpec:
         """This model's weights as a folder of ``.npy`` files (see :func:`read_weights_dir`).
         Generated weights are drawn and written in blocks (a few hundred MB of memory at
         most, whatever the model's size); others are read once and written."""
+        aliases = shared_aliases(self.config, self.layers)  # a shared table: one file
         if self.checkpoint is not None or self.weights_file is not None:
-            return write_weights_dir(self.weights(), folder)
+            return write_weights_dir(self.weights(), folder, aliases)
         blocks = weight_blocks(self.config, self.seed, layers=self.layers)
         if self.duplicate_subkeys:  # the sub-keys are small: duplicated in memory
-            return write_weights_dir(self.generated_weights(), folder)
-        return write_weights_dir(blocks, folder)
+            return write_weights_dir(self.generated_weights(), folder, aliases)
+        return write_weights_dir(blocks, folder, aliases)
 
     def checkpoint_weights(self) -> Weights:
         """The checkpoint's memories as this spec's layers; the file must still be the one

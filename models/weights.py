@@ -102,6 +102,14 @@ def share_tables(weights: Weights, config: PKMConfig) -> Weights:
     return {k: (table if k in names else v) for k, v in weights.items()}
 
 
+def shared_aliases(config: PKMConfig, layers: int) -> dict[str, str]:
+    """With ``config.share_values``: the name of every layer's value table after the first
+    -> layer 0's (the one table they all are); else empty."""
+    if not config.share_values or layers < 2:
+        return {}
+    return {f"layers.{i}.values.weight": "layers.0.values.weight" for i in range(1, layers)}
+
+
 def make_weights(config: PKMConfig, seed: int, *, layers: int = 1) -> Weights:
     """All float32 weights of ``layers`` PKM layers, keyed by ``state_dict`` name.
 

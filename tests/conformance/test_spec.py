@@ -32,3 +32,21 @@ def test_what_is_not_a_float32_table_is_refused(tmp_path):
     (tmp_path / "d.npy").write_bytes(data[:-4])
     with pytest.raises(ValueError, match="shorter"):
         read_columns(tmp_path / "d.npy", 0, 3)
+
+
+def test_a_shared_table_is_one_file_under_every_layers_name(tmp_path):
+    import dataclasses
+    from pathlib import Path
+
+    from conformance.cases import load_cases
+
+    (case,) = load_cases(Path(__file__).resolve().parents[2] / "conformance" / "cases", ["memory-layers"])
+    folder = case.spec.write_weights(tmp_path / "weights")
+    tables = [folder / f"layers.{i}.values.weight.npy" for i in range(3)]
+    assert len({t.stat().st_ino for t in tables}) == 1 and tables[0].stat().st_nlink == 3
+    expected = case.spec.generated_weights()
+    spec = dataclasses.replace(case.spec, weights_file=folder, checkpoint=None)
+    got = spec.weights()
+    assert sorted(got) == sorted(expected)
+    for name, array in expected.items():
+        np.testing.assert_array_equal(got[name], array, err_msg=name)
