@@ -103,7 +103,9 @@ class ColumnShardedValues(nn.Module):
         all_indices = torch.cat(_all_gather_rows(indices, sizes, self.group))  # (tokens,n)
         all_weights = torch.cat(_all_gather_rows(weights, sizes, self.group))  # (tokens,n)
         # 2. this process's columns of every token's read
-        if self.weight.dtype == torch.bfloat16:
+        if self.weight.shape[1] == 0:  # more processes than columns: this one holds none
+            part = all_weights.new_zeros((all_weights.shape[0], 0))
+        elif self.weight.dtype == torch.bfloat16:
             part = bf16_weighted_sum(self.weight, all_indices, all_weights)  # (tokens,cols)
         else:
             part = F.embedding_bag(all_indices, self.weight, per_sample_weights=all_weights, mode="sum")
@@ -135,7 +137,26 @@ def shard_values(model: nn.Module, group=None, read_columns=None) -> nn.Module:
             columns = None
             if read_columns is not None:
                 start, stop = column_bounds(table.weight.shape[1], world)[rank]
-                columns = read_columns(f"{name}.values.weight".lstrip("."), start, stop)
+                columns = torch.as_tensor(read_columns(f"{name}.values.weight".lstrip("."), start, stop))
             sharded[id(table)] = ColumnShardedValues(table.weight, group, columns)
         layer.values = sharded[id(table)]
     return model
+
+
+def build_sharded_model(config, layers: int, weights, read_columns, group=None) -> nn.Module:
+    """The reference of ``config`` (one ``HashingMemory``, or a ``PKMStack`` of ``layers``)
+    with ``weights`` (torch-named numpy arrays, shared where the dtype allows, as
+    :func:`pkm_models.torch_pkm.build_torch_model` does), every value table replaced by this
+    process's :class:`ColumnShardedValues` read by ``read_columns(name, start, stop)``. A
+    table itself is never built, read or converted here (it stays on the meta device until
+    replaced): a process of a sharded model holds its columns and nothing more of it, a
+    bfloat16 or shared table included. Table entries in ``weights`` are not read."""
+    from pkm_models.convert import numpy_to_state_dict
+    from pkm_models.torch_pkm import HashingMemory, PKMStack
+
+    with torch.device("meta"):
+        model = HashingMemory(**config.to_dict()) if layers == 1 else PKMStack(config, layers)
+    reference = {k: v for k, v in model.state_dict().items() if not k.endswith("values.weight")}
+    rest = {k: v for k, v in weights.items() if not k.endswith("values.weight")}
+    model.load_state_dict(numpy_to_state_dict(rest, reference), strict=False, assign=True)
+    return shard_values(model, group, read_columns)

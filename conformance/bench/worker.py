@@ -68,7 +68,10 @@ def measure(request: dict) -> dict:
                 with contextlib.suppress(OSError):  # another worker may have put its copy first
                     os.rename(weights.with_name(f".weights-{os.getpid()}"), weights)
             context = CaseContext(
-                case, read_weights_dir(weights, writable=True), export_dir=Path(request["export_dir"])
+                case,
+                read_weights_dir(weights, writable=True),
+                export_dir=Path(request["export_dir"]),
+                weights_dir=weights,
             )
             fn = path.prepare_timed(context, make_input(bench.input_shape, seed=0))
         except (PathUnavailable, ExportUnsupported) as exc:
@@ -78,25 +81,27 @@ def measure(request: dict) -> dict:
             fn()
     times = time_calls(fn, request["runs"])  # input already on the device; returns once it has finished
     host.sample()  # once more, after the timed passes
-    if path.judged_in_bench:
+    peak_host_mb = max(memory_mb("VmHWM"), host.bytes / 2**20)  # the path's, before any judging
+    if sampler:
+        sampler.sample()
+    peak_device = sampler.peak_mb if sampler else None
+    if sampler and peak_device is None and path.family == "torch" and not getattr(path, "processes", 0):
+        # no nvidia-smi: the allocator's own peak (a sharded path allocates in its processes, not here)
+        import torch
+
+        peak_device = torch.cuda.max_memory_allocated() / 2**20
+    if path.judged_in_bench:  # after the figures: the reference's pass is not the path's memory
         problem = judge_against_reference(path, context, make_input(bench.input_shape, seed=0), request)
         if problem:
             return {**result, "status": FAIL, "reason": problem}
         result["judged"] = True
-    if sampler:
-        sampler.sample()
-    peak_device = sampler.peak_mb if sampler else None
-    if sampler and peak_device is None and path.family == "torch":  # no nvidia-smi: the allocator's own peak
-        import torch
-
-        peak_device = torch.cuda.max_memory_allocated() / 2**20
     return {
         **result,
         "status": OK,
         "reason": "",
         **summarize(times),
         "times_s": times,
-        "peak_host_mb": max(memory_mb("VmHWM"), host.bytes / 2**20),
+        "peak_host_mb": peak_host_mb,
         "peak_device_mb": peak_device,
     }
 

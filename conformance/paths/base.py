@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import tempfile
@@ -46,6 +47,7 @@ class CaseContext:
         self._keras: dict[str, object] = {}
         self._dir = export_dir
         self._own_dir = export_dir is None
+        self._closers: list[Callable[[], None]] = []
 
     @property
     def export_dir(self) -> Path | None:
@@ -95,7 +97,17 @@ class CaseContext:
             raise result
         return result
 
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when this context closes (once, however often it is given):
+        what a path holds for this case outside this process (a sharded path's model)."""
+        if callback not in self._closers:
+            self._closers.append(callback)
+
     def close(self) -> None:
+        for callback in self._closers:
+            with contextlib.suppress(Exception):
+                callback()
+        self._closers.clear()
         if self._dir is not None and self._own_dir:
             shutil.rmtree(self._dir, ignore_errors=True)
         self.__dict__.pop("torch_model", None)

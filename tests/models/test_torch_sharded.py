@@ -18,7 +18,14 @@ import torch.multiprocessing as mp
 
 from pkm_models.config import PKMConfig
 from pkm_models.torch_pkm import build_torch_model
-from pkm_models.torch_sharded import ColumnShardedValues, column_bounds, shard_values, token_bounds
+from pkm_models.torch_sharded import (
+    ColumnShardedValues,
+    build_sharded_model,
+    column_bounds,
+    shard_values,
+    token_bounds,
+)
+from pkm_models.weights import make_weights
 
 TINY = PKMConfig(input_dim=16, output_dim=8, k_dim=8, heads=2, knn=4, n_keys=8)
 META = PKMConfig(
@@ -45,8 +52,13 @@ def _rank(rank, world, rendezvous, config_dict, layers, x, out):
         timeout=datetime.timedelta(seconds=60),
     )  # fmt: skip
     torch.set_num_threads(1)
-    model = build_torch_model(PKMConfig.from_dict(config_dict), layers, seed=3).eval()
-    shard_values(model)
+    config = PKMConfig.from_dict(config_dict)
+    if config.share_values:  # how a sharded path builds it: the tables never whole
+        weights = make_weights(config, 3, layers=layers)
+        model = build_sharded_model(config, layers, weights, lambda name, a, b: weights[name][:, a:b].copy()).eval()
+    else:
+        model = build_torch_model(config, layers, seed=3).eval()
+        shard_values(model)
     tables = {id(m) for m in model.modules() if isinstance(m, ColumnShardedValues)}
     shapes = [tuple(m.weight.shape) for m in model.modules() if isinstance(m, ColumnShardedValues)]
     flat = x.reshape(-1, x.shape[-1])

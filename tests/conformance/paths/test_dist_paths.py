@@ -5,7 +5,10 @@ path's error, and the next run starts a fresh group."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,7 @@ from conformance.cases import load_cases
 from conformance.compare import judge
 from conformance.golden import GoldenStore
 from conformance.paths import PATH_NAMES, CaseContext, PathUnavailable, get_path, select_paths
-from conformance.paths.dist_paths import DistPath, parse_name
+from conformance.paths.dist_paths import DistPath, GroupFailed, parse_name
 from conformance.spec import write_weights_dir
 from conformance.tolerances import load_policy
 from pkm_models.torch_sharded import column_bounds
@@ -73,9 +76,48 @@ def test_a_failing_process_is_the_paths_error_and_the_next_run_starts_afresh(wei
     empty = tmp_path / "no-weights"
     empty.mkdir()
     path = DistPath("cpu", 2)
-    with pytest.raises(RuntimeError, match=r"rank 0 of 2: .*"):
+    with pytest.raises(GroupFailed, match=r"rank \d of 2 on 'load': .*"):
         path.prepare(CaseContext(_case("tiny"), weights_dir=empty))
     assert _verdict(path, "tiny", weights_dirs["tiny"]).status == "pass"
+
+
+def test_a_process_that_dies_ends_its_group_at_once_and_the_path_starts_another(weights_dirs):
+    """Rank 1 is killed: rank 0 then waits for it in a collective. The group must end both
+    within seconds (not after a time-out of minutes), name the dead one, and the path's next
+    run must start a fresh group, leaving no process of the old one behind."""
+    path = DistPath("cpu", 2)
+    context = CaseContext(_case("tiny"), weights_dir=weights_dirs["tiny"])
+    run = path.prepare(context)
+    group = run.__self__
+    old = list(group._procs)
+    os.kill(old[1].pid, signal.SIGKILL)
+    started = time.monotonic()
+    with pytest.raises(GroupFailed, match=r"rank 1 of 2 died"):
+        run(STORE.read("tiny").input)
+    assert time.monotonic() - started < 30
+    assert all(p.poll() is not None for p in old)  # rank 0 ended too
+    assert _verdict(path, "tiny", weights_dirs["tiny"]).status == "pass"
+
+
+def test_the_taps_have_the_references_shapes_for_any_input_rank(weights_dirs):
+    import torch
+
+    case = _case("tiny")
+    reference = case.spec.torch_model(case.spec.weights())
+    run = DistPath("cpu", 2).prepare(CaseContext(case, weights_dir=weights_dirs["tiny"]))
+    rng = np.random.default_rng(0)
+    for shape in [(16,), (5, 16), (2, 3, 16), (2, 1, 3, 16)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        with torch.inference_mode():
+            want = {k: v.numpy() for k, v in reference(torch.from_numpy(x), return_taps=True).items()}
+        got = run(x)
+        assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}, shape
+        np.testing.assert_allclose(got["output"], want["output"], rtol=1e-6, atol=1e-7)
+
+
+def test_more_processes_than_columns_is_unavailable():
+    with pytest.raises(PathUnavailable, match="cannot split the 8 columns of a value row over 9 processes"):
+        DistPath("cpu", 9).check(_case("tiny"))
 
 
 def test_any_n_by_its_name():
