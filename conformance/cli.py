@@ -544,10 +544,14 @@ def _add_export(sub) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    import contextlib
+    import dataclasses
     import os
+    import tempfile
     from pathlib import Path
 
     from conformance.export import EXPORTER_NAMES, SUPPORTED_OPSETS, ModelSpec, check_exporter_names, export
+    from conformance.export.onnx_files import EXTERNAL_DATA_THRESHOLD
     from conformance.files import FileProblem, check_writable, refuse_overwriting_inputs
     from pkm_models import get_preset
 
@@ -577,15 +581,21 @@ def _run_export(args: argparse.Namespace) -> int:
         )
     check_writable(out)
     failed = []
-    for i, name in enumerate(names, start=1):
-        print(f"[{i}/{len(names)}] {name} ...", flush=True)
-        try:
-            report = export(spec, name, out, opset=args.opset, tapped=args.tapped, precision=args.precision)
-        except Exception as exc:  # one exporter failing must not stop the others
-            failed.append(name)
-            print(f"{name}: FAILED: {type(exc).__name__}: {exc}", flush=True)
-            continue
-        print(report.render(), flush=True)
+    with contextlib.ExitStack() as stack:
+        if spec.weight_bytes > EXTERNAL_DATA_THRESHOLD:  # written once, memory-mapped by every exporter
+            out.mkdir(parents=True, exist_ok=True)
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".weights-", dir=out)))
+            print(f"writing the weights ({spec.weight_bytes / 1e9:,.1f} GB) once, for every exporter ...", flush=True)
+            spec = dataclasses.replace(spec, weights_file=spec.write_weights(folder), checkpoint=None)
+        for i, name in enumerate(names, start=1):
+            print(f"[{i}/{len(names)}] {name} ...", flush=True)
+            try:
+                report = export(spec, name, out, opset=args.opset, tapped=args.tapped, precision=args.precision)
+            except Exception as exc:  # one exporter failing must not stop the others
+                failed.append(name)
+                print(f"{name}: FAILED: {type(exc).__name__}: {exc}", flush=True)
+                continue
+            print(report.render(), flush=True)
     if failed:
         print(f"{len(failed)} of {len(names)} exporter(s) failed: {failed}", file=sys.stderr)
         return EXIT_FAIL
