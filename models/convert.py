@@ -201,7 +201,7 @@ def pkm_layers(model) -> list:
     return found
 
 
-ASSIGN_BLOCK_BYTES = 64 << 20  # larger weights are assigned in blocks of rows of about this size
+ASSIGN_BLOCK_BYTES = 64 << 20  # larger weights are copied into a variable in blocks of rows of about this size
 
 
 def _mapped_file(array: np.ndarray) -> tuple[str, int] | None:
@@ -238,17 +238,53 @@ def row_blocks(array: np.ndarray, rows: int):
             yield start, block
 
 
+def aligned_empty(shape: tuple[int, ...], dtype, zeros: bool = False, align: int = 4096) -> np.ndarray:
+    """An uninitialised (or ``zeros``) C-ordered array whose data starts on an ``align``-byte
+    boundary, so that TensorFlow can adopt it without a copy (:func:`tensor_adopting`).
+    Zeros come from untouched pages: they take no memory until written."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = (np.zeros if zeros else np.empty)(nbytes + align, np.uint8)
+    offset = (-raw.ctypes.data) % align
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
+def tensor_adopting(array: np.ndarray):
+    """A TensorFlow tensor over ``array``'s memory (through DLPack, no copy); the tensor keeps
+    the array alive. ``array`` must be C-ordered and aligned (:func:`aligned_empty`); a
+    bfloat16 array (which DLPack does not carry from numpy) goes as its bits and is
+    reinterpreted, still without a copy. ``tf.convert_to_tensor`` would copy it."""
+    import tensorflow as tf
+
+    if array.dtype.name == "bfloat16":
+        bits = tf.experimental.dlpack.from_dlpack(array.view(np.uint16).__dlpack__())
+        return tf.bitcast(bits, tf.bfloat16)
+    return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
+
+
 def assign_variable(variable, array: np.ndarray) -> None:
-    """``variable.assign(array)``, in blocks of rows where the array is large: a whole-array
-    assign converts it into a tensor first, a second full copy (3 GB for a 1M-row table)."""
+    """``variable.assign(array)`` holding at most one full copy of a large array at a time.
+
+    A TensorFlow variable: the array is copied in blocks of rows (read from the file where
+    it is memory-mapped, :func:`row_blocks`) into one aligned buffer, which the variable then
+    adopts as its value. Neither ``variable.assign(array)`` (it converts the array into a
+    tensor first, a second full copy: 3 GB for a 1M-row table) nor a slice assign per block
+    does: a slice assign puts the variable into TensorFlow's copy-on-read mode, where every
+    later dense read copies the whole variable (each block's ``variable[a:b]`` and every
+    forward pass's read of the table: 2x the table at the peak). Other backends' variables
+    are assigned whole."""
     target = getattr(variable, "value", variable)  # Keras 3 on TensorFlow: the tf.Variable
-    if array.nbytes <= ASSIGN_BLOCK_BYTES or array.ndim == 0 or not hasattr(target, "__getitem__"):
+    if array.nbytes <= ASSIGN_BLOCK_BYTES or array.ndim == 0 or not hasattr(target, "handle"):
         variable.assign(np.asarray(array))
         return
-    dtype = target.dtype.as_numpy_dtype if hasattr(target.dtype, "as_numpy_dtype") else array.dtype
+    dtype = target.dtype.as_numpy_dtype
     rows = max(1, ASSIGN_BLOCK_BYTES // max(1, array[:1].nbytes))
+    buffer = aligned_empty(array.shape, dtype)
     for start, block in row_blocks(array, rows):
-        target[start : start + len(block)].assign(block.astype(dtype, copy=False))
+        buffer[start : start + len(block)] = block.astype(dtype, copy=False)
+    value = tensor_adopting(buffer)
+    del buffer  # held by the tensor, then by the variable alone
+    target.assign(value)
 
 
 def set_keras_weights(model, weights: Mapping[str, np.ndarray]) -> None:

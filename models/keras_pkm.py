@@ -356,8 +356,9 @@ class ProductKeyMemory(keras.layers.Layer):
             self.values = table
             return
         # drawn in TensorFlow, the normal values take several temporaries of the table's
-        # size: a layer whose weights are loaded next starts from zeros instead
-        values_init = "zeros" if _LOADING else keras.initializers.RandomNormal(stddev=self.v_dim**-0.5)
+        # size: a layer whose weights are loaded next starts from zeros instead, on
+        # untouched pages where it can (_untouched_zeros), since the loaded table replaces them
+        values_init = _untouched_zeros if _LOADING else keras.initializers.RandomNormal(stddev=self.v_dim**-0.5)
         bf16 = self.value_dtype == "bfloat16"
         self.values = self.add_weight(
             name="values",
@@ -575,6 +576,22 @@ class ProductKeyMemory(keras.layers.Layer):
 
 
 _LOADING = False  # layers built now get their weights loaded next (see build_keras_model)
+
+
+def _untouched_zeros(shape, dtype=None):
+    """Zeros for a variable whose value is assigned next: with the TensorFlow backend, a
+    tensor over untouched zero pages (no memory until written), which the variable adopts
+    and gives up when its value is assigned (:func:`pkm_models.convert.assign_variable`);
+    ``tf.zeros`` would write the whole table first (3 GB for a 1M-row table). Other
+    backends: ``ops.zeros``."""
+    dtype = keras.backend.standardize_dtype(dtype)
+    if keras.backend.backend() != "tensorflow":
+        return ops.zeros(shape, dtype)
+    import tensorflow as tf
+
+    from pkm_models.convert import aligned_empty, tensor_adopting
+
+    return tensor_adopting(aligned_empty(tuple(shape), tf.as_dtype(dtype).as_numpy_dtype, zeros=True))
 
 
 def build_keras_model(

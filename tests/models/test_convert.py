@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pkm_models import get_preset, make_weights
+from pkm_models import convert, get_preset, make_weights
 from pkm_models.checkpoint import read_checkpoint
 from pkm_models.convert import (
     ConversionError,
@@ -128,3 +128,39 @@ def test_bad_files(tmp_path):
     (tmp_path / "bad.keras").write_bytes(b"PK garbage")
     with pytest.raises(PKMError, match=r"bad\.keras"):
         read_checkpoint(tmp_path / "bad.keras")
+
+
+def _data_pointer(tensor) -> int:
+    """Where a TensorFlow tensor's data lives (read through DLPack, without a copy)."""
+    import tensorflow as tf
+
+    if tensor.dtype == tf.bfloat16:  # DLPack does not carry bfloat16 to numpy: its bits, not copied
+        tensor = tf.bitcast(tensor, tf.uint16)
+
+    class Capsule:
+        def __dlpack__(self, **kwargs):
+            return tf.experimental.dlpack.to_dlpack(tensor)
+
+        def __dlpack_device__(self):
+            return (1, 0)  # CPU
+
+    return np.from_dlpack(Capsule()).ctypes.data
+
+
+@pytest.mark.parametrize("value_dtype", ["float32", "bfloat16"])
+def test_a_large_table_is_read_from_its_file_into_the_variable_it_becomes(tmp_path, monkeypatch, value_dtype):
+    """Past ASSIGN_BLOCK_BYTES a table is read from its memory-mapped file in blocks into one
+    buffer that the variable adopts: the variable holds the file's values, and reading it
+    does not copy it (no slice assign has put it into TensorFlow's copy-on-read mode, where
+    every forward pass would copy the whole table)."""
+    import tensorflow as tf
+
+    monkeypatch.setattr(convert, "ASSIGN_BLOCK_BYTES", 1024)  # the tiny table: several blocks
+    config = TINY.replace(value_dtype=value_dtype)
+    weights = make_weights(config, 0)
+    np.save(tmp_path / "values.npy", weights["values.weight"])
+    weights["values.weight"] = np.load(tmp_path / "values.npy", mmap_mode="c")
+    model = build_keras_model(config, seed=None, weights=weights)
+    np.testing.assert_array_equal(get_keras_weights(model)["values.weight"], np.load(tmp_path / "values.npy"))
+    table = model.layers[0].values.value
+    assert _data_pointer(tf.convert_to_tensor(table)) == _data_pointer(tf.convert_to_tensor(table))
