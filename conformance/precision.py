@@ -247,15 +247,13 @@ def expected_model_bytes(precision: str, fp32_bytes: int, value_bytes: int, rows
     return fp32_bytes
 
 
-def check_model_bytes(
-    precision: str, model_bytes: int, fp32_bytes: int, value_bytes: int, rows: int, slack: int = 0
-) -> str | None:
+def check_model_bytes(precision: str, model_bytes: int, fp32_bytes: int, value_bytes: int, rows: int) -> str | None:
     """Why a model declared at ``precision`` does not have that precision's size, or None:
-    it may hold at most 10% more than :func:`expected_model_bytes` plus ``slack`` (an ONNX
-    file's graph). A float32 model labelled reduced is caught here even when its taps
-    would pass."""
+    its weights (``model_bytes``: an ONNX file's floating-point tensors, not its graph) may
+    take at most 10% more than :func:`expected_model_bytes`. A float32 model labelled
+    reduced is caught here even when its taps would pass."""
     expected = expected_model_bytes(precision, fp32_bytes, value_bytes, rows)
-    if precision == FP32 or model_bytes <= 1.1 * expected + slack:
+    if precision == FP32 or model_bytes <= 1.1 * expected:
         return None
     return (
         f"declared {precision} but its model holds {model_bytes:,} bytes, {model_bytes / fp32_bytes:.2f}x the "

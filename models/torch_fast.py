@@ -60,7 +60,8 @@ class FastHashingMemory(nn.Module):
         chunks of slots so that each gathered block stays in cache; or, in the ``"bag"``
         form, one ``F.embedding_bag`` with per-sample weights."""
         n = flat_indices.shape[1]
-        if self.reference.values.weight.dtype == torch.bfloat16:  # Meta's kernel: one order, one rounding
+        if self.reference.config.value_dtype == "bfloat16":  # Meta's kernel: one order, one rounding
+            # (XLM's layer cast whole to bf16, the @bf16 variant, sums in bf16 below)
             return bf16_weighted_sum(self.reference.values.weight, flat_indices, flat_weights)  # (bs,v_dim)
         if self.sum_form == "bag":
             return F.embedding_bag(

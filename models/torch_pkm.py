@@ -256,8 +256,9 @@ class HashingMemory(nn.Module):
         (:class:`pkm_models.torch_sharded.ColumnShardedValues`) takes the ``EmbeddingBag``'s
         place and call, and reads its own way."""
         values = self.values
-        if isinstance(values, nn.EmbeddingBag) and values.weight.dtype == torch.bfloat16:
+        if isinstance(values, nn.EmbeddingBag) and self.config.value_dtype == "bfloat16":
             return bf16_weighted_sum(values.weight, indices, weights)
+        # (a whole model cast to bf16, the @bf16 variant of XLM's layer, sums in bf16 here)
         return values(indices, per_sample_weights=weights)
 
     def project(self, input, read):

@@ -64,6 +64,24 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
+def float_weight_bytes(path: Path) -> int:
+    """Bytes of the floating-point tensors a saved model holds (initializers, inline or
+    external, and Constant nodes), sized from their declared shapes and types: the weights
+    without the graph (which grows with layers and taps) or integer constants (shapes,
+    indices). What a model at a reduced precision is judged by (``conformance.precision``)."""
+    model = onnx.load(str(path), load_external_data=False)
+    tensors = list(model.graph.initializer)
+    tensors += [
+        a.t for n in all_nodes(model.graph) if n.op_type == "Constant" for a in n.attribute if a.name == "value"
+    ]
+    total = 0
+    for t in tensors:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+        if dtype.kind == "f" or t.data_type == onnx.TensorProto.BFLOAT16:
+            total += int(np.prod(t.dims, dtype=np.int64)) * dtype.itemsize
+    return total
+
+
 def save_model(model: onnx.ModelProto, path: Path) -> None:
     """Save, with external data in ``<path>.data`` when the weights are large."""
     path = Path(path)

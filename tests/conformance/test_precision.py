@@ -348,3 +348,18 @@ def test_report_md_shows_the_precision_figures(tmp_path):
     md = markdown(result, tmp_path).decode()
     assert "## Reduced precision" in md
     assert "| xlm | ort-cpu[torch-fast]@int8 | pass | 98.0% | 3 | 0.007 | 0.02 | - |" in md
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["torch-eager-cpu@bf16", "ort-cpu[torch-fast]@fp16", "ort-cpu[torch-fast]@bf16", "ort-cpu[torch-fast]@int8"],
+)
+def test_reduced_precision_runs_and_passes_on_a_network(path, tmp_path):
+    """stack-3: a cast model's layers hand each other their own type (a bf16 table of XLM's
+    layer cast whole is not Meta's bf16 table), and the size check weighs an export's
+    weights, not its 3-layer tapped graph."""
+    from conformance.cli import main
+
+    report = tmp_path / "report"
+    args = ["run", "--case", "stack-3", "--path", path, "--jobs", "1", "--no-cache", "--report-dir", str(report)]
+    assert main(args) == 0, (report / "report.md").read_text()
