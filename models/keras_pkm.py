@@ -602,6 +602,7 @@ def build_keras_model(
     input_rank: int = 3,
     dtype: str | None = None,
     weights=None,
+    structure_only: bool = False,
 ) -> keras.Sequential:
     """A built ``Sequential`` of ``layers`` ProductKeyMemory layers taking
     ``(batch, ..., input_dim)`` inputs of rank ``input_rank`` with dynamic leading
@@ -609,7 +610,9 @@ def build_keras_model(
     ``seed`` is None, or with ``weights`` (torch-named numpy arrays) when given: then the
     value tables are built as zeros and filled in blocks, never drawn at random first.
     ``dtype``: the layers' Keras dtype policy (e.g. ``"float16"``: variables and
-    computation in that type); default float32."""
+    computation in that type); default float32. ``structure_only``: a model whose weights
+    will not be used (an exporter traces it with its weights as inputs): with ``seed`` None,
+    its value tables are untouched zeros instead of drawn (no memory for a 3 GB table)."""
     from pkm_models.convert import set_keras_weights
     from pkm_models.weights import make_weights
 
@@ -617,7 +620,7 @@ def build_keras_model(
         raise ConfigError(f"input_rank must be >= 2 for a Keras model, got {input_rank}")
     check_stackable(config, layers, "build_keras_model")
     global _LOADING
-    _LOADING = weights is not None or seed is not None
+    _LOADING = weights is not None or seed is not None or structure_only
     try:
         model = _sequential(config, layers, method, input_rank, dtype)
     finally:

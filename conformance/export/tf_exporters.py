@@ -131,9 +131,9 @@ def _convert_structure(spec: ModelSpec, opset: int, tapped: bool):
 
     from pkm_models.keras_pkm import build_keras_model
 
-    # Only the structure is traced: Keras' own initial values stand in for the weights.
+    # Only the structure is traced: zeros (on untouched pages) stand in for the tables.
     # "einsum": the default method traces to an XLA-compiled block that ONNX cannot hold.
-    model = build_keras_model(spec.config, spec.layers, seed=None, method="einsum")
+    model = build_keras_model(spec.config, spec.layers, seed=None, method="einsum", structure_only=True)
     layers = pkm_layers(model)
     groups = [(list(layer.trainable_variables), list(layer.non_trainable_variables)) for layer in layers]
     # each variable once, under the first layer that holds it (a shared table: layer 0)
