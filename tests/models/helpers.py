@@ -17,6 +17,21 @@ from pkm_models.torch_pkm import HashingMemory, build_torch_model
 # float32 (scores agree to ~1e-6 between the frameworks, see test_equivalence).
 TIE_TOL = 1e-5
 
+# every option of Meta's memory layers at once: own value dim, SwiLU, gate, one bf16 table
+META_ALL_OPTIONS = PKMConfig(
+    input_dim=24,
+    output_dim=24,
+    k_dim=8,
+    heads=2,
+    knn=4,
+    n_keys=8,
+    value_dim=16,
+    swilu_projection=True,
+    gated=True,
+    value_dtype="bfloat16",
+    share_values=True,
+)
+
 
 def build_pair(config: PKMConfig, seed: int = 0, method: str = "einsum", input_rank: int = 3):
     """(torch HashingMemory, built Keras ProductKeyMemory, numpy weights), same weights."""

@@ -10,12 +10,12 @@ import pytest
 import tensorflow as tf
 import torch
 
-from pkm_models import ConfigError, PKMConfig, get_preset, keras_pkm
+from pkm_models import ConfigError, get_preset, keras_pkm
 from pkm_models.convert import ConversionError, get_keras_weights, set_keras_weights
 from pkm_models.keras_pkm import METHODS, ProductKeyMemory, build_keras_model
 from pkm_models.torch_pkm import bf16_weighted_sum, build_torch_model
 from pkm_models.weights import make_input, make_weights
-from tests.models.helpers import assert_taps_match, build_pair, keras_taps, torch_taps
+from tests.models.helpers import META_ALL_OPTIONS, assert_taps_match, build_pair, keras_taps, torch_taps
 
 TINY = get_preset("tiny").config
 
@@ -243,19 +243,7 @@ def test_unknown_last_dimension_and_wrong_input_dim():
 
 
 # --- Meta's memory-layer options as Keras weights ----------------------------------------------
-META = PKMConfig(
-    input_dim=24,
-    output_dim=24,
-    k_dim=8,
-    heads=2,
-    knn=4,
-    n_keys=8,
-    value_dim=16,
-    swilu_projection=True,
-    gated=True,
-    value_dtype="bfloat16",
-    share_values=True,
-)
+META = META_ALL_OPTIONS
 
 
 def test_shared_table_is_one_variable():

@@ -10,11 +10,11 @@ import torch
 
 from conformance.export import EXPORTER_NAMES, TAPS, ExportError, ModelSpec, export
 from conformance.export.tf_exporters import bfloat16_kept, check_bfloat16_rounding
-from pkm_models import PKMConfig, get_preset
+from pkm_models import get_preset
 from pkm_models.config import tap_names
 from pkm_models.torch_pkm import build_torch_model
 from pkm_models.weights import make_input
-from tests.models.helpers import assert_model_taps_match, assert_taps_match, torch_model_taps
+from tests.models.helpers import META_ALL_OPTIONS, assert_model_taps_match, assert_taps_match, torch_model_taps
 
 SPEC = ModelSpec.from_preset(get_preset("tiny"), seed=3)
 # batch 1, and a sequence length never seen at export time (the example input is (2, 3))
@@ -90,19 +90,7 @@ def test_bad_requests(tmp_path):
 # --- Meta's memory-layer options through the Keras port's exporters ---------------------------
 META = ModelSpec(
     name="meta",
-    config=PKMConfig(
-        input_dim=24,
-        output_dim=24,
-        k_dim=8,
-        heads=2,
-        knn=4,
-        n_keys=8,
-        value_dim=16,
-        swilu_projection=True,
-        gated=True,
-        value_dtype="bfloat16",
-        share_values=True,
-    ),
+    config=META_ALL_OPTIONS,
     layers=3,
     seed=4,
 )
