@@ -485,6 +485,11 @@ def load_case(path: Path) -> Case:
     )
 
 
+def case_names(cases_dir: Path) -> list[str]:
+    """The names of the case files in ``cases_dir`` (every group), sorted."""
+    return sorted(p.stem for p in Path(cases_dir).glob("*.toml"))
+
+
 def load_cases(
     cases_dir: Path | None = None, names: list[str] | None = None, groups: list[str] | None = None
 ) -> list[Case]:
@@ -499,7 +504,7 @@ def load_cases(
         )
     for name in names or ():
         check_case_name(name, "--case")
-    available = sorted(p.stem for p in cases_dir.glob("*.toml"))
+    available = case_names(cases_dir)
     wanted = list(dict.fromkeys(names)) if names else available
     unknown = [n for n in wanted if n not in available]
     if unknown:

@@ -114,7 +114,7 @@ def _load(args: argparse.Namespace):
     """The golden store, the selected cases and the tolerance policy."""
     from pathlib import Path
 
-    from conformance.cases import default_cases_dir, load_cases
+    from conformance.cases import case_names, default_cases_dir, load_cases
     from conformance.golden import GoldenStore
     from conformance.paths import PATH_NAMES
     from conformance.tolerances import load_policy
@@ -122,8 +122,7 @@ def _load(args: argparse.Namespace):
     store = GoldenStore(Path(args.golden_dir) if args.golden_dir else None)
     cases_dir = Path(args.cases_dir) if args.cases_dir else default_cases_dir()
     cases = load_cases(cases_dir, args.cases, args.groups)
-    known = [p.stem for p in cases_dir.glob("*.toml")]
-    policy = load_policy(store.root / "tolerances.toml", PATH_NAMES, known)
+    policy = load_policy(store.root / "tolerances.toml", PATH_NAMES, case_names(cases_dir))
     return store, cases, policy
 
 
@@ -338,11 +337,11 @@ def _run_paths(args: argparse.Namespace) -> int:
 def _run_cases(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from conformance.cases import default_cases_dir, load_cases
+    from conformance.cases import case_names, default_cases_dir, load_cases
     from conformance.text import aligned
 
     cases_dir = Path(args.cases_dir) if args.cases_dir else default_cases_dir()
-    cases = load_cases(cases_dir, sorted(p.stem for p in cases_dir.glob("*.toml")))  # the large group too
+    cases = load_cases(cases_dir, case_names(cases_dir))  # the large group too
     rows = [
         (c.name, "input " + "x".join(map(str, c.input_shape)), (f"[{c.group}] " if c.group else "") + c.description)
         for c in cases

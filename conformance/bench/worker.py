@@ -25,14 +25,14 @@ def judge_against_reference(path, context, x, request: dict) -> str:
     them against the golden that the reference (unsharded, float32, on CPU) gives for ``x``
     (``conformance.regenerate.reference_taps``), under the tolerances ``request`` names;
     "" when they conform."""
-    from conformance.cases import default_cases_dir
+    from conformance.cases import case_names, default_cases_dir
     from conformance.compare import compare_case
     from conformance.paths import PATH_NAMES
     from conformance.regenerate import reference_taps
     from conformance.tolerances import load_policy
 
     case = context.case
-    known_cases = {p.stem for p in default_cases_dir().glob("*.toml")} | {case.name}
+    known_cases = {*case_names(default_cases_dir()), case.name}
     policy = load_policy(Path(request["tolerances"]), [*PATH_NAMES, path.name], known_cases)
     golden = reference_taps(case, context.weights, x)
     comparison = compare_case(
