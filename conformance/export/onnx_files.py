@@ -50,6 +50,11 @@ def quiet_exporters():
                 lg.setLevel(level)
 
 
+def _declared_bytes(t: onnx.TensorProto) -> int:
+    """Bytes of a tensor by its declared shape and type (wherever its data lies)."""
+    return int(np.prod(t.dims, dtype=np.int64)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+
 def initializer_bytes(model: onnx.ModelProto) -> int:
     total = 0
     for t in model.graph.initializer:
@@ -57,11 +62,16 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
             info = {e.key: e.value for e in t.external_data}
             total += int(info.get("length", 0))
         else:
-            total += (
-                int(np.prod(t.dims, dtype=np.int64))
-                * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-            )
+            total += _declared_bytes(t)
     return total
+
+
+_FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+}
 
 
 def float_weight_bytes(path: Path) -> int:
@@ -74,12 +84,8 @@ def float_weight_bytes(path: Path) -> int:
     tensors += [
         a.t for n in all_nodes(model.graph) if n.op_type == "Constant" for a in n.attribute if a.name == "value"
     ]
-    total = 0
-    for t in tensors:
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
-        if dtype.kind == "f" or t.data_type == onnx.TensorProto.BFLOAT16:
-            total += int(np.prod(t.dims, dtype=np.int64)) * dtype.itemsize
-    return total
+    floats = [t for t in tensors if t.data_type in _FLOAT_TYPES]
+    return sum(_declared_bytes(t) for t in floats)
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
