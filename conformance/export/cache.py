@@ -16,7 +16,12 @@ in the key. So a change to any of these makes a new entry; nothing is ever inval
 in place.
 
 Layout: ``<root>/exports/<key>/<exporter>.onnx`` (and its external data), with
-``key.json`` saying what the key was made of. An entry is built in a private folder
+``key.json`` saying what the key was made of. An exporter's refusal
+(:class:`~conformance.export.ExportUnsupported`: a model it cannot handle, a type the
+opset does not allow) is as pure a function of the key as an export, and costs as much
+to find out: it is kept as ``<key>/<exporter>.refused`` (its message), and every later
+request for that export, in this run or the next, is refused at once with it. Any other
+failure is not kept: it may be the machine's (a full disk, a killed process). An entry is built in a private folder
 beside it and renamed into place whole, under an exclusive lock on ``<key>.lock``, so two
 workers that need the same export build it once, and a killed build leaves no entry. An
 entry used is touched; entries unused for a day are removed once the cache holds more
@@ -38,7 +43,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from conformance.export import DEFAULT_OPSET, ExportError, export
+from conformance.export import DEFAULT_OPSET, ExportError, ExportUnsupported, export
 from conformance.files import fsync
 from conformance.spec import ModelSpec
 
@@ -144,29 +149,36 @@ class ExportCache:
         key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
         entry = self.folder / key
         found = entry / f"{exporter}.onnx"
-        if found.is_file():
+        if found.is_file() or found.with_suffix(".refused").is_file():
             return self._used(entry, found)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ExportError(f"cannot create the export cache {self.folder}: {exc.strerror or exc}") from exc
         with self._locked(key):
-            if found.is_file():  # built while this process waited for the lock
+            if found.is_file() or found.with_suffix(".refused").is_file():  # made while this process waited
                 return self._used(entry, found)
             staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.folder))
             try:
-                export(spec, exporter, staging, tapped=True)
+                try:
+                    export(spec, exporter, staging, tapped=True)
+                except ExportUnsupported as exc:  # kept: the next request is refused at once
+                    (staging / f"{exporter}.refused").write_text(str(exc))
                 (staging / "key.json").write_text(json.dumps(material, indent=2, sort_keys=True) + "\n")
                 os.rename(staging, entry)
                 fsync(self.folder)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         self._trim()
-        return found
+        return self._used(entry, found)
 
     def _used(self, entry: Path, found: Path) -> Path:
+        """``found``, the export of ``entry``; ExportUnsupported where the exporter refused it."""
         with contextlib.suppress(OSError):
             os.utime(entry)
+        refused = found.with_suffix(".refused")
+        if not found.is_file() and refused.is_file():
+            raise ExportUnsupported(refused.read_text())
         return found
 
     @contextlib.contextmanager

@@ -9,7 +9,7 @@ import pytest
 
 import conformance.export.cache as cache_module
 from conformance.cases import load_cases
-from conformance.export import ExportError
+from conformance.export import ExportError, ExportUnsupported
 from conformance.export.cache import ExportCache, key_material
 
 REPO = Path(__file__).resolve().parents[3]
@@ -65,6 +65,18 @@ def test_two_workers_that_need_one_export_build_it_once(tiny, tmp_path, builds):
     for t in threads:
         t.join()
     assert len(got) == 2 and got[0] == got[1] and builds == ["torch-fast"]
+
+
+def test_a_refusal_is_kept_and_given_again_without_exporting(tiny, tmp_path, builds):
+    """An exporter's refusal is a function of the key like an export: found out once (here
+    the real refusal of a reduced-precision export by an exporter that makes none)."""
+    with pytest.raises(ExportUnsupported, match="reduced-precision exports are made from") as first:
+        ExportCache(tmp_path).export(tiny, "torch-script@int8")
+    with pytest.raises(ExportUnsupported) as again:
+        ExportCache(tmp_path).export(tiny, "torch-script@int8")  # another process, another run
+    assert str(again.value) == str(first.value) and builds == ["torch-script@int8"]
+    ExportCache(tmp_path).export(tiny, "torch-fast")  # another key: built
+    assert builds == ["torch-script@int8", "torch-fast"]
 
 
 def test_a_failed_build_leaves_no_entry(tiny, tmp_path, monkeypatch):
