@@ -36,6 +36,32 @@ FORMS = {
     "(Gather, Cast, Mul, Add, MatMul); queries, keys and the weighted sum in float32",
 }
 PRECISION_EXPORTERS = ("torch-fast",)
+# the ops of every PKM export that compute in the export's type (the loop-free forward)
+TYPED_OPS = ("MatMul", "Softmax", "TopK", "Gather")
+_ONNX_TYPES = {"fp16": "tensor(float16)", "bf16": "tensor(bfloat16)"}
+
+
+def _allowed_types(op: str, opset: int) -> list[str]:
+    """The types ``op`` takes for its first input at ``opset`` (ONNX's own schema)."""
+    schema = onnx.defs.get_schema(op, opset)
+    name = schema.inputs[0].type_str
+    return next((list(c.allowed_type_strs) for c in schema.type_constraints if c.type_param_str == name), [name])
+
+
+def opset_refusal(precision: str, opset: int) -> str | None:
+    """Why ONNX ``opset`` cannot hold a PKM export at ``precision`` (an op of
+    :data:`TYPED_OPS` without the type in its schema), or None. Decided from the schema
+    before exporting, instead of after a full export that the checker would refuse."""
+    wanted = _ONNX_TYPES.get(precision)
+    if wanted is None:
+        return None
+    for op in TYPED_OPS:
+        if wanted not in _allowed_types(op, opset):
+            newest = onnx.defs.get_schema(op).since_version
+            first = next((v for v in range(opset + 1, newest + 1) if wanted in _allowed_types(op, v)), None)
+            since = f"from opset {first}" if first else "in no opset this onnx knows"
+            return f"{op} takes no {wanted} at opset {opset}; ONNX allows it {since}"
+    return None
 
 
 def export_at_precision(
@@ -53,9 +79,12 @@ def export_at_precision(
             f"{exporter}: reduced-precision exports are made from {list(PRECISION_EXPORTERS)} only "
             f"(the loop-free forward); export {join_name('torch-fast', precision)} instead"
         )
+    name = join_name(exporter, precision)
+    why = opset_refusal(precision, opset)
+    if why:
+        raise ExportUnsupported(f"{name}: ONNX opset {opset} does not allow it: {why}")
     from conformance.export.torch_exporters import export_fast_precision
 
-    name = join_name(exporter, precision)
     path = Path(out_dir) / f"{name}.onnx"
     export_fast_precision(spec, path, opset, tapped, precision)
     try:

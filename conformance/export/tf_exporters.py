@@ -184,18 +184,18 @@ def _keras_named_arrays(spec: ModelSpec, keras_names):
 
 def export_keras(spec: ModelSpec, path: Path, opset: int, tapped: bool) -> None:
     """Keras 3's ``model.export(path, format="onnx")`` on a functional model."""
-    import keras
-
-    from pkm_models.keras_pkm import pkm_layers_of
-
     _check_opset("keras", opset)
     weight_bytes = spec.weight_bytes
-    if weight_bytes > KERAS_EXPORT_MAX_BYTES:
+    if weight_bytes > KERAS_EXPORT_MAX_BYTES:  # decided before importing Keras
         raise ExportUnsupported(
             f"keras: model.export hands tf2onnx all {weight_bytes / 2**20:,.0f} MB of weights as graph constants "
             f"(tf2onnx with the xlm value table as a constant used all 24 GB of a development machine); this "
             f"exporter is limited to {KERAS_EXPORT_MAX_BYTES >> 20} MB. Use the tf2onnx exporter for large models."
         )
+    import keras
+
+    from pkm_models.keras_pkm import pkm_layers_of
+
     inputs = keras.Input((None, spec.config.input_dim), name="input")
     x = inputs
     # "einsum": the default method traces to an XLA-compiled block that ONNX cannot hold

@@ -129,6 +129,21 @@ def test_meta_options_export_as_the_reference(tmp_path, exporter):
         np.testing.assert_allclose(got, reference(torch.from_numpy(x)).numpy(), atol=1e-5, rtol=0)
 
 
+def test_a_precision_the_opset_cannot_hold_is_refused_before_exporting(tmp_path, monkeypatch):
+    """bf16 at opset 18 is refused from ONNX's schemas at once, and the refusal agrees with
+    the checker on the export made without it."""
+    import conformance.export.at_precision as at_precision
+    from conformance.export import ExportUnsupported
+
+    with pytest.raises(ExportUnsupported, match=r"TopK takes no tensor\(bfloat16\) at opset 18"):
+        export(SPEC, "torch-fast@bf16", tmp_path / "schema")
+    assert not list((tmp_path / "schema").glob("*.onnx"))
+    monkeypatch.setattr(at_precision, "opset_refusal", lambda precision, opset: None)
+    with pytest.raises(ExportUnsupported, match=r"op_type:TopK.*bfloat16"):
+        export(SPEC, "torch-fast@bf16", tmp_path / "checker")
+    assert at_precision.opset_refusal("fp16", 18) is None and at_precision.opset_refusal("int8", 18) is None
+
+
 def test_tf2onnx_is_left_as_it_was_and_a_lost_rounding_is_refused():
     """The bfloat16 fixes to tf2onnx hold only inside the export; a graph that lost the
     rounding is refused, not written."""
