@@ -152,7 +152,7 @@ DEFAULT_FACTOR = 3.0
 # a reduced-precision variant holds its converted table besides the float32 one it reads
 PRECISION_FACTORS = {"fp16": 0.5, "bf16": 0.5, "int8": 0.3}
 # the imports of the run and of one worker (torch, onnxruntime, TensorFlow)
-RUNTIME_BYTES = {"torch": int(1.0 * GB), "ort": int(1.2 * GB), "tf": int(2.0 * GB)}
+RUNTIME_BYTES = {"torch": int(1.0 * GB), "dist": int(1.0 * GB), "ort": int(1.2 * GB), "tf": int(2.0 * GB)}
 DEFAULT_RUNTIME_BYTES = int(2.0 * GB)
 # a path that starts processes of its own (torch-dist-cpu[N]: ``path.processes``): each
 # imports torch (measured 0.28 GB) and holds its columns of the tables, read from the file in

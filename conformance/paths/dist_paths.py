@@ -46,7 +46,10 @@ def parse_name(name: str) -> tuple[str, int] | None:
 class DistPath(ExecutionPath):
     """The reference, its value tables sharded over ``world`` processes on ``device``."""
 
-    family = "torch"
+    # its own family: one worker drives the run's one group of processes (as a torch path,
+    # each torch worker would start a group of its own), and that worker needs no torch
+    # before the check
+    family = "dist"
     judged_in_bench = True  # a sharded read is only worth timing if it is the unsharded one
 
     def __init__(self, device: str, world: int):

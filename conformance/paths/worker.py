@@ -123,6 +123,7 @@ def _preload(family: str) -> None:
         quiet_third_party(verbose=False)
     elif family == "torch":
         import torch  # noqa: F401
+    # dist (the sharded paths): its worker only drives the processes that hold the model
     elif family == "ort":
         import onnxruntime  # noqa: F401
     elif family == "onnx-reference":
