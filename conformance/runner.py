@@ -83,11 +83,41 @@ class RunOptions:
 LAYERWISE = "@golden-input"  # suffix of the taps of a layer judged alone
 
 
+_LAYERS_LOCK = threading.Lock()
+
+
+def golden_layer_case(context: CaseContext, golden: Golden, i: int) -> tuple[Case, Golden]:
+    """Layer ``i`` of the context's network as a case of its own, on its golden input (the
+    case's input for layer 0, else the golden output of the layer before), with its golden
+    taps. Its weights and input are written once per case, into a folder that lives as
+    long as the context: every path judged layer by layer reads the same files, so the
+    layer's exports are the same (one cache entry each, built before those paths run)."""
+    with _LAYERS_LOCK:
+        made = context.__dict__.setdefault("_golden_layers", {})
+        if i not in made:
+            from conformance.spec import write_weights_dir
+            from pkm_models.convert import split_layers
+
+            case = context.case
+            if "_golden_layers_dir" not in context.__dict__:
+                root = Path(tempfile.mkdtemp(prefix=f"pkm-{case.name}-layers-"))
+                context.__dict__["_golden_layers_dir"] = root
+                context.on_close(lambda: shutil.rmtree(root, ignore_errors=True))
+            folder = context.__dict__["_golden_layers_dir"] / f"layer{i}"
+            weights = split_layers(context.weights)[i]
+            layer_input = golden.input if i == 0 else golden.taps[f"{i - 1}/output"]
+            write_weights_dir(weights, folder / "weights")
+            np.save(folder / "input.npy", layer_input, allow_pickle=False)
+            sub = case.layer(i, folder / "weights", folder / "input.npy")
+            taps = {tap: golden.taps[f"{i}/{tap}"] for tap in layer_taps(case.config)}
+            made[i] = (sub, Golden(case.name, golden.meta, layer_input, taps, weights))
+        return made[i]
+
+
 def judge_on_golden_inputs(
     path: ExecutionPath,
-    case: Case,
+    context: CaseContext,
     golden: Golden,
-    weights: dict[str, np.ndarray],
     policy: TolerancePolicy,
     options: RunOptions,
     result: PathResult,
@@ -96,23 +126,13 @@ def judge_on_golden_inputs(
 ) -> PathResult:
     """A network whose end-to-end comparison set tokens aside (a legitimate flip in one
     layer changes the next layer's input): run every later layer of ``path`` alone on its
-    golden input (the golden output of the layer before) and judge it on all tokens. Its
-    taps join the result as ``<i>/<tap>@golden-input``; the path passes only if they do.
-    ``first=0`` judges every layer that way, the first one on the case's input."""
-    from conformance.spec import write_weights_dir
-    from pkm_models.convert import split_layers
-
-    per_layer = split_layers(weights)
-    for i in range(first, case.spec.layers):
-        layer_input = golden.input if i == 0 else golden.taps[f"{i - 1}/output"]
-        with tempfile.TemporaryDirectory(prefix=f"pkm-{case.name}-layer{i}-") as tmp:
-            write_weights_dir(per_layer[i], Path(tmp) / "weights")
-            np.save(Path(tmp) / "input.npy", layer_input, allow_pickle=False)
-            sub = case.layer(i, Path(tmp) / "weights", Path(tmp) / "input.npy")
-            taps = {tap: golden.taps[f"{i}/{tap}"] for tap in layer_taps(case.config)}
-            sub_golden = Golden(case.name, golden.meta, layer_input, taps, per_layer[i])
-            with case_context(sub, sub_golden, per_layer[i], options) as context:
-                alone = start_path(path, context, sub_golden, policy, options, options.required(path.name), pool=pool)
+    golden input (:func:`golden_layer_case`) and judge it on all tokens. Its taps join the
+    result as ``<i>/<tap>@golden-input``; the path passes only if they do. ``first=0``
+    judges every layer that way, the first one on the case's input."""
+    for i in range(first, context.case.spec.layers):
+        sub, sub_golden = golden_layer_case(context, golden, i)
+        with case_context(sub, sub_golden, sub_golden.weights, options) as layer_context:
+            alone = start_path(path, layer_context, sub_golden, policy, options, options.required(path.name), pool=pool)
         if alone.status not in (PASS, FAIL):
             return dataclasses.replace(
                 result, status=alone.status, reason=f"layer {i} alone on its golden input: {alone.reason}"
@@ -249,7 +269,7 @@ def judge_path(
         return _judge_layer0_end_to_end(path, context, golden, policy, options, required, pool)
     result = start_path(path, context, golden, policy, options, required, pool=pool)
     if network and result.downstream_tokens and result.status == PASS:
-        result = judge_on_golden_inputs(path, case, golden, context.weights, policy, options, result, pool=pool)
+        result = judge_on_golden_inputs(path, context, golden, policy, options, result, pool=pool)
     return result
 
 
@@ -270,7 +290,7 @@ def _judge_layer0_end_to_end(
     result = start_path(path, context, golden, policy, options, required, judged_layers=1, pool=pool)
     if result.status != PASS:
         return result
-    return judge_on_golden_inputs(path, context.case, golden, context.weights, policy, options, result, pool=pool)
+    return judge_on_golden_inputs(path, context, golden, policy, options, result, pool=pool)
 
 
 @contextlib.contextmanager
@@ -537,11 +557,13 @@ def _run_families(
                     )
                     exporter = getattr(path, "exporter", None)
                     if exporter is not None and exporter_family(exporter) != family:
-                        if (case.name, exporter) not in builds:
-                            builds[(case.name, exporter)] = _Task(
-                                exporter_family(exporter), _export_task(contexts[case.name], exporter, pool, options)
-                            )
-                        task.after.append(builds[(case.name, exporter)].done)
+                        for context in _export_contexts(path, contexts[case.name], goldens[case.name]):
+                            key = (context.case.spec.name, exporter)
+                            if key not in builds:
+                                builds[key] = _Task(
+                                    exporter_family(exporter), _export_task(context, exporter, pool, options)
+                                )
+                            task.after.append(builds[key].done)
                     runs.append(task)
         _run_tasks([*builds.values(), *runs], options.jobs, pool)
     case_results = [
@@ -598,6 +620,18 @@ def _path_task(path, context, golden, policy, options, pool, results, progress) 
     return run
 
 
+def _export_contexts(path: ExecutionPath, context: CaseContext, golden: Golden) -> list[CaseContext]:
+    """The cases whose exports ``path`` runs on ``context``'s case: the case, and for a
+    network judged layer by layer each later layer alone (:func:`golden_layer_case`),
+    whose exports are built before the path too when they are cached (a layer's export
+    in a private folder would not be found by the path)."""
+    case = context.case
+    if case.spec.layers == 1 or context.cache is None or not path.tolerances_per_layer(case):
+        return [context]
+    layers = [golden_layer_case(context, golden, i)[0] for i in range(1, case.spec.layers)]
+    return [context, *(CaseContext(sub, weights_dir=sub.spec.weights_file, cache=context.cache) for sub in layers)]
+
+
 def _export_task(context: CaseContext, exporter: str, pool: WorkerPool, options: RunOptions) -> Callable[[], None]:
     """Build ``exporter``'s export of the case into its folder. A failure is not reported
     here: the paths that run the export meet it themselves and report it as theirs."""
@@ -608,7 +642,7 @@ def _export_task(context: CaseContext, exporter: str, pool: WorkerPool, options:
         "case": case.to_json(),
         "source": str(case.source),
         "weights": str(context.weights_dir) if context.weights_dir is not None else None,
-        "export_dir": str(context.export_dir),
+        "export_dir": str(context.export_dir or Path(context.weights_dir).parent),
         "cache_dir": str(context.cache.root) if context.cache else None,
     }
     return lambda: pool.ask(exporter_family(exporter), request)

@@ -1,5 +1,7 @@
 """Proof that the conformance run can fail, and fails at the right place."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ from conformance.tolerances import parse_policy
 from tests.conformance.helpers import rewrite_tap, run_stub
 from tests.conftest import HAS_CUDA_DRIVER, is_gpu_path
 
+REPO = Path(__file__).resolve().parents[2]
 FAST = ["torch-eager-cpu", "tf-function-cpu", "ort-cpu[torch-fast]"]
 
 
@@ -344,3 +347,33 @@ def test_progress_estimates_the_time_left_from_the_pace_of_the_paths_that_ran(mo
     assert lines[0] == "[1/6] tiny torch-eager-cuda: unavailable"
     assert lines[1] == "[2/6] tiny torch-eager-cpu: pass  (1:00 so far)"
     assert lines[3] == "[4/6] tiny ort-cpu[keras]: pass  (1:20 so far, about 0:20 left)"
+
+
+def test_a_networks_layers_are_written_once_and_their_exports_built_before_its_paths(tmp_path):
+    """A network judged layer by layer (a reduced-precision ONNX path): each later layer
+    alone is one case for every path of the run, with its golden input and weights, so its
+    export is one cache entry that the exporter's family builds before the path runs
+    (else the ONNX Runtime worker made it itself, importing torch, once per path)."""
+    from conformance.cases import load_cases
+    from conformance.export.cache import ExportCache, key_material
+    from conformance.golden import GoldenStore
+    from conformance.paths import CaseContext, get_path
+    from conformance.runner import _export_contexts, golden_layer_case
+    from pkm_models.convert import split_layers
+
+    case = load_cases(REPO / "conformance" / "cases", ["stack-3"])[0]
+    golden = GoldenStore(REPO / "golden").read("stack-3")
+    context = CaseContext(case, golden.weights, cache=ExportCache(tmp_path))
+    path = get_path("ort-cpu[torch-fast]@fp16")
+    contexts = _export_contexts(path, context, golden)
+    assert [c.case.spec.name for c in contexts] == ["stack-3", "stack-3#layer1", "stack-3#layer2"]
+    assert _export_contexts(get_path("ort-cpu[torch-fast]"), context, golden) == [context]  # judged end to end
+    sub, sub_golden = golden_layer_case(context, golden, 2)
+    assert golden_layer_case(context, golden, 2)[0] is sub  # written once
+    assert key_material(contexts[2].case.spec, "torch-fast@fp16") == key_material(sub.spec, "torch-fast@fp16")
+    np.testing.assert_array_equal(sub_golden.input, golden.taps["1/output"])
+    written = np.load(sub.spec.weights_file / "values.weight.npy")
+    np.testing.assert_array_equal(written, split_layers(golden.weights)[2]["values.weight"])
+    folder = sub.spec.weights_file.parents[1]
+    context.close()
+    assert not folder.exists()
