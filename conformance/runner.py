@@ -362,6 +362,15 @@ class _Progress:
                 line += ")"
             self.progress(line)
 
+    def built(self, model: str, exporter: str, done: int, total: int, failure: str | None) -> None:
+        """``[export k/N] model exporter: built`` (or refused / failed: the paths that run
+        it report why), with the time so far: the exports come before the paths that run them."""
+        if self.progress is not None:
+            status = "built" if failure is None else failure
+            self.progress(
+                f"[export {done}/{total}] {model} {exporter}: {status}  ({_clock(time.monotonic() - self.t0)} so far)"
+            )
+
 
 def _clock(seconds: float) -> str:
     minutes, seconds = divmod(int(seconds), 60)
@@ -538,6 +547,7 @@ def _run_families(
         unavailable = _availability(cases, paths, families, pool, options, facts)
 
         builds: dict[tuple[str, str], _Task] = {}
+        built = _Counter(lambda: len(builds))
         runs: list[_Task] = []
         for family in families:
             for case in cases:
@@ -561,7 +571,8 @@ def _run_families(
                             key = (context.case.spec.name, exporter)
                             if key not in builds:
                                 builds[key] = _Task(
-                                    exporter_family(exporter), _export_task(context, exporter, pool, options)
+                                    exporter_family(exporter),
+                                    _export_task(context, exporter, pool, options, progress, built),
                                 )
                             task.after.append(builds[key].done)
                     runs.append(task)
@@ -632,9 +643,24 @@ def _export_contexts(path: ExecutionPath, context: CaseContext, golden: Golden) 
     return [context, *(CaseContext(sub, weights_dir=sub.spec.weights_file, cache=context.cache) for sub in layers)]
 
 
-def _export_task(context: CaseContext, exporter: str, pool: WorkerPool, options: RunOptions) -> Callable[[], None]:
-    """Build ``exporter``'s export of the case into its folder. A failure is not reported
-    here: the paths that run the export meet it themselves and report it as theirs."""
+class _Counter:
+    """A thread-safe count of things done, out of ``total()``."""
+
+    def __init__(self, total: Callable[[], int]):
+        self.total, self.done = total, 0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> tuple[int, int]:
+        with self._lock:
+            self.done += 1
+            return self.done, self.total()
+
+
+def _export_task(
+    context: CaseContext, exporter: str, pool: WorkerPool, options: RunOptions, progress: _Progress, built: _Counter
+) -> Callable[[], None]:
+    """Build ``exporter``'s export of the case into its folder. A failure is only shown as
+    progress here: the paths that run the export meet it themselves and report it as theirs."""
     case = context.case
     request = {
         "op": "export",
@@ -645,4 +671,11 @@ def _export_task(context: CaseContext, exporter: str, pool: WorkerPool, options:
         "export_dir": str(context.export_dir or Path(context.weights_dir).parent),
         "cache_dir": str(context.cache.root) if context.cache else None,
     }
-    return lambda: pool.ask(exporter_family(exporter), request)
+
+    def build() -> None:
+        answer, _ = pool.ask(exporter_family(exporter), request)
+        status = (answer or {}).get("status")
+        failure = None if status == OK else "refused" if status == UNAVAILABLE else "failed"
+        progress.built(context.case.spec.name, exporter, *built(), failure)
+
+    return build

@@ -107,8 +107,14 @@ def check(request: dict) -> dict:
 
 
 def build_export(request: dict) -> dict:
-    """The export ``exporter`` of the case, made now for the paths that will run it."""
-    _context(request).export(request["exporter"])
+    """The export ``exporter`` of the case, made now for the paths that will run it
+    (``unavailable`` where the exporter refuses the model)."""
+    from conformance.export import ExportUnsupported
+
+    try:
+        _context(request).export(request["exporter"])
+    except ExportUnsupported as exc:
+        return {"status": UNAVAILABLE, "reason": str(exc)}
     return {"status": OK}
 
 

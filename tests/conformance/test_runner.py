@@ -349,6 +349,22 @@ def test_progress_estimates_the_time_left_from_the_pace_of_the_paths_that_ran(mo
     assert lines[3] == "[4/6] tiny ort-cpu[keras]: pass  (1:20 so far, about 0:20 left)"
 
 
+def test_progress_shows_each_export_built_before_the_paths(monkeypatch):
+    """The exports come first and take most of a run with an empty cache: each says so."""
+    from conformance import runner
+
+    monkeypatch.setattr(runner.time, "monotonic", iter([0.0, 45.0, 50.0]).__next__)
+    lines = []
+    progress = runner._Progress(6, lines.append)
+    counter = runner._Counter(lambda: 2)
+    progress.built("xlm", "torch-script", *counter(), None)
+    progress.built("xlm", "torch-fast@bf16", *counter(), "refused")
+    assert lines == [
+        "[export 1/2] xlm torch-script: built  (0:45 so far)",
+        "[export 2/2] xlm torch-fast@bf16: refused  (0:50 so far)",
+    ]
+
+
 def test_a_networks_layers_are_written_once_and_their_exports_built_before_its_paths(tmp_path):
     """A network judged layer by layer (a reduced-precision ONNX path): each later layer
     alone is one case for every path of the run, with its golden input and weights, so its
