@@ -243,6 +243,7 @@ def replace_inputs_with_initializers(
             else:
                 tensor = onnx.TensorProto(name=name, dims=array.shape)
                 tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+                sink.write(b"\0" * (-sink.tell() % 4096))  # page-aligned: ONNX Runtime maps it in place
                 offset = sink.tell()
                 array.tofile(sink)
                 tensor.data_location = onnx.TensorProto.EXTERNAL

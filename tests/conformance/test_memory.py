@@ -127,7 +127,9 @@ def test_the_estimate_covers_the_measured_peak(path, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ["torch-eager-cpu", "tf-function-cpu", "ort-cpu[torch-fast]", "torch-dist-cpu[2]"])
+@pytest.mark.parametrize(
+    "path", ["torch-eager-cpu", "tf-function-cpu", "ort-cpu[torch-fast]", "ort-cpu[torch-script]", "torch-dist-cpu[2]"]
+)
 def test_a_memory_over_2_gb_runs_within_one_and_a_half_times_its_weights(path, tmp_path):
     """mega: 1,048,576 rows x 768 (3.2 GB of weights, an ONNX export past protobuf's 2 GB).
     The run's whole process tree stays within 1.5x the weights, plus the activations and

@@ -48,3 +48,51 @@ def test_inline_tensors_move_out_too(tmp_path):
     assert target.stat().st_size < 2000  # the graph only
     (out,) = ort.InferenceSession(str(target)).run(None, {"input": np.zeros((300, 7), np.float32)})
     np.testing.assert_array_equal(out, np.full((300, 7), 6, np.float32))
+
+
+def _canonical(model: onnx.ModelProto):
+    """The graph with the exporter's anonymous value names (numbers, which shift with the
+    count of graph inputs) replaced by their order of appearance."""
+    import re
+
+    text = str(model.graph)
+    numbers: dict[str, str] = {}
+    text = re.sub(r'"(\d+)"', lambda m: numbers.setdefault(m[1], f'"#{len(numbers)}"'), text)
+    text = re.sub(r"onnx::(\w+)_\d+", lambda m: f"onnx::{m[1]}", text)
+    return text
+
+
+def test_torchscript_with_tables_as_inputs_is_the_stock_export(tmp_path, monkeypatch):
+    """A large model's TorchScript export traces its value tables as graph inputs, so the
+    exporter never encodes them (about 3x the weights on mega): the stock graph node for
+    node, the same initializers, the tables in the data file, the same outputs."""
+    import conformance.export.onnx_files as onnx_files
+    import conformance.export.torch_exporters as torch_exporters
+    from conformance.export import ModelSpec, export
+    from pkm_models import get_preset
+    from pkm_models.weights import make_input
+
+    spec = ModelSpec("small-3", get_preset("small").config, layers=3, seed=3)
+    weights = spec.weights()
+    rest = sum(v.nbytes for k, v in weights.items() if not k.endswith("values.weight"))
+    stock = export(spec, "torch-script", tmp_path / "stock", tapped=True).path
+    monkeypatch.setattr(torch_exporters, "EXTERNAL_DATA_THRESHOLD", rest)  # the tables make it large
+    monkeypatch.setattr(onnx_files, "EXTERNAL_DATA_THRESHOLD", rest)
+    lean = export(spec, "torch-script", tmp_path / "lean", tapped=True).path
+    external = [t.name for t in onnx.load(str(lean), load_external_data=False).graph.initializer if t.external_data]
+    assert external == [f"module.layers.{i}.values.weight" for i in range(3)]
+    a, b = onnx.load(str(stock)), onnx.load(str(lean))
+    assert [i.name for i in a.graph.input] == [i.name for i in b.graph.input] == ["input"]
+    assert {t.name: numpy_helper.to_array(t).tobytes() for t in a.graph.initializer if "::" not in t.name} == {
+        t.name: numpy_helper.to_array(t).tobytes() for t in b.graph.initializer if "::" not in t.name
+    }
+    folded = [  # the exporter's constant-folded tensors, by content (their names are numbered)
+        sorted(numpy_helper.to_array(t).tobytes() for t in m.graph.initializer if "::" in t.name) for m in (a, b)
+    ]
+    assert folded[0] == folded[1]
+    del a.graph.initializer[:], b.graph.initializer[:]
+    assert _canonical(a) == _canonical(b)
+    x = make_input((2, 5, spec.config.input_dim), seed=1)
+    got = [ort.InferenceSession(str(p)).run(None, {"input": x}) for p in (stock, lean)]
+    for one, other in zip(*got, strict=True):
+        np.testing.assert_array_equal(one, other)
