@@ -64,15 +64,17 @@ class ColumnShardedValues(nn.Module):
     process's (bs, n) ``indices`` and ``weights``. Collective: every process of ``group``
     must read at the same time (a layer's forward on every process).
 
-    ``table``: the whole (size, v_dim) table (float32, or bfloat16 summed as
-    :func:`pkm_models.torch_pkm.bf16_weighted_sum`); only this process's columns are kept
+    ``table``: the whole (size, v_dim) table; only this process's columns are kept
     (copied). ``columns``: those columns, already read (a large table read by columns from
     its file never has all its pages in this process); ``table`` then only gives the shape.
+    ``bf16_sum``: the layer's ``value_dtype`` is bfloat16, so its read is Meta's
+    (:func:`pkm_models.torch_pkm.bf16_weighted_sum`), as ``HashingMemory.read`` decides it
+    (from the config, not from the table's type).
     """
 
-    def __init__(self, table: torch.Tensor, group=None, columns: torch.Tensor | None = None):
+    def __init__(self, table: torch.Tensor, group=None, columns: torch.Tensor | None = None, bf16_sum: bool = False):
         super().__init__()
-        self.group = group
+        self.group, self.bf16_sum = group, bf16_sum
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.size, self.v_dim = table.shape
@@ -105,7 +107,7 @@ class ColumnShardedValues(nn.Module):
         # 2. this process's columns of every token's read
         if self.weight.shape[1] == 0:  # more processes than columns: this one holds none
             part = all_weights.new_zeros((all_weights.shape[0], 0))
-        elif self.weight.dtype == torch.bfloat16:
+        elif self.bf16_sum:
             part = bf16_weighted_sum(self.weight, all_indices, all_weights)  # (tokens,cols)
         else:
             part = F.embedding_bag(all_indices, self.weight, per_sample_weights=all_weights, mode="sum")
@@ -138,7 +140,8 @@ def shard_values(model: nn.Module, group=None, read_columns=None) -> nn.Module:
             if read_columns is not None:
                 start, stop = column_bounds(table.weight.shape[1], world)[rank]
                 columns = torch.as_tensor(read_columns(f"{name}.values.weight".lstrip("."), start, stop))
-            sharded[id(table)] = ColumnShardedValues(table.weight, group, columns)
+            bf16_sum = layer.config.value_dtype == "bfloat16"
+            sharded[id(table)] = ColumnShardedValues(table.weight, group, columns, bf16_sum=bf16_sum)
         layer.values = sharded[id(table)]
     return model
 
