@@ -546,12 +546,11 @@ def _run_export(args: argparse.Namespace) -> int:
     import contextlib
     import dataclasses
     import os
-    import tempfile
     from pathlib import Path
 
     from conformance.export import EXPORTER_NAMES, SUPPORTED_OPSETS, ModelSpec, check_exporter_names, export
     from conformance.export.onnx_files import EXTERNAL_DATA_THRESHOLD
-    from conformance.files import FileProblem, check_writable, refuse_overwriting_inputs
+    from conformance.files import FileProblem, check_writable, refuse_overwriting_inputs, staging_dir
     from pkm_models import get_preset
 
     case_files = []
@@ -583,7 +582,7 @@ def _run_export(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         if spec.weight_bytes > EXTERNAL_DATA_THRESHOLD:  # written once, memory-mapped by every exporter
             out.mkdir(parents=True, exist_ok=True)
-            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".weights-", dir=out)))
+            folder = stack.enter_context(staging_dir(out, ".weights-"))  # an abandoned one is removed first
             print(f"writing the weights ({spec.weight_bytes / 1e9:,.1f} GB) once, for every exporter ...", flush=True)
             spec = dataclasses.replace(spec, weights_file=spec.write_weights(folder), checkpoint=None)
         for i, name in enumerate(names, start=1):

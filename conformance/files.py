@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -107,15 +108,50 @@ def write_files_together(folder: Path, payloads: dict[str, bytes]) -> list[Path]
 
 @contextlib.contextmanager
 def staging_dir(folder: Path, prefix: str) -> Iterator[Path]:
-    """A private temporary folder inside ``folder``, removed when the block ends."""
+    """A private temporary folder inside ``folder``, removed when the block ends. Its name
+    says which process on which machine made it (``<prefix><host>-<pid>-...``), so that a
+    folder left by a process killed outright can be told apart and removed later
+    (:func:`remove_abandoned`)."""
+    remove_abandoned(folder, prefix)
     try:
-        staging = Path(tempfile.mkdtemp(prefix=prefix, dir=folder))
+        staging = Path(tempfile.mkdtemp(prefix=f"{prefix}{_owner()}-", dir=folder))
     except OSError as exc:
         raise FileProblem(f"cannot write to {folder}: {_describe(exc)}") from exc
     try:
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _owner(pid: int | None = None) -> str:
+    return f"{socket.gethostname().replace('-', '_')}-{os.getpid() if pid is None else pid}"
+
+
+def remove_abandoned(folder: Path, prefix: str) -> list[str]:
+    """Remove the staging folders (:func:`staging_dir`) with ``prefix`` in ``folder`` whose
+    process, on this machine, is gone (killed before it could clean up: ``kill -9``, the
+    out-of-memory killer); returns their names. A folder of a live process, or of another
+    machine sharing the folder, is left alone."""
+    host = socket.gethostname().replace("-", "_")
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in Path(folder).glob(f"{prefix}{host}-*-*"):
+            pid = entry.name[len(prefix) + len(host) + 1 :].split("-", 1)[0]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def check_writable(folder: Path) -> None:

@@ -38,13 +38,12 @@ import importlib.metadata
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from conformance.export import DEFAULT_OPSET, ExportError, ExportUnsupported, export
-from conformance.files import fsync
+from conformance.files import fsync, staging_dir
 from conformance.spec import ModelSpec
 
 CACHE_BYTES = 8 << 30  # more than this, and entries unused for a day go
@@ -158,8 +157,7 @@ class ExportCache:
         with self._locked(key):
             if found.is_file() or found.with_suffix(".refused").is_file():  # made while this process waited
                 return self._used(entry, found)
-            staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.folder))
-            try:
+            with staging_dir(self.folder, f".{key}-") as staging:  # one a killed build left is removed
                 try:
                     export(spec, exporter, staging, tapped=True)
                 except ExportUnsupported as exc:  # kept: the next request is refused at once
@@ -167,8 +165,6 @@ class ExportCache:
                 (staging / "key.json").write_text(json.dumps(material, indent=2, sort_keys=True) + "\n")
                 os.rename(staging, entry)
                 fsync(self.folder)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
         self._trim()
         return self._used(entry, found)
 

@@ -154,3 +154,28 @@ def test_every_write_is_synced_through_the_one_helper(tmp_path, monkeypatch):
     assert tmp_path in synced and tmp_path / "r" in synced  # the folders, after the renames
     assert len(synced) == 5  # a.bin's temporary file, its folder, x and y's, their folder
     assert (tmp_path / "a.bin").read_bytes() == b"a"
+
+
+def test_a_staging_folder_left_by_a_killed_process_is_removed_by_the_next_one(tmp_path):
+    """``kill -9`` leaves a staging folder (an export's, its weights folder, a cache
+    build's); the next command that stages there removes it, and never a live process's."""
+    import socket
+    import subprocess
+    import sys
+
+    from conformance.files import remove_abandoned, staging_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname().replace("-", "_")
+    left = tmp_path / f".weights-{host}-{int(dead.stdout)}-abc123"
+    (left / "values.weight.npy").parent.mkdir()
+    (left / "values.weight.npy").write_bytes(b"x" * 100)
+    mine = tmp_path / f".weights-{host}-{os.getpid()}-def456"
+    mine.mkdir()
+    other_machine = tmp_path / f".weights-otherhost-{int(dead.stdout)}-ghi789"
+    other_machine.mkdir()
+    with staging_dir(tmp_path, ".weights-") as staging:
+        assert staging.name.startswith(f".weights-{host}-{os.getpid()}-")
+        assert not left.exists() and mine.exists() and other_machine.exists()
+    assert not staging.exists()
+    assert remove_abandoned(tmp_path, ".weights-") == []  # nothing else was abandoned
