@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 GB = 1e9
@@ -181,6 +182,24 @@ def estimate_bytes(case, path) -> int:
     return int(case.spec.weight_bytes * factor) + case.activation_bytes() + runtime
 
 
+# making an export (the build before the ONNX paths run): the mapped weights and what the
+# exporter holds besides (mega, 3.0 GiB: torch-fast 3.66, torch-dynamo 3.58, torch-script 3.58,
+# tf2onnx 3.61 GiB for the whole tree)
+EXPORT_WEIGHT_FACTOR = 1.25
+
+
+def estimate_export_bytes(case, exporter: str) -> int:
+    """The peak memory a worker is expected to reach while it makes ``exporter``'s export of
+    ``case``: the weights times :data:`EXPORT_WEIGHT_FACTOR` (the stock TorchScript route of a
+    bfloat16 table: :data:`STOCK_TORCHSCRIPT_FACTOR`), one pass's activations (the trace),
+    and the imports of the exporter's framework."""
+    factor = EXPORT_WEIGHT_FACTOR
+    if exporter.startswith("torch-script") and case.config.value_dtype == "bfloat16":
+        factor = STOCK_TORCHSCRIPT_FACTOR
+    runtime = RUNTIME_BYTES["torch" if exporter.startswith("torch-") else "tf"]
+    return int(case.spec.weight_bytes * factor) + case.activation_bytes() + runtime
+
+
 def _gb(n: float) -> str:
     return f"{n / GB:,.1f} GB"
 
@@ -193,17 +212,23 @@ class Admission:
     room ``need`` would take, then runs the block with ``refusal`` None; a path that could
     not fit even alone gets the reason instead ("needs X GB, Y GB available") and must not
     start. The room is the memory available when no admitted path was running (re-read
-    each time the machine is idle), less the estimates of those running."""
+    each time the machine is idle), less the estimates of those running.
+
+    ``reclaim``, when set, is called before a path is refused: it frees what idle workers
+    hold (a long-lived worker keeps its last case's models, which no estimate counts), and
+    the room is read again."""
 
     def __init__(self, available=available_bytes):
         self._available = available
         self._cond = threading.Condition()
         self._running: list[int] = []
         self._room: int | None = None
+        self.reclaim: Callable[[], None] | None = None
 
     @contextlib.contextmanager
     def admit(self, need: int):
         refusal = None
+        reclaimed = False
         with self._cond:
             while True:
                 if not self._running:
@@ -211,6 +236,10 @@ class Admission:
                 if self._room is None or sum(self._running) + need <= self._room:
                     break  # fits (or nothing is known about this machine's memory)
                 if not self._running:
+                    if self.reclaim is not None and not reclaimed:
+                        reclaimed = True
+                        self.reclaim()  # idle workers' memory back, then the room read again
+                        continue
                     refusal = f"needs {_gb(need)} (estimated), {_gb(self._room)} available"
                     break
                 self._cond.wait()

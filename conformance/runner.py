@@ -32,7 +32,7 @@ from conformance.environment import environment
 from conformance.export import ExportUnsupported
 from conformance.golden import Golden, GoldenStore, check_golden_matches_case
 from conformance.isolation import run_json_worker
-from conformance.memory import Admission, available_bytes, estimate_bytes
+from conformance.memory import Admission, available_bytes, estimate_bytes, estimate_export_bytes
 from conformance.paths import CaseContext, ExecutionPath, PathUnavailable
 from conformance.pool import Answer, WorkerPool
 from conformance.results import ERROR, FAIL, OK, PASS, UNAVAILABLE, CaseResult, PathResult, RunResult, WorkerResult
@@ -537,6 +537,9 @@ def _run_families(
     facts: dict = {}
     with contextlib.ExitStack() as stack:
         stack.callback(pool.close)
+        # before a path is refused for memory, the idle workers give back the models they keep
+        options.admission.reclaim = pool.close
+        stack.callback(setattr, options.admission, "reclaim", None)
         contexts = {
             c.name: stack.enter_context(
                 case_context(c, goldens[c.name], weights[c.name], options, weights_root / c.name)
@@ -673,9 +676,13 @@ def _export_task(
     }
 
     def build() -> None:
-        answer, _ = pool.ask(exporter_family(exporter), request)
-        status = (answer or {}).get("status")
-        failure = None if status == OK else "refused" if status == UNAVAILABLE else "failed"
+        with options.admission.admit(estimate_export_bytes(context.case, exporter)) as refusal:
+            if refusal is None:
+                answer, _ = pool.ask(exporter_family(exporter), request)
+                status = (answer or {}).get("status")
+                failure = None if status == OK else "refused" if status == UNAVAILABLE else "failed"
+            else:  # the paths that run it meet the same refusal
+                failure = f"not built: {refusal}"
         progress.built(context.case.spec.name, exporter, *built(), failure)
 
     return build
