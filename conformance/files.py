@@ -18,9 +18,9 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
-import socket
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -108,50 +108,64 @@ def write_files_together(folder: Path, payloads: dict[str, bytes]) -> list[Path]
 
 @contextlib.contextmanager
 def staging_dir(folder: Path, prefix: str) -> Iterator[Path]:
-    """A private temporary folder inside ``folder``, removed when the block ends. Its name
-    says which process on which machine made it (``<prefix><host>-<pid>-...``), so that a
-    folder left by a process killed outright can be told apart and removed later
-    (:func:`remove_abandoned`)."""
+    """A private temporary folder inside ``folder``, removed when the block ends. While it
+    lives, its process holds an exclusive lock on ``<folder name>.lock`` beside it, so that
+    a folder left by a process killed outright (its lock released by the kernel) can be
+    told apart from a live one and removed by the next command (:func:`remove_abandoned`)."""
     remove_abandoned(folder, prefix)
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f"{prefix}{_owner()}-", dir=folder))
+        staging = Path(tempfile.mkdtemp(prefix=prefix, dir=folder))
+        lock = _locked_file(staging)
     except OSError as exc:
         raise FileProblem(f"cannot write to {folder}: {_describe(exc)}") from exc
     try:
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.unlink(f"{staging}.lock")
+        os.close(lock)
 
 
-def _owner(pid: int | None = None) -> str:
-    return f"{socket.gethostname().replace('-', '_')}-{os.getpid() if pid is None else pid}"
+def _locked_file(staging: Path) -> int:
+    """``<staging>.lock``, locked by this process: made under another name, locked, then
+    renamed, so that nobody can take the lock between its creation and this process's."""
+    fd, name = tempfile.mkstemp(prefix=".lock-", dir=staging.parent)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(name, f"{staging}.lock")
+    except OSError:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        raise
+    return fd
 
 
 def remove_abandoned(folder: Path, prefix: str) -> list[str]:
     """Remove the staging folders (:func:`staging_dir`) with ``prefix`` in ``folder`` whose
-    process, on this machine, is gone (killed before it could clean up: ``kill -9``, the
-    out-of-memory killer); returns their names. A folder of a live process, or of another
-    machine sharing the folder, is left alone."""
-    host = socket.gethostname().replace("-", "_")
+    process is gone (killed before it could clean up: ``kill -9``, the out-of-memory
+    killer), found by their lock being free; returns their names."""
     removed = []
     with contextlib.suppress(OSError):
-        for entry in Path(folder).glob(f"{prefix}{host}-*-*"):
-            pid = entry.name[len(prefix) + len(host) + 1 :].split("-", 1)[0]
-            if not pid.isdigit() or _alive(int(pid)):
+        for lock in Path(folder).glob(f"{prefix}*.lock"):
+            try:
+                fd = os.open(lock, os.O_RDWR)
+            except OSError:
                 continue
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry.name)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held: its process is alive
+                os.close(fd)
+                continue
+            try:
+                staging = lock.with_name(lock.name[: -len(".lock")])
+                shutil.rmtree(staging, ignore_errors=True)
+                lock.unlink(missing_ok=True)
+                removed.append(staging.name)
+            finally:
+                os.close(fd)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def check_writable(folder: Path) -> None:

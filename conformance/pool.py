@@ -35,6 +35,9 @@ from collections.abc import Iterator
 from conformance.isolation import death_reason, forget_worker, kill_group, register_worker
 
 Answer = tuple[dict | None, str]  # (the answer, "") or (None, why there is none)
+# families whose paths a run serves with one worker at a time: the sharded paths' worker
+# drives the run's one group of rank processes (a second worker would start a second group)
+ONE_WORKER = frozenset({"dist"})
 
 
 class FamilyWorker:

@@ -34,7 +34,7 @@ from conformance.golden import Golden, GoldenStore, check_golden_matches_case
 from conformance.isolation import run_json_worker
 from conformance.memory import Admission, available_bytes, estimate_bytes, estimate_export_bytes
 from conformance.paths import CaseContext, ExecutionPath, PathUnavailable
-from conformance.pool import Answer, WorkerPool
+from conformance.pool import ONE_WORKER, Answer, WorkerPool
 from conformance.results import ERROR, FAIL, OK, PASS, UNAVAILABLE, CaseResult, PathResult, RunResult, WorkerResult
 from conformance.tolerances import TolerancePolicy, path_matches
 from pkm_models.config import layer_taps
@@ -363,10 +363,11 @@ class _Progress:
             self.progress(line)
 
     def built(self, model: str, exporter: str, done: int, total: int, failure: str | None) -> None:
-        """``[export k/N] model exporter: built`` (or refused / failed: the paths that run
-        it report why), with the time so far: the exports come before the paths that run them."""
+        """``[export k/N] model exporter: ready`` (built, or found in the cache; else refused,
+        failed or not built: the paths that run it report why), with the time so far: the
+        exports come before the paths that run them."""
         if self.progress is not None:
-            status = "built" if failure is None else failure
+            status = "ready" if failure is None else failure
             self.progress(
                 f"[export {done}/{total}] {model} {exporter}: {status}  ({_clock(time.monotonic() - self.t0)} so far)"
             )
@@ -478,17 +479,24 @@ def exporter_family(exporter: str) -> str:
 @dataclasses.dataclass
 class _Task:
     family: str
-    run: Callable[[], None]
-    after: list[threading.Event] = dataclasses.field(default_factory=list)
+    run: Callable[[], None] = lambda: None
+    after: list[_Task] = dataclasses.field(default_factory=list)  # builds this task runs on
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    refused: str | None = None  # a build that admission did not start: why
 
 
 def _run_tasks(tasks: list[_Task], jobs: int, pool: WorkerPool) -> None:
     """``tasks`` on ``jobs`` threads, each task in list order once the tasks it comes
-    after are done; a family's workers are closed once its last task is done."""
+    after are done, and a task of a family in :data:`~conformance.pool.ONE_WORKER` only
+    while no other of its family runs; a family's workers are closed once its last task
+    is done."""
     pending = list(tasks)
     left = collections.Counter(t.family for t in tasks)
+    running: collections.Counter[str] = collections.Counter()
     ready = threading.Condition()
+
+    def startable(task: _Task) -> bool:
+        return all(t.done.is_set() for t in task.after) and not (task.family in ONE_WORKER and running[task.family])
 
     def loop() -> None:
         while True:
@@ -496,9 +504,10 @@ def _run_tasks(tasks: list[_Task], jobs: int, pool: WorkerPool) -> None:
                 while True:
                     if not pending:
                         return
-                    task = next((t for t in pending if all(e.is_set() for e in t.after)), None)
+                    task = next((t for t in pending if startable(t)), None)
                     if task is not None:
                         pending.remove(task)
+                        running[task.family] += 1
                         break
                     ready.wait()
             try:
@@ -506,6 +515,7 @@ def _run_tasks(tasks: list[_Task], jobs: int, pool: WorkerPool) -> None:
             finally:
                 task.done.set()
                 with ready:
+                    running[task.family] -= 1
                     left[task.family] -= 1
                     finished = left[task.family] == 0
                     ready.notify_all()
@@ -562,22 +572,18 @@ def _run_families(
                         results[key] = unavailable[key]
                         progress(case.name, results[key], ran=False)
                         continue
-                    task = _Task(
-                        family,
-                        _path_task(
-                            path, contexts[case.name], goldens[case.name], policy, options, pool, results, progress
-                        ),
+                    task = _Task(family)
+                    task.run = _path_task(
+                        path, contexts[case.name], goldens[case.name], policy, options, pool, results, progress, task
                     )
                     exporter = getattr(path, "exporter", None)
                     if exporter is not None and exporter_family(exporter) != family:
                         for context in _export_contexts(path, contexts[case.name], goldens[case.name]):
                             key = (context.case.spec.name, exporter)
                             if key not in builds:
-                                builds[key] = _Task(
-                                    exporter_family(exporter),
-                                    _export_task(context, exporter, pool, options, progress, built),
-                                )
-                            task.after.append(builds[key].done)
+                                build = builds[key] = _Task(exporter_family(exporter))
+                                build.run = _export_task(context, exporter, pool, options, progress, built, build)
+                            task.after.append(builds[key])
                     runs.append(task)
         _run_tasks([*builds.values(), *runs], options.jobs, pool)
     case_results = [
@@ -622,10 +628,14 @@ def _availability(
     return out
 
 
-def _path_task(path, context, golden, policy, options, pool, results, progress) -> Callable[[], None]:
+def _path_task(path, context, golden, policy, options, pool, results, progress, task: _Task) -> Callable[[], None]:
     def run() -> None:
+        refused = next((b.refused for b in task.after if b.refused), None)
         try:
-            result = judge_path(path, context, golden, policy, options, pool=pool)
+            if refused:  # its export did not fit: the path would make it itself, in a worker not sized for it
+                result = PathResult.unavailable(path.name, refused, options.required(path.name))
+            else:
+                result = judge_path(path, context, golden, policy, options, pool=pool)
         except Exception as exc:  # judging raised: that path's error, the run goes on
             result = PathResult(path.name, ERROR, reason=f"{type(exc).__name__}: {exc}".strip())
         results[(context.case.name, path.name)] = result
@@ -642,7 +652,10 @@ def _export_contexts(path: ExecutionPath, context: CaseContext, golden: Golden) 
     case = context.case
     if case.spec.layers == 1 or context.cache is None or not path.tolerances_per_layer(case):
         return [context]
-    layers = [golden_layer_case(context, golden, i)[0] for i in range(1, case.spec.layers)]
+    try:
+        layers = [golden_layer_case(context, golden, i)[0] for i in range(1, case.spec.layers)]
+    except Exception:  # (a full disk): the path meets it when it judges the layers, as its own error
+        return [context]
     return [context, *(CaseContext(sub, weights_dir=sub.spec.weights_file, cache=context.cache) for sub in layers)]
 
 
@@ -660,10 +673,17 @@ class _Counter:
 
 
 def _export_task(
-    context: CaseContext, exporter: str, pool: WorkerPool, options: RunOptions, progress: _Progress, built: _Counter
+    context: CaseContext,
+    exporter: str,
+    pool: WorkerPool,
+    options: RunOptions,
+    progress: _Progress,
+    built: _Counter,
+    task: _Task,
 ) -> Callable[[], None]:
     """Build ``exporter``'s export of the case into its folder. A failure is only shown as
-    progress here: the paths that run the export meet it themselves and report it as theirs."""
+    progress here: the paths that run the export meet it themselves and report it as theirs.
+    A build that admission does not start sets ``task.refused``: its paths are unavailable."""
     case = context.case
     request = {
         "op": "export",
@@ -678,10 +698,13 @@ def _export_task(
     def build() -> None:
         with options.admission.admit(estimate_export_bytes(context.case, exporter)) as refusal:
             if refusal is None:
-                answer, _ = pool.ask(exporter_family(exporter), request)
+                answer, why = pool.ask(exporter_family(exporter), request)
                 status = (answer or {}).get("status")
                 failure = None if status == OK else "refused" if status == UNAVAILABLE else "failed"
-            else:  # the paths that run it meet the same refusal
+                if failure == "failed":
+                    failure += f": {(why or (answer or {}).get('reason') or 'unknown')[:200]}"
+            else:
+                task.refused = f"its export {exporter} of {context.case.spec.name} was not built: {refusal}"
                 failure = f"not built: {refusal}"
         progress.built(context.case.spec.name, exporter, *built(), failure)
 

@@ -107,6 +107,14 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
         onnx.save_model(model, path)
 
 
+def align(sink, nbytes: int) -> None:
+    """Pad ``sink`` so that the next tensor (``nbytes``) starts where ONNX Runtime can map it
+    in place: a multiple of 64 KiB for a tensor of at least that (the largest page size of
+    the machines a file may be deployed to, aarch64 with 64 KiB pages), else of 4 KiB."""
+    boundary = 1 << 16 if nbytes >= 1 << 16 else 4096
+    sink.write(b"\0" * (-sink.tell() % boundary))
+
+
 def gather_external_data(source: Path, path: Path) -> None:
     """Save the model ``source`` (whose tensors may lie in files beside it, one per tensor,
     as the TorchScript exporter writes them past 2 GB) as ``path`` with every external
@@ -119,7 +127,7 @@ def gather_external_data(source: Path, path: Path) -> None:
         for tensor in model.graph.initializer:
             if tensor.data_location != onnx.TensorProto.EXTERNAL:
                 if len(tensor.raw_data) > 1024:  # written inline (a model under 2 GB): moved out too
-                    sink.write(b"\0" * (-sink.tell() % 4096))
+                    align(sink, len(tensor.raw_data))
                     start = sink.tell()
                     sink.write(tensor.raw_data)
                     tensor.ClearField("raw_data")
@@ -129,7 +137,7 @@ def gather_external_data(source: Path, path: Path) -> None:
                 continue
             info = {e.key: e.value for e in tensor.external_data}
             offset, length = int(info.get("offset", 0)), info.get("length")
-            sink.write(b"\0" * (-sink.tell() % 4096))  # page-aligned: ONNX Runtime maps it in place
+            align(sink, int(length) if length is not None else 1 << 16)
             start = sink.tell()
             with open(source.parent / info["location"], "rb") as f:
                 f.seek(offset)
@@ -243,7 +251,7 @@ def replace_inputs_with_initializers(
             else:
                 tensor = onnx.TensorProto(name=name, dims=array.shape)
                 tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
-                sink.write(b"\0" * (-sink.tell() % 4096))  # page-aligned: ONNX Runtime maps it in place
+                align(sink, array.nbytes)
                 offset = sink.tell()
                 array.tofile(sink)
                 tensor.data_location = onnx.TensorProto.EXTERNAL

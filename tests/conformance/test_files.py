@@ -159,23 +159,31 @@ def test_every_write_is_synced_through_the_one_helper(tmp_path, monkeypatch):
 def test_a_staging_folder_left_by_a_killed_process_is_removed_by_the_next_one(tmp_path):
     """``kill -9`` leaves a staging folder (an export's, its weights folder, a cache
     build's); the next command that stages there removes it, and never a live process's."""
-    import socket
+    import signal
     import subprocess
     import sys
 
     from conformance.files import remove_abandoned, staging_dir
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    host = socket.gethostname().replace("-", "_")
-    left = tmp_path / f".weights-{host}-{int(dead.stdout)}-abc123"
-    (left / "values.weight.npy").parent.mkdir()
-    (left / "values.weight.npy").write_bytes(b"x" * 100)
-    mine = tmp_path / f".weights-{host}-{os.getpid()}-def456"
-    mine.mkdir()
-    other_machine = tmp_path / f".weights-otherhost-{int(dead.stdout)}-ghi789"
-    other_machine.mkdir()
-    with staging_dir(tmp_path, ".weights-") as staging:
-        assert staging.name.startswith(f".weights-{host}-{os.getpid()}-")
-        assert not left.exists() and mine.exists() and other_machine.exists()
-    assert not staging.exists()
-    assert remove_abandoned(tmp_path, ".weights-") == []  # nothing else was abandoned
+    code = (
+        "import sys, time; from pathlib import Path; from conformance.files import staging_dir\n"
+        "with staging_dir(Path(sys.argv[1]), '.weights-') as s:\n"
+        "    (s / 'values.weight.npy').write_bytes(b'x' * 100); print(s, flush=True); time.sleep(60)\n"
+    )
+    killed = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    left = Path(killed.stdout.readline().strip())
+    live = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    alive = Path(live.stdout.readline().strip())
+    try:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        assert left.exists() and alive.exists()
+        with staging_dir(tmp_path, ".weights-") as staging:
+            assert not left.exists() and alive.exists()  # the live process's folder stays
+        assert not staging.exists()
+        assert remove_abandoned(tmp_path, ".weights-") == []
+    finally:
+        live.kill()
+        live.wait()
+    assert remove_abandoned(tmp_path, ".weights-") == [alive.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -360,7 +360,7 @@ def test_progress_shows_each_export_built_before_the_paths(monkeypatch):
     progress.built("xlm", "torch-script", *counter(), None)
     progress.built("xlm", "torch-fast@bf16", *counter(), "refused")
     assert lines == [
-        "[export 1/2] xlm torch-script: built  (0:45 so far)",
+        "[export 1/2] xlm torch-script: ready  (0:45 so far)",
         "[export 2/2] xlm torch-fast@bf16: refused  (0:50 so far)",
     ]
 
@@ -386,10 +386,78 @@ def test_a_networks_layers_are_written_once_and_their_exports_built_before_its_p
     assert _export_contexts(get_path("ort-cpu[torch-fast]"), context, golden) == [context]  # judged end to end
     sub, sub_golden = golden_layer_case(context, golden, 2)
     assert golden_layer_case(context, golden, 2)[0] is sub  # written once
-    assert key_material(contexts[2].case.spec, "torch-fast@fp16") == key_material(sub.spec, "torch-fast@fp16")
+    # the worker that runs the layer alone rebuilds its case from the request: the same cache key
+    from conformance.paths.worker import _context
+
+    request = {"case": sub.to_json(), "source": str(sub.source), "weights": str(sub.spec.weights_file)}
+    request |= {"export_dir": str(tmp_path / "layer2"), "cache_dir": str(tmp_path)}
+    in_worker = _context(request)
+    assert contexts[2].case.spec.weights_file == sub.spec.weights_file
+    assert key_material(in_worker.case.spec, "torch-fast@fp16") == key_material(
+        contexts[2].case.spec, "torch-fast@fp16"
+    )
     np.testing.assert_array_equal(sub_golden.input, golden.taps["1/output"])
     written = np.load(sub.spec.weights_file / "values.weight.npy")
     np.testing.assert_array_equal(written, split_layers(golden.weights)[2]["values.weight"])
     folder = sub.spec.weights_file.parents[1]
     context.close()
     assert not folder.exists()
+
+
+def test_the_sharded_family_runs_one_path_at_a_time_beside_the_others():
+    """One worker drives the run's one group of rank processes: two sharded paths never run
+    at once, while the other families' paths use the other thread."""
+    import collections
+    import threading
+    import time
+
+    from conformance import runner
+
+    active, most, overlapped = collections.Counter(), collections.Counter(), []
+    lock = threading.Lock()
+
+    def work(family):
+        def run():
+            with lock:
+                active[family] += 1
+                most[family] = max(most[family], active[family])
+                overlapped.append(dict(active))
+            time.sleep(0.2)
+            with lock:
+                active[family] -= 1
+
+        return run
+
+    tasks = [runner._Task(f, work(f)) for f in ["dist"] * 3 + ["torch"] * 3]
+    retired = []
+    runner._run_tasks(tasks, 2, type("Pool", (), {"retire": staticmethod(retired.append)})())
+    assert most["dist"] == 1 and any(seen.get("dist") and seen.get("torch") for seen in overlapped)
+    assert sorted(retired) == ["dist", "torch"]
+
+
+def test_an_export_that_does_not_fit_makes_its_paths_unavailable_without_running_them(project, tmp_path):
+    """The build before an ONNX path is admitted like a path; when it cannot fit, the path
+    is unavailable with the figures (it would otherwise make the export itself, in a worker
+    whose estimate does not count the exporter)."""
+    from conformance import runner
+    from conformance.paths import CaseContext, get_path
+    from conformance.results import PathResult
+
+    (case,) = project.cases("tiny")
+    options = RunOptions(available=lambda: 10 << 20)
+    context = CaseContext(case, export_dir=tmp_path)
+    build = runner._Task("tf")
+    lines = []
+    progress = runner._Progress(1, lines.append)
+    build.run = runner._export_task(context, "tf2onnx", None, options, progress, runner._Counter(lambda: 1), build)
+    build.run()
+    assert build.refused.startswith("its export tf2onnx of tiny was not built: needs ")
+    assert lines[0].startswith("[export 1/1] tiny tf2onnx: not built: needs ")
+    results = {}
+    path = runner._Task("ort", after=[build])
+    path.run = runner._path_task(
+        get_path("ort-cpu[tf2onnx]"), context, None, None, options, None, results, progress, path
+    )
+    path.run()
+    result = results[("tiny", "ort-cpu[tf2onnx]")]
+    assert isinstance(result, PathResult) and result.status == "unavailable" and result.reason == build.refused
