@@ -15,8 +15,6 @@ A runtime without a kernel for the type is ``unavailable`` with the runtime's ow
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 
 from conformance.paths.base import CaseContext, ExecutionPath, PathUnavailable
@@ -43,7 +41,9 @@ class _PrecisionContext:
         if key not in self._cache:
             from pkm_models.torch_reduced import DTYPES, CastModel, int8_module
 
-            reference = copy.deepcopy(self._context.torch_model)
+            # a second reference on the same mapped weights (not a deep copy of the first: a
+            # second float32 table, 1x the weights more), which the cast or packing replaces
+            reference = self._context.case.spec.torch_model(self._context.weights)
             if self._precision == "int8":
                 self._cache[key] = int8_module(reference, fused=True)
             else:
@@ -53,13 +53,15 @@ class _PrecisionContext:
     def keras_model_with(self, method: str = "einsum"):
         key = ("keras", self._precision, method)
         if key not in self._cache:
-            from pkm_models.convert import set_keras_weights
             from pkm_models.keras_pkm import build_keras_model
 
             dtype = {"fp16": "float16", "bf16": "bfloat16"}[self._precision]
             case = self._context.case
-            model = build_keras_model(case.config, case.spec.layers, seed=None, method=method, dtype=dtype)
-            set_keras_weights(model, self._context.weights)
+            # the tables built as zeros and filled in blocks, converted on the way (drawn at
+            # random first, then replaced, the model took 3x the weights on mega)
+            model = build_keras_model(
+                case.config, case.spec.layers, seed=None, method=method, dtype=dtype, weights=self._context.weights
+            )
             self._cache[key] = model
         return self._cache[key]
 
