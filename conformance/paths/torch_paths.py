@@ -63,6 +63,9 @@ class TorchPath(ExecutionPath):
             return model
         import torch
 
+        # what a fresh process compiles: nothing of an earlier path's compilation (in a
+        # long-lived worker) may change this one's kernels, hence its numbers
+        torch.compiler.reset()
         compiled = torch.compile(model, dynamic=False)
         with torch.inference_mode(), _precision_casts(context.case.config):
             compiled(example, return_taps=True)
