@@ -112,6 +112,7 @@ class CaseContext:
             shutil.rmtree(self._dir, ignore_errors=True)
         self.__dict__.pop("torch_model", None)
         self.__dict__.pop("weights", None)
+        self.__dict__.pop("_precision_models", None)  # the reduced-precision models of the case
         self._keras.clear()
 
 

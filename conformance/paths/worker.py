@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import gc
 import json
 import os
 import sys
@@ -55,11 +56,15 @@ def _context(request: dict):
         cache = ExportCache(Path(request["cache_dir"]))
     context = CaseContext(case, export_dir=Path(request["export_dir"]), weights_dir=case.spec.weights_file, cache=cache)
     _CONTEXTS[key] = context
-    total = 0
+    total, dropped = 0, 0
     for old in reversed(list(_CONTEXTS)):  # newest first: keep while they fit, always the newest
         total += _CONTEXTS[old].case.spec.weight_bytes
         if old != key and total > KEPT_WEIGHT_BYTES:
-            _CONTEXTS.pop(old).close()
+            gone = _CONTEXTS.pop(old)
+            dropped += gone.case.spec.weight_bytes
+            gone.close()
+    if dropped > KEPT_WEIGHT_BYTES:  # a large case's models (Keras' hold cycles): freed now, not later
+        gc.collect()
     return context
 
 
