@@ -143,10 +143,22 @@ def _convert_structure(spec: ModelSpec, opset: int, tapped: bool):
             if id(v) not in position:
                 position[id(v)] = len(variables)
                 variables.append((layer, v))
+    # A value table's input has a dynamic row count, its shape restored inside the function:
+    # for an input of fully known shape, Grappler (which tf2onnx's freezing runs) makes a
+    # zero-filled stand-in of that size and keeps it (3.1 GiB for mega's table).
+    tables = {i for i, (_, v) in enumerate(variables) if v.name == "values"}
     signature = [tf.TensorSpec((None, None, spec.config.input_dim), tf.float32, name="input")]
-    signature += [tf.TensorSpec(v.shape, v.dtype, name=f"w{i}") for i, (_, v) in enumerate(variables)]
+    signature += [
+        tf.TensorSpec((None, *v.shape[1:]) if i in tables else v.shape, v.dtype, name=f"w{i}")
+        for i, (_, v) in enumerate(variables)
+    ]
 
     def forward(input, *weights):
+        weights = [
+            tf.ensure_shape(w, v.shape) if i in tables else w
+            for i, (w, (_, v)) in enumerate(zip(weights, variables, strict=True))
+        ]
+
         def call(layer_and_groups, x, return_taps):
             layer, (tv, ntv) = layer_and_groups
             trainable = [weights[position[id(v)]] for v in tv]
