@@ -165,6 +165,12 @@ PROCESS_RUNTIME_BYTES = int(0.3 * GB)
 SHARDED_FACTOR = 1.3
 
 
+def _stock_torchscript(case, exporter: str) -> bool:
+    """The TorchScript export of ``case`` takes the stock exporter's route, every parameter
+    encoded: its value table is bfloat16, which cannot be handed in as a graph input."""
+    return exporter == "torch-script" and case.config.value_dtype == "bfloat16"
+
+
 def estimate_bytes(case, path) -> int:
     """The peak memory the run's process tree is expected to reach while ``path`` runs
     ``case``: the weights times the family's factor, the activations of one pass, and the
@@ -174,7 +180,7 @@ def estimate_bytes(case, path) -> int:
     processes = getattr(path, "processes", 0)
     if processes:
         factor = SHARDED_FACTOR
-    if getattr(path, "exporter", "") == "torch-script" and case.config.value_dtype == "bfloat16":
+    if _stock_torchscript(case, getattr(path, "exporter", "")):
         factor = max(factor, STOCK_TORCHSCRIPT_FACTOR)
     if "@" in path.name:
         factor += PRECISION_FACTORS.get(path.name.rsplit("@", 1)[1], 1.0)
@@ -193,9 +199,7 @@ def estimate_export_bytes(case, exporter: str) -> int:
     ``case``: the weights times :data:`EXPORT_WEIGHT_FACTOR` (the stock TorchScript route of a
     bfloat16 table: :data:`STOCK_TORCHSCRIPT_FACTOR`), one pass's activations (the trace),
     and the imports of the exporter's framework."""
-    factor = EXPORT_WEIGHT_FACTOR
-    if exporter.startswith("torch-script") and case.config.value_dtype == "bfloat16":
-        factor = STOCK_TORCHSCRIPT_FACTOR
+    factor = STOCK_TORCHSCRIPT_FACTOR if _stock_torchscript(case, exporter) else EXPORT_WEIGHT_FACTOR
     runtime = RUNTIME_BYTES["torch" if exporter.startswith("torch-") else "tf"]
     return int(case.spec.weight_bytes * factor) + case.activation_bytes() + runtime
 

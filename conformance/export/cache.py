@@ -135,6 +135,11 @@ def key_material(spec: ModelSpec, exporter: str, opset: int = DEFAULT_OPSET, tap
     }
 
 
+def _made(found: Path) -> bool:
+    """The export ``found`` is in the cache, or its refusal (``<exporter>.refused``) is."""
+    return found.is_file() or found.with_suffix(".refused").is_file()
+
+
 class ExportCache:
     """Exports under ``root`` by content (see the module docstring)."""
 
@@ -148,14 +153,14 @@ class ExportCache:
         key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
         entry = self.folder / key
         found = entry / f"{exporter}.onnx"
-        if found.is_file() or found.with_suffix(".refused").is_file():
+        if _made(found):
             return self._used(entry, found)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ExportError(f"cannot create the export cache {self.folder}: {exc.strerror or exc}") from exc
         with self._locked(key):
-            if found.is_file() or found.with_suffix(".refused").is_file():  # made while this process waited
+            if _made(found):  # made while this process waited
                 return self._used(entry, found)
             with staging_dir(self.folder, f".{key}-") as staging:  # one a killed build left is removed
                 try:

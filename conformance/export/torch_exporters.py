@@ -30,6 +30,8 @@ class _Exported(nn.Module):
         self.module = module
 
     def forward(self, input, *tables):
+        if not self.table_inputs:  # every export but a large model's TorchScript one
+            return self.outputs(input)
         given = dict(zip(self.table_inputs, tables, strict=True))
         held = dict(self.named_parameters())
         swapped = [
@@ -76,8 +78,9 @@ def _example(spec: ModelSpec) -> torch.Tensor:
     return torch.zeros(2, 3, spec.config.input_dim)
 
 
-def _weight_bytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+def _weight_bytes(params) -> int:
+    """Bytes of ``params`` (a module's parameters, or some of them)."""
+    return sum(p.numel() * p.element_size() for p in params)
 
 
 def _dynamic_axes(spec: ModelSpec, tapped: bool) -> dict[str, dict[int, str]]:
@@ -117,7 +120,7 @@ def _export_dynamo(module: nn.Module, spec: ModelSpec, path: Path, opset: int, t
         )
     _drop_source_locations(program.model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    program.save(str(path), external_data=_weight_bytes(module) > EXTERNAL_DATA_THRESHOLD)
+    program.save(str(path), external_data=_weight_bytes(module.parameters()) > EXTERNAL_DATA_THRESHOLD)
 
 
 def export_dynamo(spec: ModelSpec, path: Path, opset: int, tapped: bool) -> None:
@@ -141,7 +144,8 @@ def export_torchscript(spec: ModelSpec, path: Path, opset: int, tapped: bool) ->
     compares the two routes); only the tables' initializers come last."""
     module = _wrapped(spec, tapped, fast=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    large = _weight_bytes(module) > EXTERNAL_DATA_THRESHOLD
+    weight_bytes = _weight_bytes(module.parameters())
+    large = weight_bytes > EXTERNAL_DATA_THRESHOLD
     tables = {}
     if large:
         tables = {
@@ -149,7 +153,7 @@ def export_torchscript(spec: ModelSpec, path: Path, opset: int, tapped: bool) ->
             for name, p in module.named_parameters()
             if name.endswith("values.weight") and p.dtype in (torch.float32, torch.float16)
         }
-        if _weight_bytes(module) - sum(p.numel() * p.element_size() for p in tables.values()) > EXTERNAL_DATA_THRESHOLD:
+        if weight_bytes - _weight_bytes(tables.values()) > EXTERNAL_DATA_THRESHOLD:
             tables = {}  # what stays a parameter is large itself (a bfloat16 table): the stock route
     module.table_inputs = tuple(tables)
     staged = path.with_name(path.stem + ".tmp") / path.name if large else path
@@ -168,7 +172,7 @@ def export_torchscript(spec: ModelSpec, path: Path, opset: int, tapped: bool) ->
     if tables:  # the graph without the tables: small; the tables become its initializers
         model = onnx.load(str(staged), load_external_data=False)
         arrays = ((name, p.detach().numpy()) for name, p in tables.items())
-        replace_inputs_with_initializers(model, arrays, path, _weight_bytes(module))
+        replace_inputs_with_initializers(model, arrays, path, weight_bytes)
     elif large:  # the exporter writes one file per tensor past 2 GB: gather them into one data file
         gather_external_data(staged, path)
     if large:
