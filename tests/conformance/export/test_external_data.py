@@ -98,3 +98,29 @@ def test_torchscript_with_tables_as_inputs_is_the_stock_export(tmp_path, monkeyp
     got = [ort.InferenceSession(str(p)).run(None, {"input": x}) for p in (stock, lean)]
     for one, other in zip(*got, strict=True):
         np.testing.assert_array_equal(one, other)
+
+
+def test_an_int8_export_past_the_threshold_keeps_its_codes_in_the_data_file(tmp_path, monkeypatch):
+    """An int8 model's value codes are buffers, not parameters: counted, they put a large
+    int8 export's tensors in ``<name>.onnx.data`` (embedded, seednet's export took 2.9x
+    its codes' size more while the proto was built and serialised); the same outputs."""
+    import conformance.export.torch_exporters as torch_exporters
+    from conformance.export import ModelSpec, export
+    from pkm_models import get_preset
+    from pkm_models.weights import make_input
+
+    spec = ModelSpec("small-2", get_preset("small").config, layers=2, seed=3)
+    embedded = export(spec, "torch-fast", tmp_path / "embedded", tapped=True, precision="int8").path
+    assert not embedded.with_name(embedded.name + ".data").exists()
+    weights = spec.weights()
+    codes = sum(v.nbytes for k, v in weights.items() if k.endswith("values.weight")) // 4
+    rest = sum(v.nbytes for k, v in weights.items() if not k.endswith("values.weight"))
+    monkeypatch.setattr(torch_exporters, "EXTERNAL_DATA_THRESHOLD", rest + codes // 2)  # the codes pass it
+    external = export(spec, "torch-fast", tmp_path / "external", tapped=True, precision="int8").path
+    data = external.with_name(external.name + ".data")
+    assert data.stat().st_size >= codes  # the codes moved out of the graph file
+    assert external.stat().st_size <= embedded.stat().st_size - codes
+    x = make_input((2, 5, spec.config.input_dim), seed=1)
+    got = [ort.InferenceSession(str(p)).run(None, {"input": x}) for p in (embedded, external)]
+    for one, other in zip(*got, strict=True):
+        np.testing.assert_array_equal(one, other)
