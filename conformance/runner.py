@@ -91,11 +91,14 @@ def golden_layer_case(context: CaseContext, golden: Golden, i: int) -> tuple[Cas
     case's input for layer 0, else the golden output of the layer before), with its golden
     taps. Its weights and input are written once per case, into a folder that lives as
     long as the context: every path judged layer by layer reads the same files, so the
-    layer's exports are the same (one cache entry each, built before those paths run)."""
+    layer's exports are the same (one cache entry each, built before those paths run).
+    The weights are hard links to the network's own files where it has a folder of them:
+    no disk, and no page that this process maps to copy them (seednet's five later layers
+    held 3.8 GiB of the run's memory when they were written from the mapped network)."""
     with _LAYERS_LOCK:
         made = context.__dict__.setdefault("_golden_layers", {})
         if i not in made:
-            from conformance.spec import write_weights_dir
+            from conformance.spec import link_weights_dir, read_weights_dir, write_weights_dir
             from pkm_models.convert import split_layers
 
             case = context.case
@@ -105,8 +108,13 @@ def golden_layer_case(context: CaseContext, golden: Golden, i: int) -> tuple[Cas
                 context.on_close(lambda: shutil.rmtree(root, ignore_errors=True))
             folder = context.__dict__["_golden_layers_dir"] / f"layer{i}"
             weights = split_layers(context.weights)[i]
+            source = Path(context.weights_dir) if context.weights_dir is not None else None
+            files = {name: source / f"layers.{i}.{name}.npy" for name in weights} if source else {}
+            if files and all(f.is_file() for f in files.values()):  # the network's folder: linked
+                weights = read_weights_dir(link_weights_dir(files, folder / "weights"))
+            else:  # a checkpoint file: written from the arrays
+                write_weights_dir(weights, folder / "weights")
             layer_input = golden.input if i == 0 else golden.taps[f"{i - 1}/output"]
-            write_weights_dir(weights, folder / "weights")
             np.save(folder / "input.npy", layer_input, allow_pickle=False)
             sub = case.layer(i, folder / "weights", folder / "input.npy")
             taps = {tap: golden.taps[f"{i}/{tap}"] for tap in layer_taps(case.config)}

@@ -47,11 +47,22 @@ def write_weights_dir(weights, folder: Path, aliases: dict[str, str] | None = No
         name, shape, blocks = item if len(item) == 3 else (item[0], item[1].shape, [item[1]])
         if name not in aliases:
             _write_npy(folder / f"{name}.npy", shape, blocks)
-    for name, target in aliases.items():
+    link_weights_dir({name: folder / f"{target}.npy" for name, target in aliases.items()}, folder)
+    return folder
+
+
+def link_weights_dir(files: dict[str, Path], folder: Path) -> Path:
+    """``folder/<name>.npy`` for each ``name -> .npy file`` of ``files``, hard-linked (one
+    file on disk, one copy in the page cache; copied by the kernel where the file system
+    has no hard links): another folder's tensors under new names without reading them, so
+    that no process maps (and so holds) their pages to write them. Returns ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, source in files.items():
         try:
-            os.link(folder / f"{target}.npy", folder / f"{name}.npy")
+            os.link(source, folder / f"{name}.npy")
         except OSError:
-            shutil.copyfile(folder / f"{target}.npy", folder / f"{name}.npy")
+            shutil.copyfile(source, folder / f"{name}.npy")
     return folder
 
 

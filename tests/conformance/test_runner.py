@@ -1,5 +1,6 @@
 """Proof that the conformance run can fail, and fails at the right place."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -402,6 +403,29 @@ def test_a_networks_layers_are_written_once_and_their_exports_built_before_its_p
     folder = sub.spec.weights_file.parents[1]
     context.close()
     assert not folder.exists()
+
+
+def test_a_networks_layers_are_hard_links_to_its_weights_folder(tmp_path):
+    """Where the network's weights are a folder of .npy files (every run's own), a layer
+    alone gets links to them: the same files, so the run never reads (and so never holds)
+    their pages to copy them; its golden weights are mapped from the links."""
+    from conformance.cases import load_cases
+    from conformance.golden import GoldenStore
+    from conformance.paths import CaseContext
+    from conformance.runner import golden_layer_case
+    from conformance.spec import read_weights_dir, write_weights_dir
+
+    case = load_cases(REPO / "conformance" / "cases", ["stack-3"])[0]
+    golden = GoldenStore(REPO / "golden").read("stack-3")
+    folder = write_weights_dir(golden.weights, tmp_path / "network")
+    context = CaseContext(case, read_weights_dir(folder), weights_dir=folder)
+    sub, sub_golden = golden_layer_case(context, golden, 1)
+    for name in ("values.weight", "keys", "query_proj.0.weight"):
+        assert os.path.samefile(sub.spec.weights_file / f"{name}.npy", folder / f"layers.1.{name}.npy")
+        assert isinstance(sub_golden.weights[name], np.memmap)
+        np.testing.assert_array_equal(sub_golden.weights[name], golden.weights[f"layers.1.{name}"])
+    context.close()
+    assert (folder / "layers.1.values.weight.npy").is_file()  # the network's own files stay
 
 
 def test_the_sharded_family_runs_one_path_at_a_time_beside_the_others():
