@@ -96,17 +96,16 @@ def golden_layer_case(context: CaseContext, golden: Golden, i: int) -> tuple[Cas
     no disk, and no page that this process maps to copy them (seednet's five later layers
     held 3.8 GiB of the run's memory when they were written from the mapped network)."""
     with _LAYERS_LOCK:
-        made = context.__dict__.setdefault("_golden_layers", {})
+        made = context.golden_layers
         if i not in made:
             from conformance.spec import link_weights_dir, read_weights_dir, write_weights_dir
             from pkm_models.convert import split_layers
 
             case = context.case
-            if "_golden_layers_dir" not in context.__dict__:
-                root = Path(tempfile.mkdtemp(prefix=f"pkm-{case.name}-layers-"))
-                context.__dict__["_golden_layers_dir"] = root
+            if context.golden_layers_dir is None:
+                root = context.golden_layers_dir = Path(tempfile.mkdtemp(prefix=f"pkm-{case.name}-layers-"))
                 context.on_close(lambda: shutil.rmtree(root, ignore_errors=True))
-            folder = context.__dict__["_golden_layers_dir"] / f"layer{i}"
+            folder = context.golden_layers_dir / f"layer{i}"
             weights = split_layers(context.weights)[i]
             source = Path(context.weights_dir) if context.weights_dir is not None else None
             files = {name: source / f"layers.{i}.{name}.npy" for name in weights} if source else {}

@@ -48,6 +48,10 @@ class CaseContext:
         self._dir = export_dir
         self._own_dir = export_dir is None
         self._closers: list[Callable[[], None]] = []
+        # a network's layers as cases of their own, by index, and the folder of their files
+        # (``conformance.runner.golden_layer_case``)
+        self.golden_layers: dict[int, tuple] = {}
+        self.golden_layers_dir: Path | None = None
 
     @property
     def export_dir(self) -> Path | None:
