@@ -48,17 +48,26 @@ class CastModel(nn.Module):
         return {k: v if v.dtype == torch.int64 else v.float() for k, v in out.items()}
 
 
-def pack_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pack_rows(values: torch.Tensor, block_bytes: int = 64 << 20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """8-bit codes (N, D) uint8, scale (N,) and offset (N,) float32 of a (N, D) table.
 
     PyTorch's ``embedding_bag_byte_prepack`` format: per row, offset = min and
     scale = (max - min) / 255, code = round((v - offset) / scale); a stored value is off
-    by at most half a step, scale / 2.
+    by at most half a step, scale / 2. Made ``block_bytes`` of float32 rows at a time, so
+    that no second table-sized buffer exists beside the codes.
     """
-    packed = torch.ops.quantized.embedding_bag_byte_prepack(values.detach().float().contiguous())
-    codes = packed[:, :-8].contiguous()  # (N,D) uint8
-    scale_offset = packed[:, -8:].contiguous().view(torch.float32)  # (N,2)
-    return codes, scale_offset[:, 0].contiguous(), scale_offset[:, 1].contiguous()
+    values = values.detach()
+    n, d = values.shape
+    codes = torch.empty((n, d), dtype=torch.uint8)
+    scale, offset = torch.empty(n), torch.empty(n)
+    step = max(1, block_bytes // max(1, 4 * d))
+    for first in range(0, n, step):
+        block = values[first : first + step].float().contiguous()
+        packed = torch.ops.quantized.embedding_bag_byte_prepack(block)
+        codes[first : first + step] = packed[:, :-8]
+        scale_offset = packed[:, -8:].contiguous().view(torch.float32)  # (rows,2)
+        scale[first : first + step], offset[first : first + step] = scale_offset[:, 0], scale_offset[:, 1]
+    return codes, scale, offset
 
 
 class Int8HashingMemory(FastHashingMemory):
@@ -70,16 +79,15 @@ class Int8HashingMemory(FastHashingMemory):
 
     def __init__(self, reference: HashingMemory, fused: bool = True, chunk: int | None = 8):
         super().__init__(reference, chunk)
-        codes, scale, offset = pack_rows(reference.values.weight)
         self.fused = fused
-        self.register_buffer("packed", torch.ops.quantized.embedding_bag_byte_prepack(reference.values.weight.detach()))
-        self.register_buffer("codes", codes)  # (N,D) uint8
-        self.register_buffer("scale", scale[:, None])  # (N,1)
-        self.register_buffer("offset", offset[:, None])  # (N,1)
-        if not fused:
-            del self.packed  # the export needs the codes, not the fused kernel's layout
-        else:
-            del self.codes, self.scale, self.offset
+        if fused:  # the fused kernel's layout: each row's codes, then its scale and offset
+            table = reference.values.weight.detach()
+            self.register_buffer("packed", torch.ops.quantized.embedding_bag_byte_prepack(table))
+        else:  # the export's: codes, scales and offsets apart (only one layout is ever made)
+            codes, scale, offset = pack_rows(reference.values.weight)
+            self.register_buffer("codes", codes)  # (N,D) uint8
+            self.register_buffer("scale", scale[:, None])  # (N,1)
+            self.register_buffer("offset", offset[:, None])  # (N,1)
         # drop the float32 table: the model must not be able to read it
         reference.values = nn.EmbeddingBag(1, self.v_dim, mode="sum")
 

@@ -73,6 +73,9 @@ def test_int8_rows_match_pytorch_and_stay_within_half_a_step():
     np.testing.assert_array_equal(codes, t_codes.numpy())
     np.testing.assert_array_equal(scale, t_scale.numpy())
     np.testing.assert_array_equal(offset, t_offset.numpy())
+    in_blocks = pack_rows(torch.from_numpy(values), block_bytes=7 * 24 * 4)  # 7 rows at a time: the same
+    for got, want in zip(in_blocks, (codes, scale, offset), strict=True):
+        np.testing.assert_array_equal(got.numpy(), want)
     error = np.abs(codes.astype(np.float64) * scale[:, None] + offset[:, None] - values)
     step = (values.max(1).astype(np.float64) - values.min(1)) / 255
     assert np.all(error <= step[:, None] / 2 * (1 + 1e-4) + 1e-7)  # half a step, independently computed
