@@ -110,7 +110,7 @@ def golden_layer_case(context: CaseContext, golden: Golden, i: int) -> tuple[Cas
             source = Path(context.weights_dir) if context.weights_dir is not None else None
             files = {name: source / f"layers.{i}.{name}.npy" for name in weights} if source else {}
             if files and all(f.is_file() for f in files.values()):  # the network's folder: linked
-                weights = read_weights_dir(link_weights_dir(files, folder / "weights"))
+                weights = read_weights_dir(link_weights_dir(files, folder / "weights"), writable=True)
             else:  # a checkpoint file: written from the arrays
                 write_weights_dir(weights, folder / "weights")
             layer_input = golden.input if i == 0 else golden.taps[f"{i - 1}/output"]
