@@ -13,6 +13,7 @@ its own.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -51,6 +52,10 @@ def write_weights_dir(weights, folder: Path, aliases: dict[str, str] | None = No
     return folder
 
 
+# why os.link fails where a copy would not: another file system, or one without hard links
+_NO_HARD_LINKS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP}
+
+
 def link_weights_dir(files: dict[str, Path], folder: Path) -> Path:
     """``folder/<name>.npy`` for each ``name -> .npy file`` of ``files``, hard-linked (one
     file on disk, one copy in the page cache; copied by the kernel where the file system
@@ -59,10 +64,14 @@ def link_weights_dir(files: dict[str, Path], folder: Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, source in files.items():
+        target = folder / f"{name}.npy"
+        target.unlink(missing_ok=True)  # left by an attempt that failed after it (a full disk)
         try:
-            os.link(source, folder / f"{name}.npy")
-        except OSError:
-            shutil.copyfile(source, folder / f"{name}.npy")
+            os.link(source, target)
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+            shutil.copyfile(source, target)
     return folder
 
 

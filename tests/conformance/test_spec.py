@@ -50,3 +50,22 @@ def test_a_shared_table_is_one_file_under_every_layers_name(tmp_path):
     assert sorted(got) == sorted(expected)
     for name, array in expected.items():
         np.testing.assert_array_equal(got[name], array, err_msg=name)
+
+
+def test_linked_tensors_are_the_files_and_a_second_attempt_replaces_the_first(tmp_path):
+    """A layer's folder links the network's files under the layer's names; linking again
+    (after an attempt that failed later, on a full disk) replaces what is there instead of
+    failing on it, and a copy-on-write map of a link never writes the network's file."""
+    import os
+
+    from conformance.spec import link_weights_dir
+
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    network = write_weights_dir({"layers.1.values.weight": a}, tmp_path / "network")
+    files = {"values.weight": network / "layers.1.values.weight.npy"}
+    for _ in range(2):
+        folder = link_weights_dir(files, tmp_path / "layer1")
+    assert os.path.samefile(folder / "values.weight.npy", files["values.weight"])
+    mapped = read_weights_dir(folder, writable=True)["values.weight"]
+    mapped[0, 0] = 99
+    np.testing.assert_array_equal(np.load(files["values.weight"]), a)
