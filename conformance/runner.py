@@ -89,36 +89,44 @@ _LAYERS_LOCK = threading.Lock()
 def golden_layer_case(context: CaseContext, golden: Golden, i: int) -> tuple[Case, Golden]:
     """Layer ``i`` of the context's network as a case of its own, on its golden input (the
     case's input for layer 0, else the golden output of the layer before), with its golden
-    taps. Its weights and input are written once per case, into a folder that lives as
-    long as the context: every path judged layer by layer reads the same files, so the
-    layer's exports are the same (one cache entry each, built before those paths run).
-    The weights are hard links to the network's own files where it has a folder of them:
-    no disk, and no page that this process maps to copy them (seednet's five later layers
-    held 3.8 GiB of the run's memory when they were written from the mapped network)."""
+    taps. Its weights (:func:`_layer_weights`) and input are written once per case, into a
+    folder that lives as long as the context: every path judged layer by layer reads the
+    same files, so the layer's exports are the same (one cache entry each, built before
+    those paths run)."""
     with _LAYERS_LOCK:
         made = context.golden_layers
         if i not in made:
-            from conformance.spec import link_weights_dir, read_weights_dir, write_weights_dir
-            from pkm_models.convert import split_layers
-
             case = context.case
             if context.golden_layers_dir is None:
                 root = context.golden_layers_dir = Path(tempfile.mkdtemp(prefix=f"pkm-{case.name}-layers-"))
                 context.on_close(lambda: shutil.rmtree(root, ignore_errors=True))
             folder = context.golden_layers_dir / f"layer{i}"
-            weights = split_layers(context.weights)[i]
-            source = Path(context.weights_dir) if context.weights_dir is not None else None
-            files = {name: source / f"layers.{i}.{name}.npy" for name in weights} if source else {}
-            if files and all(f.is_file() for f in files.values()):  # the network's folder: linked
-                weights = read_weights_dir(link_weights_dir(files, folder / "weights"), writable=True)
-            else:  # a checkpoint file: written from the arrays
-                write_weights_dir(weights, folder / "weights")
+            weights = _layer_weights(context, i, folder / "weights")
             layer_input = golden.input if i == 0 else golden.taps[f"{i - 1}/output"]
             np.save(folder / "input.npy", layer_input, allow_pickle=False)
             sub = case.layer(i, folder / "weights", folder / "input.npy")
             taps = {tap: golden.taps[f"{i}/{tap}"] for tap in layer_taps(case.config)}
             made[i] = (sub, Golden(case.name, golden.meta, layer_input, taps, weights))
         return made[i]
+
+
+def _layer_weights(context: CaseContext, i: int, folder: Path) -> dict[str, np.ndarray]:
+    """Layer ``i``'s weights in ``folder``, as the layer's case maps them. Where the network
+    has a folder of ``.npy`` files (every run writes one), they are hard links to its files:
+    no disk, and no page that this process maps to copy them (seednet's five later layers
+    held 3.8 GiB of the run's memory when they were written from the mapped network). Else
+    (weights handed in from memory, a ``.npz`` file) they are written from the arrays."""
+    from conformance.spec import link_weights_dir, read_weights_dir, write_weights_dir
+    from pkm_models.convert import split_layers
+
+    weights = split_layers(context.weights)[i]
+    network = Path(context.weights_dir) if context.weights_dir is not None else None
+    files = {name: network / f"layers.{i}.{name}.npy" for name in weights} if network else {}
+    if files and all(f.is_file() for f in files.values()):
+        # copy-on-write, as the run maps the network's: a write stays out of the linked file
+        return read_weights_dir(link_weights_dir(files, folder), writable=True)
+    write_weights_dir(weights, folder)
+    return weights
 
 
 def judge_on_golden_inputs(

@@ -59,7 +59,7 @@ def pack_rows(values: torch.Tensor, block_bytes: int = 64 << 20) -> tuple[torch.
     values = values.detach()
     n, d = values.shape
     codes = torch.empty((n, d), dtype=torch.uint8)
-    scale, offset = torch.empty(n), torch.empty(n)
+    scale, offset = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
     step = max(1, block_bytes // max(1, 4 * d))
     for first in range(0, n, step):
         block = values[first : first + step].float().contiguous()

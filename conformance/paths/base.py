@@ -50,7 +50,7 @@ class CaseContext:
         self._closers: list[Callable[[], None]] = []
         # a network's layers as cases of their own, by index, and the folder of their files
         # (``conformance.runner.golden_layer_case``)
-        self.golden_layers: dict[int, tuple] = {}
+        self.golden_layers: dict[int, tuple] = {}  # (Case, Golden)
         self.golden_layers_dir: Path | None = None
 
     @property
@@ -118,6 +118,8 @@ class CaseContext:
         self.__dict__.pop("weights", None)
         self.__dict__.pop("_precision_models", None)  # the reduced-precision models of the case
         self._keras.clear()
+        self.golden_layers.clear()  # their files went with a closer
+        self.golden_layers_dir = None
 
 
 Runner = Callable[[np.ndarray], dict[str, np.ndarray]]

@@ -422,7 +422,7 @@ def test_a_networks_layers_are_hard_links_to_its_weights_folder(tmp_path):
     sub, sub_golden = golden_layer_case(context, golden, 1)
     for name in ("values.weight", "keys", "query_proj.0.weight"):
         assert os.path.samefile(sub.spec.weights_file / f"{name}.npy", folder / f"layers.1.{name}.npy")
-        assert isinstance(sub_golden.weights[name], np.memmap)
+        assert isinstance(sub_golden.weights[name], np.memmap) and sub_golden.weights[name].flags.writeable
         np.testing.assert_array_equal(sub_golden.weights[name], golden.weights[f"layers.1.{name}"])
     context.close()
     assert (folder / "layers.1.values.weight.npy").is_file()  # the network's own files stay
