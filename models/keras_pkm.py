@@ -154,12 +154,12 @@ def _fused_sum(values, indices, weights, n: int, slots: int = FUSED_SLOTS):
         _compiled_blockwise_sum = tf.function(_blockwise_sum, jit_compile=True)
     # a tensor, not the variable: a resource input would not export (tf2onnx)
     values = tf.convert_to_tensor(values)
-    if values.dtype == tf.bfloat16 and not _in_xla_context():
+    if _in_xla_context():
+        return _compiled_blockwise_sum(values, indices, weights, n, slots)
+    if values.dtype == tf.bfloat16:
         # XLA's CPU backend computes bfloat16 in float32, converting the whole table first
         # (3.17 GiB for mega's): the same sum, uncompiled, gathers the rows it needs
         return _blockwise_sum(values, indices, weights, n, slots)
-    if _in_xla_context():
-        return _compiled_blockwise_sum(values, indices, weights, n, slots)
     indices, weights, tokens = _padded_to_bucket(indices, weights)
     return _compiled_blockwise_sum(values, indices, weights, n, slots)[:tokens]
 
