@@ -16,6 +16,7 @@ from conformance.export.onnx_files import (
     replace_inputs_with_initializers,
 )
 from pkm_models.torch_fast import fast_module
+from pkm_models.torch_reduced import DTYPES, CastModel, int8_module, model_bytes
 
 
 class _Exported(nn.Module):
@@ -83,12 +84,6 @@ def _weight_bytes(params) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
-def _stored_bytes(module: nn.Module) -> int:
-    """Bytes the export of ``module`` stores: its parameters and its buffers (an int8
-    model's value codes are buffers)."""
-    return _weight_bytes([*module.parameters(), *module.buffers()])
-
-
 def _dynamic_axes(spec: ModelSpec, tapped: bool) -> dict[str, dict[int, str]]:
     axes = {"input": {0: "batch", 1: "sequence"}, "output": {0: "batch", 1: "sequence"}}
     if tapped:
@@ -127,8 +122,9 @@ def _export_dynamo(module: nn.Module, spec: ModelSpec, path: Path, opset: int, t
     _drop_source_locations(program.model)
     path.parent.mkdir(parents=True, exist_ok=True)
     # past the threshold the initializers go straight to ``<path>.data``; embedded, the
-    # proto and its serialized bytes would each add a copy (seednet at int8: +3.5 GiB)
-    program.save(str(path), external_data=_stored_bytes(module) > EXTERNAL_DATA_THRESHOLD)
+    # proto and its serialized bytes would each add a copy (seednet at int8: +3.5 GiB).
+    # Buffers count: an int8 model's value codes are buffers.
+    program.save(str(path), external_data=model_bytes(module) > EXTERNAL_DATA_THRESHOLD)
 
 
 def export_dynamo(spec: ModelSpec, path: Path, opset: int, tapped: bool) -> None:
@@ -191,8 +187,6 @@ def export_torchscript(spec: ModelSpec, path: Path, opset: int, tapped: bool) ->
 
 # --- reduced precision (conformance.precision) ---------------------------------------------
 def _precision_module(spec: ModelSpec, tapped: bool, precision: str) -> nn.Module:
-    from pkm_models.torch_reduced import DTYPES, CastModel, int8_module
-
     reference = spec.torch_model()
     if precision == "int8":  # standard ONNX: Gather codes and scales, Cast, Mul, Add, MatMul
         module = int8_module(reference, fused=False)
