@@ -167,8 +167,16 @@ def test_the_estimate_covers_the_measured_peak(path, tmp_path):
 @pytest.mark.parametrize(
     ("case_name", "path"),
     [
-        *[("mega", p) for p in ("torch-eager-cpu", "tf-function-cpu", "ort-cpu[torch-fast]", "ort-cpu[torch-script]")],
-        ("mega", "torch-dist-cpu[2]"),
+        *[
+            ("mega", p)
+            for p in (
+                "torch-eager-cpu",
+                "tf-function-cpu",
+                "ort-cpu[torch-fast]",
+                "ort-cpu[torch-script]",
+                "torch-dist-cpu[2]",
+            )
+        ],
         # a network at int8: judged layer by layer, so its layers' int8 exports are built too
         ("seednet", "ort-cpu[torch-fast]@int8"),
     ],
