@@ -184,6 +184,11 @@ def _add_run(sub) -> None:
         "$XDG_CACHE_HOME/pkm-conformance, else ~/.cache/pkm-conformance)",
     )
     p.add_argument("--no-cache", action="store_true", help="build every export for this run only")
+    p.add_argument(
+        "--no-sweep",
+        action="store_true",
+        help="judge the golden batch only: skip reading every value-table row through each path's lookup",
+    )
     p.add_argument("--verbose", action="store_true", help="per-tap rows, third-party logs")
     _add_store_options(p)
     p.set_defaults(func=_run_run)
@@ -226,6 +231,7 @@ def _run_run(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         jobs=args.jobs or default_jobs(),
         progress=lambda m: print(m, file=sys.stderr, flush=True),
+        sweep=not args.no_sweep,
     )
     result = run_conformance(cases, paths, store, policy, options)
     print(table(result, verbose=args.verbose))

@@ -118,7 +118,9 @@ def summary(result: RunResult) -> str:
             counts[p.status] = counts.get(p.status, 0) + 1
     seconds = sum(p.seconds or 0 for c in result.cases for p in c.paths)
     text = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    return f"{'OK' if result.ok else 'FAILED'}: {text} (the paths' own time: {seconds:.1f} s)"
+    swept = sum(1 for c in result.cases for p in c.paths if p.sweep)
+    sweep = f"; every table row read on {swept} (case, path) pairs" if swept else ""
+    return f"{'OK' if result.ok else 'FAILED'}: {text} (the paths' own time: {seconds:.1f} s){sweep}"
 
 
 def table(result: RunResult, verbose: bool = False) -> str:
@@ -195,6 +197,31 @@ def _histogram(path: Path, case: str, p: PathResult, tap: str) -> None:
     plt.close(fig)
 
 
+def coverage(result: RunResult) -> list[str]:
+    """What the verdicts saw of each case's value tables: the rows its golden batch selects,
+    beside the paths whose table sweep read every row (and those that could not)."""
+    lines = ["## Coverage of the value tables", ""]
+    lines += ["| case | rows | golden batch selects | swept: every row read | rows differing | not swept |"]
+    lines += ["|---|---|---|---|---|---|"]
+    for case in result.cases:
+        cov = case.coverage or {}
+        rows, selected = cov.get("rows"), cov.get("rows_selected")
+        share = f"{selected:,} ({selected / rows:.2%})" if rows and selected is not None else "-"
+        swept = [p for p in case.paths if p.sweep]
+        full = sum(1 for p in swept if all(t.rows_read == t.rows for t in p.sweep))
+        differing = sum(t.rows_differing for p in swept for t in p.sweep)
+        not_swept = sum(1 for p in case.paths if p.sweep_reason and not p.sweep)
+        lines.append(
+            f"| {case.name} | {rows:,} | {share} | {full} paths (100%) | {differing:,} | {not_swept} paths |"
+            if rows
+            else f"| {case.name} | - | {share} | {full} paths | {differing:,} | {not_swept} paths |"
+        )
+    why = sorted({(p.name, p.sweep_reason) for c in result.cases for p in c.paths if p.sweep_reason and not p.sweep})
+    if why:
+        lines += ["", "Not swept:", *(f"- {name}: {reason}" for name, reason in dict(why).items())]
+    return lines
+
+
 def markdown(result: RunResult, folder: Path) -> bytes:
     lines = [f"# Conformance report: {'OK' if result.ok else 'FAILED'}", ""]
     env = result.environment
@@ -204,7 +231,7 @@ def markdown(result: RunResult, folder: Path) -> bytes:
     cells = {(c.name, p.name): SYMBOLS.get(p.status, "?") for c in result.cases for p in c.paths}
     lines += ["| path | " + " | ".join(c.name for c in result.cases) + " |", "|---" * (len(result.cases) + 1) + "|"]
     lines += [f"| {n} | " + " | ".join(cells.get((c.name, n), " ") for c in result.cases) + " |" for n in names]
-    lines += ["", f"`{LEGEND}`", "", summary(result), ""]
+    lines += ["", f"`{LEGEND}`", "", summary(result), "", *coverage(result), ""]
     reasons = unavailable_reasons(result)
     if reasons:
         lines += ["## Unavailable here", "", *(r.strip() if r.startswith(" ") else r for r in reasons), ""]

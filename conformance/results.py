@@ -96,6 +96,32 @@ class PathResult:
     errors: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
     obtained: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)  # kept when it fails
     downstream_tokens: int = 0  # as Comparison's: such a path is also judged layer by layer
+    # the table sweep (conformance.sweep): one SweepResult a value table, or why there is none
+    sweep: list = dataclasses.field(default_factory=list)
+    sweep_reason: str = ""
+
+    def add_sweep(self, tables: list, reason: str = "") -> None:
+        """Join the table sweep's results: a table with a row that differs fails a path
+        whose taps passed, naming the row."""
+        self.sweep, self.sweep_reason = list(tables), reason
+        bad = next((t for t in tables if not t), None)
+        if bad is not None and self.status == PASS:
+            self.status, self.first_divergence = FAIL, f"sweep:{bad.table}"
+            self.reason = f"table sweep: {bad.message}"
+
+    def sweep_json(self) -> dict | None:
+        """report.json's ``sweep``: the totals over every table, and each table."""
+        if not self.sweep:
+            return {"reason": self.sweep_reason} if self.sweep_reason else None
+        first = [t.first_bad_row | {"table": t.table} for t in self.sweep if t.first_bad_row]
+        return {
+            "rows": sum(t.rows for t in self.sweep),
+            "rows_read": sum(t.rows_read for t in self.sweep),
+            "rows_differing": sum(t.rows_differing for t in self.sweep),
+            "first_bad_row": first[0] if first else None,
+            "seconds": round(sum(t.seconds for t in self.sweep), 4),
+            "tables": [t.to_json() for t in self.sweep],
+        }
 
     @classmethod
     def unavailable(cls, name: str, reason: str, required: bool) -> PathResult:
@@ -122,6 +148,7 @@ class PathResult:
             "first_divergence": self.first_divergence,
             "seconds": self.seconds,
             "tensors": [t.to_json() for t in self.tensors],
+            **({"sweep": self.sweep_json()} if self.sweep_json() is not None else {}),
         }
 
 
@@ -130,11 +157,15 @@ class CaseResult:
     name: str
     paths: list[PathResult]
     golden_sha256: str | None = None  # of the golden's case.json: which golden was compared against
+    # what the golden batch reads of the tables: {"rows", "rows_selected"} (conformance.runner.golden_coverage)
+    coverage: dict | None = None
 
     def to_json(self) -> dict:
         out: dict = {"name": self.name}
         if self.golden_sha256 is not None:
             out["golden"] = {"sha256": self.golden_sha256}
+        if self.coverage is not None:
+            out["coverage"] = self.coverage
         out["paths"] = [p.to_json() for p in self.paths]
         return out
 
@@ -159,10 +190,18 @@ class WorkerResult:
     status: str  # OK | UNAVAILABLE | ERROR
     reason: str = ""
     seconds: float | None = None
+    sweep: list = dataclasses.field(default_factory=list)  # SweepResult.to_json() of each table
+    sweep_reason: str = ""  # why the path's tables were not swept
 
     @classmethod
     def from_json(cls, data: dict) -> WorkerResult:
-        return cls(data.get("status", ERROR), data.get("reason", ""), data.get("seconds"))
+        return cls(
+            data.get("status", ERROR),
+            data.get("reason", ""),
+            data.get("seconds"),
+            data.get("sweep", []),
+            data.get("sweep_reason", ""),
+        )
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

@@ -67,6 +67,7 @@ class RunOptions:
     available: Callable[[], int | None] | None = None  # bytes of memory available (default: this machine's)
     progress: Progress | None = None
     cache_dir: Path | None = None  # exports kept between runs (conformance.export.cache); None: this run's only
+    sweep: bool = True  # read every value-table row through each path's lookup (conformance.sweep)
 
     def __post_init__(self) -> None:
         if self.isolation not in ISOLATIONS:
@@ -169,8 +170,12 @@ def run_path(
     policy: TolerancePolicy,
     required: bool,
     judged_layers: int | None = None,
+    sweep: bool = False,
 ):
-    """One path in this process (``judged_layers``: see :func:`conformance.compare.compare_taps`)."""
+    """One path in this process (``judged_layers``: see :func:`conformance.compare.compare_taps`;
+    ``sweep``: also read every value-table row through the path's lookup)."""
+    from conformance.sweep import sweep_path
+
     case = context.case
     try:
         path.check(case)
@@ -178,11 +183,14 @@ def run_path(
         t0 = time.perf_counter()
         got = fn(golden.input)
         seconds = time.perf_counter() - t0
+        tables, why = sweep_path(path, context) if sweep else ([], "")
     except (PathUnavailable, ExportUnsupported) as exc:
         return PathResult.unavailable(path.name, str(exc), required)
     except Exception as exc:
         return PathResult(path.name, ERROR, reason=f"{type(exc).__name__}: {exc}".strip())
-    return judge(path.name, case, got, golden, context.weights, policy, seconds, judged_layers)
+    result = judge(path.name, case, got, golden, context.weights, policy, seconds, judged_layers)
+    result.add_sweep(tables, why)
+    return result
 
 
 def run_path_in_worker(
@@ -193,6 +201,7 @@ def run_path_in_worker(
     required: bool,
     ask: Callable[[dict], Answer],
     judged_layers: int | None = None,
+    sweep: bool = False,
 ) -> PathResult:
     """One path in a worker process (``ask``: a fresh one, or a family's long-lived one),
     on the input and weights this process wrote into the case's folder, sharing its exports."""
@@ -209,6 +218,7 @@ def run_path_in_worker(
             "export_dir": str(context.export_dir),
             "cache_dir": str(context.cache.root) if context.cache else None,
             "out": str(out),
+            "sweep": sweep,
         }
         answer, why = ask(request)
         if answer is None:
@@ -220,7 +230,11 @@ def run_path_in_worker(
             return PathResult(path.name, ERROR, reason=result.reason or "unknown")
         with np.load(out, allow_pickle=False) as data:
             got = {k: data[k] for k in data.files}
-    return judge(path.name, case, got, golden, context.weights, policy, result.seconds, judged_layers)
+    from conformance.sweep import SweepResult
+
+    judged = judge(path.name, case, got, golden, context.weights, policy, result.seconds, judged_layers)
+    judged.add_sweep([SweepResult.from_json(t) for t in result.sweep], result.sweep_reason)
+    return judged
 
 
 def start_path(
@@ -232,6 +246,7 @@ def start_path(
     required: bool,
     judged_layers: int | None = None,
     pool: WorkerPool | None = None,
+    sweep: bool = False,
 ) -> PathResult:
     """The one place where a (case, path) starts running, whatever the mode: in this
     process, in a fresh process (``--isolation path``), or in a family's worker (``pool``),
@@ -239,16 +254,16 @@ def start_path(
     a path that cannot fit even alone is ``unavailable`` with the figures."""
     with options.admission.admit(estimate_bytes(context.case, path)) as refusal:
         if refusal is None:
-            return _start_path(path, context, golden, policy, options, required, judged_layers, pool)
+            return _start_path(path, context, golden, policy, options, required, judged_layers, pool, sweep)
     return PathResult.unavailable(path.name, refusal, required)
 
 
-def _start_path(path, context, golden, policy, options, required, judged_layers, pool) -> PathResult:
+def _start_path(path, context, golden, policy, options, required, judged_layers, pool, sweep) -> PathResult:
     if not options.isolate:
-        return run_path(path, context, golden, policy, required, judged_layers)
+        return run_path(path, context, golden, policy, required, judged_layers, sweep)
     if pool is not None:  # availability was decided once, by the family's worker
         return run_path_in_worker(
-            path, context, golden, policy, required, lambda r: pool.ask(path.family, r), judged_layers
+            path, context, golden, policy, required, lambda r: pool.ask(path.family, r), judged_layers, sweep
         )
     try:
         path.check(context.case)
@@ -263,6 +278,7 @@ def _start_path(path, context, golden, policy, options, required, judged_layers,
         required,
         lambda r: run_json_worker("conformance.paths.worker", r, timeout),
         judged_layers,
+        sweep,
     )
 
 
@@ -282,7 +298,7 @@ def judge_path(
     network = case.spec.layers > 1
     if network and path.tolerances_per_layer(case):
         return _judge_layer0_end_to_end(path, context, golden, policy, options, required, pool)
-    result = start_path(path, context, golden, policy, options, required, pool=pool)
+    result = start_path(path, context, golden, policy, options, required, pool=pool, sweep=options.sweep)
     if network and result.downstream_tokens and result.status == PASS:
         result = judge_on_golden_inputs(path, context, golden, policy, options, result, pool=pool)
     return result
@@ -302,7 +318,9 @@ def _judge_layer0_end_to_end(
     network end to end, with layer 0 (which sees the golden input) judged and the later
     layers' taps only checked for shape, type and finiteness; then every later layer
     alone on its golden input (:func:`judge_on_golden_inputs`)."""
-    result = start_path(path, context, golden, policy, options, required, judged_layers=1, pool=pool)
+    result = start_path(
+        path, context, golden, policy, options, required, judged_layers=1, pool=pool, sweep=options.sweep
+    )
     if result.status != PASS:
         return result
     return judge_on_golden_inputs(path, context, golden, policy, options, result, pool=pool)
@@ -449,8 +467,22 @@ def _run_cases(cases, paths, goldens, weights_root: Path, policy, options: RunOp
         case_results = _run_case(
             case, golden, weights.pop(case.name), paths, policy, options, progress, weights_dir=weights_root / case.name
         )
-        results.append(CaseResult(case.name, case_results, golden_sha256=golden.digest))
+        results.append(
+            CaseResult(case.name, case_results, golden_sha256=golden.digest, coverage=golden_coverage(case, golden))
+        )
     return RunResult(results, environment())
+
+
+def golden_coverage(case: Case, golden: Golden) -> dict:
+    """How many value-table rows the golden batch selects, of how many: what a verdict on
+    the taps alone sees (the table sweep reads the rest)."""
+    config, layers = case.config, case.spec.layers
+    tables = 1 if config.share_values else layers
+    names = ["indices"] if layers == 1 else [f"{i}/indices" for i in range(layers)]
+    selected = [np.unique(golden.taps[n]) for n in names if n in golden.taps]
+    if config.share_values:
+        selected = [np.unique(np.concatenate(selected))] if selected else []
+    return {"rows": tables * config.size, "rows_selected": int(sum(len(s) for s in selected))}
 
 
 def _run_case(
@@ -602,7 +634,12 @@ def _run_families(
                     runs.append(task)
         _run_tasks([*builds.values(), *runs], options.jobs, pool)
     case_results = [
-        CaseResult(c.name, [results[(c.name, p.name)] for p in paths], golden_sha256=goldens[c.name].digest)
+        CaseResult(
+            c.name,
+            [results[(c.name, p.name)] for p in paths],
+            golden_sha256=goldens[c.name].digest,
+            coverage=golden_coverage(c, goldens[c.name]),
+        )
         for c in cases
     ]
     return RunResult(case_results, environment(facts))

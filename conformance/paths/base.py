@@ -157,6 +157,15 @@ class ExecutionPath:
         layer alone on its golden input (``conformance.runner.judge_on_golden_inputs``)."""
         return False
 
+    def table_reads(self, context: CaseContext) -> list:
+        """Every value table of the case with this path's own lookup of it
+        (:class:`conformance.sweep.TableRead`), for the table sweep. Raise
+        :class:`conformance.sweep.NotSwept` with the reason where the lookup cannot be read
+        on its own. Called after :meth:`prepare`, in the same process."""
+        from conformance.sweep import NotSwept
+
+        raise NotSwept(f"{self.name} has no separable lookup")
+
     def prepare_timed(self, context: CaseContext, x: np.ndarray) -> TimedPass:
         """A function of no arguments that runs one forward pass on ``x`` and returns the
         path's own outputs (host or device objects). Default: :meth:`prepare` on ``x``."""

@@ -52,6 +52,14 @@ class DistPath(ExecutionPath):
     family = "dist"
     judged_in_bench = True  # a sharded read is only worth timing if it is the unsharded one
 
+    def table_reads(self, context) -> list:
+        from conformance.sweep import NotSwept
+
+        raise NotSwept(
+            "the sharded lookup runs in the group's rank processes; its tables are not swept yet "
+            "(each shard is a slice of the mapped reference table)"
+        )
+
     def __init__(self, device: str, world: int):
         if device not in ("cpu", "cuda") or world < 1:
             raise ValueError(f"a sharded path runs on cpu or cuda over N >= 1 processes, got {device!r}, {world!r}")

@@ -55,3 +55,23 @@ class ReferencePath(ExecutionPath):
         evaluator = ReferenceEvaluator(str(context.export(self.exporter)), new_ops=[_gather_elements_op()])
         names = context.case.spec.output_names(tapped=True)
         return lambda x: dict(zip(names, evaluator.run(names, {"input": x}), strict=True))
+
+    def table_reads(self, context: CaseContext) -> list:
+        """The value stage of each layer, cut out of the export and run by the evaluator
+        (a small case's: its tables are read into the cut model)."""
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        from conformance.paths.ort_paths import onnx_table_reads, stage_output
+
+        export = context.export(self.exporter)
+        config = context.case.config
+
+        def make_read(stage):
+            onnx.load_external_data_for_model(stage.model, str(export.parent))
+            evaluator = ReferenceEvaluator(stage.model, new_ops=[_gather_elements_op()])
+            return lambda idx, w: stage_output(
+                evaluator.run, stage, idx, w, config.heads * config.knn, config.input_dim
+            )
+
+        return onnx_table_reads(context, export, make_read)

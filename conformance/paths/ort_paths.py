@@ -144,15 +144,20 @@ class OrtPath(ExecutionPath):
         if problem:
             raise PathUnavailable(problem)
 
-    def session(self, path):
+    def session(self, path, data_dir: Path | None = None):
+        """A session on the model at ``path``, or on a model's bytes whose external data
+        lies in ``data_dir`` (mapped from there, as a model loaded by path)."""
         import onnxruntime as ort
 
         provider = PROVIDERS[self.kind][0]
         if self.kind != "cpu":
             preload_gpu_libraries()
         options = session_options()
+        if data_dir is not None:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data_dir))
         fallback = [] if provider == "CPUExecutionProvider" else ["CPUExecutionProvider"]
-        session = ort.InferenceSession(str(path), options, providers=[provider, *fallback])
+        model = path if isinstance(path, bytes) else str(path)
+        session = ort.InferenceSession(model, options, providers=[provider, *fallback])
         if session.get_providers()[0] != provider:
             raise PathUnavailable(
                 f"the session fell back to {session.get_providers()} instead of running on {provider}"
@@ -163,6 +168,19 @@ class OrtPath(ExecutionPath):
         session = self.session(context.export(self.exporter))
         names = context.case.spec.output_names(tapped=True)
         return lambda x: dict(zip(names, session.run(names, {"input": x}), strict=True))
+
+    def table_reads(self, context: CaseContext) -> list:
+        """The value stage of each layer, cut out of the export the path runs
+        (:mod:`conformance.export.value_stage`) and run in a session of this path's
+        provider, mapping the export's own data file."""
+        export = context.export(self.exporter)
+        config = context.case.config
+
+        def make_read(stage):
+            session = self.session(stage.model.SerializeToString(), export.parent)
+            return lambda idx, w: stage_output(session.run, stage, idx, w, config.heads * config.knn, config.input_dim)
+
+        return onnx_table_reads(context, export, make_read)
 
     def prepare_timed(self, context: CaseContext, x):
         """I/O binding: the input is copied to the provider's device once and the outputs
@@ -183,3 +201,35 @@ class OrtPath(ExecutionPath):
             return binding.get_outputs()
 
         return timed
+
+
+def stage_output(run, stage, indices, weights, n: int, input_dim: int):
+    """The (bags, v_dim) output of a cut value stage run by ``run(outputs, feeds)``, for
+    (bags * heads, knn) ``indices`` and ``weights`` (``n`` = heads * knn slots a bag)."""
+    import numpy as np
+
+    bags = weights.size // n
+    (out,) = run([stage.output], stage.feeds(indices, weights, bags, input_dim))
+    return np.asarray(out, np.float32).reshape(bags, -1)
+
+
+def onnx_table_reads(context: CaseContext, export: Path, make_read) -> list:
+    """:class:`conformance.sweep.TableRead` of every value table of ``export`` (a tapped
+    export of the context's case): ``make_read(stage)`` runs a cut value stage."""
+    from conformance.export.value_stage import NoValueStage, cut_value_stage
+    from conformance.sweep import NotSwept, TableRead
+
+    case = context.case
+    config, layers = case.config, case.spec.layers
+    precision = "bf16" if config.value_dtype == "bfloat16" else "fp32"
+    reads = []
+    for i in range(1 if config.share_values else layers):
+        prefix = f"{i}/" if layers > 1 else ""
+        key = f"layers.{i}.values.weight" if layers > 1 else "values.weight"
+        try:
+            stage = cut_value_stage(export, prefix)
+        except NoValueStage as exc:
+            raise NotSwept(f"{export.name}: {exc}") from exc
+        read = make_read(stage)
+        reads.append(TableRead(f"{prefix}values", context.weights[key], read, config.heads, config.knn, precision))
+    return reads

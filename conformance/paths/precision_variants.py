@@ -132,6 +132,13 @@ class PrecisionPath(ExecutionPath):
     def prepare_timed(self, context: CaseContext, x):
         return self.base.prepare_timed(self._view(context), x)
 
+    def table_reads(self, context: CaseContext) -> list:
+        """The base path's lookups of the reduced-precision model, judged at this precision."""
+        import dataclasses
+
+        reads = self.base.table_reads(self._view(context))
+        return [dataclasses.replace(r, precision=self.precision, reduced=True) for r in reads]
+
     def check_model_bytes(self, context: CaseContext) -> None:
         """Refuse a model that does not have this precision's size (a float32 model
         labelled int8): PrecisionError, the path's ``error``."""

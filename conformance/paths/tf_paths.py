@@ -64,6 +64,45 @@ class TFPath(ExecutionPath):
     def prepare_timed(self, context: CaseContext, x: np.ndarray):
         return timed_tf_pass(self._function(context), x, self._device)
 
+    def table_reads(self, context: CaseContext) -> list:
+        """Each Keras layer's weighted sum (its method, as the forward resolves it in this
+        mode: eager, inside ``tf.function`` or compiled by XLA), on this path's device."""
+        import tensorflow as tf
+
+        from conformance.sweep import TableRead
+
+        layers = [layer for layer in context.keras_model_with(self.method).layers if hasattr(layer, "_weighted_sum")]
+        config = context.case.config
+        network = len(layers) > 1
+        precision = "bf16" if config.value_dtype == "bfloat16" else "fp32"
+        reads = []
+        n = config.heads * config.knn
+        for i, layer in enumerate(layers[:1] if config.share_values else layers):
+
+            def weighted_sum(idx, w, layer=layer):
+                return layer._weighted_sum(idx, w)
+
+            fn = weighted_sum if self.mode == "eager" else tf.function(weighted_sum, jit_compile=self.mode == "xla")
+
+            def read(indices, weights, fn=fn, layer=layer):
+                with tf.device(self._device):
+                    idx = tf.constant(np.asarray(indices, np.int64).reshape(-1, n))
+                    w = tf.cast(tf.constant(np.asarray(weights, np.float32).reshape(-1, n)), layer.compute_dtype)
+                    return np.asarray(tf.cast(fn(idx, w), tf.float32))
+
+            key = f"layers.{i}.values.weight" if network else "values.weight"
+            reads.append(
+                TableRead(
+                    f"{i}/values" if network else "values",
+                    context.weights[key],
+                    read,
+                    config.heads,
+                    config.knn,
+                    precision,
+                )
+            )
+        return reads
+
 
 def timed_tf_pass(fn, x: np.ndarray, device: str = "/CPU:0"):
     """A timed pass of the TensorFlow function ``fn``: the input on ``device`` once, the

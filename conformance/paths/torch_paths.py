@@ -88,6 +88,26 @@ class TorchPath(ExecutionPath):
 
         return run
 
+    def table_reads(self, context: CaseContext) -> list:
+        """The weighted sum each layer's forward calls (``HashingMemory.read``: the
+        notebook's ``EmbeddingBag``, or Meta's bf16 sum; the loop-free model's
+        ``weighted_sum``), on the device. A compiled model fuses the sum into its graph of the
+        whole forward: its lookup is not read on its own (the same module's eager lookup is
+        swept on the eager path)."""
+        from conformance.sweep import NotSwept
+
+        if self.compiled:
+            raise NotSwept(
+                "torch.compile fuses the weighted sum into the forward's graph; "
+                f"the eager lookup is swept on torch-eager-{self.device}"
+            )
+        model = context.torch_model.to(self.device)
+        if MODELS[self.model] is not None:
+            from pkm_models.torch_fast import fast_module
+
+            model = fast_module(model, weighted_sum=MODELS[self.model])
+        return torch_table_reads(model, context, self.device)
+
     def prepare_timed(self, context: CaseContext, x: np.ndarray):
         """The input on the device once; the outputs stay there; CUDA synchronises."""
         import torch
@@ -106,3 +126,44 @@ class TorchPath(ExecutionPath):
             return taps
 
         return timed
+
+
+def torch_table_reads(model, context: CaseContext, device: str = "cpu") -> list:
+    """:class:`conformance.sweep.TableRead` for every value table of a torch model: the
+    reference (``HashingMemory`` / ``PKMStack``), its loop-free or int8 twin, or either cast
+    (``CastModel``). A shared table (Meta's ``share_values``) is read once, through layer 0."""
+    import torch
+
+    from conformance.sweep import TableRead
+
+    dtype = getattr(model, "dtype", None)
+    module = getattr(model, "module", model)  # CastModel holds the cast module
+    layers = list(module.layers) if hasattr(module, "layers") else [module]
+    config = context.case.config
+    network = len(layers) > 1
+    if config.share_values:
+        layers = layers[:1]
+    precision = "bf16" if config.value_dtype == "bfloat16" else "fp32"  # Meta's kernel rounds its sum to bf16
+
+    def reader(layer):
+        fast = hasattr(layer, "weighted_sum")  # FastHashingMemory and its int8 twin
+
+        def read(indices: np.ndarray, weights: np.ndarray) -> np.ndarray:
+            n = layer.heads * layer.knn
+            idx = torch.from_numpy(np.ascontiguousarray(indices)).to(device).reshape(-1, n)
+            w = torch.from_numpy(np.ascontiguousarray(weights)).to(device).reshape(-1, n)
+            if dtype is not None:
+                w = w.to(dtype)
+            with torch.inference_mode():
+                out = layer.weighted_sum(idx, w.reshape(len(idx), 1, n)) if fast else layer.read(idx, w)
+            return out.float().cpu().numpy()
+
+        return read
+
+    reads = []
+    for i, layer in enumerate(layers):
+        key = f"layers.{i}.values.weight" if network else "values.weight"
+        name = f"{i}/values" if network else "values"
+        inner = getattr(layer, "reference", layer)  # the loop-free model wraps the reference
+        reads.append(TableRead(name, context.weights[key], reader(layer), inner.heads, inner.knn, precision))
+    return reads

@@ -87,7 +87,12 @@ def run(request: dict) -> dict:
     taps = fn(x)
     seconds = time.perf_counter() - t0
     np.savez(request["out"], **{k: np.asarray(v) for k, v in taps.items()})
-    return WorkerResult(OK, seconds=seconds).to_json()
+    tables, why = [], ""
+    if request.get("sweep"):  # every row of every value table, through this path's lookup
+        from conformance.sweep import sweep_path
+
+        tables, why = sweep_path(path, context)
+    return WorkerResult(OK, seconds=seconds, sweep=[t.to_json() for t in tables], sweep_reason=why).to_json()
 
 
 def check(request: dict) -> dict:
