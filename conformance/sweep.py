@@ -15,8 +15,8 @@ How, for a table of ``R`` rows and a lookup whose bags hold ``n = heads * knn`` 
    the expected rows, elementwise, within the rounding of an ``n``-term float32 sum
    (:func:`detection_bound`). A row changed by more than that rounding (about
    ``n 2^-24`` of the bag's magnitude) changes its bag's sum.
-2. **Locate.** A bag that differs is read again slot by slot (one-hot weights: the
-   output is the row itself, exactly), so the rows that differ are counted and the first
+2. **Locate.** A bag that differs is read again row by row (each row in every slot, the
+   first weighing 1 and the rest 0: the output is the row itself, exactly), so the rows that differ are counted and the first
    is named with its value and the expected one; a bag whose rows are all right (a
    reduced-precision runtime that rounds or accumulates in its own type) does not count.
    At most :data:`LOCATE_BAGS` bags a table are located; past that a bag counts as
@@ -173,7 +173,7 @@ def detection_bound(expected_abs_sum: np.ndarray, expected_sum: np.ndarray, n: i
 # --- the sweep --------------------------------------------------------------------------------
 def _bags(table: TableRead, first_row: int, rows: int, slot_by_slot: bool = False):
     """The (indices, weights) of the bags over ``rows`` rows from ``first_row``: n slots a
-    bag, weight 1 (or, ``slot_by_slot``, one bag's rows read n times, one-hot: bag j is row j)."""
+    bag, weight 1 (or, ``slot_by_slot``, one bag's rows one at a time: bag j is row j, read alone)."""
     n = table.heads * table.knn
     last = len(table.reference) - 1
     if not slot_by_slot:
@@ -181,10 +181,11 @@ def _bags(table: TableRead, first_row: int, rows: int, slot_by_slot: bool = Fals
         idx = np.arange(first_row, first_row + bags * n, dtype=np.int64)
         w = (idx < first_row + rows).astype(np.float32)
         idx = np.minimum(idx, last)
-    else:  # every slot of bag j reads the bag's rows; only slot j weighs
-        idx = np.tile(np.minimum(np.arange(first_row, first_row + n, dtype=np.int64), last), n)
-        w = np.eye(n, dtype=np.float32).reshape(-1)
-        w[np.tile(np.arange(first_row, first_row + n) > last, n)] = 0
+    else:  # bag j reads row j in every slot, weighing only the first: a NaN row spoils its own bag only
+        idx = np.repeat(np.minimum(np.arange(first_row, first_row + n, dtype=np.int64), last), n)
+        w = np.zeros((n, n), np.float32)
+        w[:, 0] = 1
+        w = w.reshape(-1)
     return idx.reshape(-1, table.knn), w.reshape(-1, table.knn)
 
 
