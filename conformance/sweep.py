@@ -16,8 +16,8 @@ How, for a table of ``R`` rows and a lookup whose bags hold ``n = heads * knn`` 
    (:func:`detection_bound`). A row changed by more than that rounding (about
    ``n 2^-24`` of the bag's magnitude) changes its bag's sum.
 2. **Locate.** A bag that differs is read again row by row (each row in every slot, the
-   first weighing 1 and the rest 0: the output is the row itself, exactly), so the rows that differ are counted and the first
-   is named with its value and the expected one; a bag whose rows are all right (a
+   first weighing 1 and the rest 0: the output is the row itself, exactly), so the rows
+   that differ are counted and the first is named with its value and the expected one; a bag whose rows are all right (a
    reduced-precision runtime that rounds or accumulates in its own type) does not count.
    At most :data:`LOCATE_BAGS` bags a table are located; past that a bag counts as
    differing (``rows_differing_exact`` false) unless, on a reduced-precision path, it is
