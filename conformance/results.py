@@ -99,6 +99,14 @@ class PathResult:
     # the table sweep (conformance.sweep): one SweepResult a value table, or why there is none
     sweep: list = dataclasses.field(default_factory=list)
     sweep_reason: str = ""
+    audit: object = None  # conformance.export.audit.AuditResult of the ONNX file the path runs
+
+    def add_audit(self, audit) -> None:
+        """Join the static weight audit: a weight the file holds differently fails the path."""
+        self.audit = audit
+        if audit is not None and not audit and self.status == PASS:
+            self.status, self.first_divergence = FAIL, "audit"
+            self.reason = f"weight audit: {audit.message}"
 
     def add_sweep(self, tables: list, reason: str = "") -> None:
         """Join the table sweep's results: a table with a row that differs fails a path
@@ -149,6 +157,7 @@ class PathResult:
             "seconds": self.seconds,
             "tensors": [t.to_json() for t in self.tensors],
             **({"sweep": self.sweep_json()} if self.sweep_json() is not None else {}),
+            **({"audit": self.audit.report_json()} if self.audit is not None else {}),
         }
 
 
@@ -192,6 +201,7 @@ class WorkerResult:
     seconds: float | None = None
     sweep: list = dataclasses.field(default_factory=list)  # SweepResult.to_json() of each table
     sweep_reason: str = ""  # why the path's tables were not swept
+    audit: dict | None = None  # AuditResult.to_json() of the path's ONNX file
 
     @classmethod
     def from_json(cls, data: dict) -> WorkerResult:
@@ -201,6 +211,7 @@ class WorkerResult:
             data.get("seconds"),
             data.get("sweep", []),
             data.get("sweep_reason", ""),
+            data.get("audit"),
         )
 
     def to_json(self) -> dict:

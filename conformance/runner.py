@@ -174,6 +174,7 @@ def run_path(
 ):
     """One path in this process (``judged_layers``: see :func:`conformance.compare.compare_taps`;
     ``sweep``: also read every value-table row through the path's lookup)."""
+    from conformance.paths.base import audit_path
     from conformance.sweep import sweep_path
 
     case = context.case
@@ -184,12 +185,14 @@ def run_path(
         got = fn(golden.input)
         seconds = time.perf_counter() - t0
         tables, why = sweep_path(path, context) if sweep else ([], "")
+        audit = audit_path(path, context) if sweep else None
     except (PathUnavailable, ExportUnsupported) as exc:
         return PathResult.unavailable(path.name, str(exc), required)
     except Exception as exc:
         return PathResult(path.name, ERROR, reason=f"{type(exc).__name__}: {exc}".strip())
     result = judge(path.name, case, got, golden, context.weights, policy, seconds, judged_layers)
     result.add_sweep(tables, why)
+    result.add_audit(audit)
     return result
 
 
@@ -230,10 +233,12 @@ def run_path_in_worker(
             return PathResult(path.name, ERROR, reason=result.reason or "unknown")
         with np.load(out, allow_pickle=False) as data:
             got = {k: data[k] for k in data.files}
+    from conformance.export.audit import AuditResult
     from conformance.sweep import SweepResult
 
     judged = judge(path.name, case, got, golden, context.weights, policy, result.seconds, judged_layers)
     judged.add_sweep([SweepResult.from_json(t) for t in result.sweep], result.sweep_reason)
+    judged.add_audit(AuditResult.from_json(result.audit) if result.audit else None)
     return judged
 
 

@@ -25,7 +25,8 @@ LAYERS = [
         "conformance.text",
     ),
     # precision: path names and the rounding bounds, read by export, the paths and the verdict;
-    # memory: a case's estimated peak and the admission of paths
+    # memory: a case's estimated peak and the admission of paths; sweep: reading a table through
+    # a lookup a path hands in
     (
         "conformance.cases",
         "conformance.spec",
@@ -33,6 +34,7 @@ LAYERS = [
         "conformance.tolerances",
         "conformance.precision",
         "conformance.memory",
+        "conformance.sweep",
     ),
     ("conformance.export",),
     ("conformance.paths",),

@@ -122,6 +122,18 @@ class CaseContext:
         self.golden_layers_dir = None
 
 
+def audit_path(path, context):
+    """The static weight audit (:mod:`conformance.export.audit`) of the ONNX file ``path``
+    runs, or None for a path that runs no file."""
+    exporter = getattr(path, "exporter", None)
+    if exporter is None:
+        return None
+    from conformance.export.audit import audit_file
+
+    case = context.case
+    return audit_file(context.export(exporter), context.weights, case.config.share_values)
+
+
 Runner = Callable[[np.ndarray], dict[str, np.ndarray]]
 TimedPass = Callable[[], object]
 

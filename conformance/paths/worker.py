@@ -87,12 +87,20 @@ def run(request: dict) -> dict:
     taps = fn(x)
     seconds = time.perf_counter() - t0
     np.savez(request["out"], **{k: np.asarray(v) for k, v in taps.items()})
-    tables, why = [], ""
+    tables, why, audit = [], "", None
     if request.get("sweep"):  # every row of every value table, through this path's lookup
+        from conformance.paths.base import audit_path
         from conformance.sweep import sweep_path
 
         tables, why = sweep_path(path, context)
-    return WorkerResult(OK, seconds=seconds, sweep=[t.to_json() for t in tables], sweep_reason=why).to_json()
+        audit = audit_path(path, context)
+    return WorkerResult(
+        OK,
+        seconds=seconds,
+        sweep=[t.to_json() for t in tables],
+        sweep_reason=why,
+        audit=audit.to_json() if audit is not None else None,
+    ).to_json()
 
 
 def check(request: dict) -> dict:

@@ -1,0 +1,278 @@
+"""The static weight audit of an ONNX file: each of the reference's weights found among the
+file's initializers and compared with it, without running the model.
+
+The table sweep (:mod:`conformance.sweep`) reads every value row through a path's lookup,
+but only where an export's value stage can be cut out; the audit reads what every export
+*stores*. For each reference tensor (torch names: ``values.weight``, ``keys``,
+``query_proj.0.weight``, ``layers.<i>.…``) it looks, in order, for:
+
+1. an initializer whose name ends with the torch name, or with the Keras port's
+   (``pkm_<i>/values``, ``keys``, ``query_kernel``);
+2. an initializer of the same shape, or of the transposed shape for a matrix;
+3. an initializer holding the same values in another layout (an exporter that transposes
+   or reshapes the sub-keys): the same multiset of values.
+
+Float32 initializers must match exactly; fp16 and bf16 ones within a unit roundoff of each
+value (fp16's subnormal spacing included); an int8 value table (``uint8`` codes with a
+float32 scale and offset per row) within half a step of its row. A table is compared in
+blocks of rows from the memory-mapped external data, never copied whole. A tensor that no
+initializer holds (an exporter may fold the query projection into another constant) is
+listed as not found; a value table not found, or any tensor found but different, fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import numpy as np
+
+from conformance.precision import U32, half_steps
+
+BLOCK_ROWS = 1 << 16
+# onnx.TensorProto's data types (this module's result types are read by the run's process,
+# which imports no ONNX: onnx is imported where a file is read)
+FLOAT, UINT8, FLOAT16, BFLOAT16 = 1, 2, 10, 16
+_KERAS_NAMES = {"values.weight": "values", "keys": "keys", "query_proj.0.weight": "query_kernel"}
+
+
+@dataclasses.dataclass
+class AuditResult:
+    """report.json's ``audit``: tensors matched, the differing ones, the ones not found."""
+
+    file: str
+    tensors: int = 0
+    differing: list = dataclasses.field(default_factory=list)  # {"name", "initializer", "index", ...}
+    not_found: list = dataclasses.field(default_factory=list)
+    tables_not_found: list = dataclasses.field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return not self.differing and not self.tables_not_found
+
+    @property
+    def message(self) -> str:
+        if self.differing:
+            d = self.differing[0]
+            return (
+                f"{self.file}: initializer {d['initializer']!r} holds {d['name']} but differs at {d['index']}: "
+                f"{d['obtained']!r}, expected {d['expected']!r}"
+                + (f" ({len(self.differing)} tensors differ)" if len(self.differing) > 1 else "")
+            )
+        if self.tables_not_found:
+            return f"{self.file}: no initializer holds the value table {self.tables_not_found[0]}"
+        return f"{self.file}: {self.tensors} tensors as the reference's"
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def report_json(self) -> dict:
+        """report.json's ``audit``: the differing tensors by name, the first difference."""
+        return {
+            "file": self.file,
+            "tensors": self.tensors,
+            "differing": [d["name"] for d in self.differing],
+            "first_difference": self.differing[0] if self.differing else None,
+            "not_found": self.not_found + self.tables_not_found,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> AuditResult:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+def _array(init, folder: Path) -> np.ndarray:
+    """The initializer's values, memory-mapped when they are external."""
+    import onnx
+    from onnx import numpy_helper
+
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+    if init.data_location == onnx.TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in init.external_data}
+        shape = tuple(init.dims)
+        if init.data_type == BFLOAT16:
+            dtype = np.dtype(np.uint16)
+        return np.memmap(folder / info["location"], dtype, "r", int(info.get("offset", 0)), shape)
+    if init.data_type == BFLOAT16:
+        raw = np.frombuffer(init.raw_data, np.uint16) if init.raw_data else np.asarray(init.int32_data, np.uint16)
+        return raw.reshape(tuple(init.dims))
+    return numpy_helper.to_array(init)
+
+
+def _as_float32(a: np.ndarray, data_type: int) -> np.ndarray:
+    if data_type == BFLOAT16:
+        return (np.asarray(a, np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(a, np.float32)
+
+
+def _compare(got, data_type: int, want: np.ndarray, transpose: bool = False) -> dict | None:
+    """The first element of ``got`` (an initializer) out of bound of ``want``, block by block."""
+    want = np.asarray(want)
+    rows = want.shape[0] if want.ndim else 1
+    for first in range(0, max(rows, 1), BLOCK_ROWS):
+        w = np.asarray(want[first : first + BLOCK_ROWS], np.float32)
+        g = got.T[first : first + BLOCK_ROWS] if transpose else got[first : first + BLOCK_ROWS]
+        g = _as_float32(g, data_type)
+        if data_type == FLOAT and np.array_equal(g, w):
+            continue
+        if data_type == FLOAT16:
+            bound = 2.0**-11 * np.abs(w) + 2.0**-24
+        elif data_type == BFLOAT16:
+            bound = 2.0**-8 * np.abs(w)
+        else:
+            bound = np.zeros_like(w)
+        bad = ~(np.abs(g.astype(np.float64) - w) <= bound)
+        if bad.any():
+            index = tuple(int(i) for i in np.argwhere(bad)[0])
+            index = (index[0] + first, *index[1:])
+            return {
+                "index": list(index),
+                "obtained": float(g[(index[0] - first, *index[1:])]),
+                "expected": float(w[(index[0] - first, *index[1:])]),
+            }
+    return None
+
+
+def _int8_table(inits: dict, arrays, want: np.ndarray) -> tuple[str, dict | None] | None:
+    """A uint8 table of ``want``'s shape with a scale and offset a row: (name, first bad or None)."""
+    n, d = want.shape
+    codes = [k for k, t in inits.items() if t.data_type == UINT8 and tuple(t.dims) == (n, d)]
+    per_row = [k for k, t in inits.items() if t.data_type == FLOAT and tuple(t.dims) in ((n, 1), (n,))]
+    if not codes or len(per_row) < 2:
+        return None
+    c = arrays(codes[0])
+    head = np.asarray(want[: min(n, 256)], np.float32)
+    bound = half_steps(head)[:, None] + 4 * U32 * np.abs(head)
+
+    def misfit(pair) -> int:  # rows of the first block out of bound with this (scale, offset)
+        scale, offset = (np.asarray(arrays(k), np.float64).reshape(-1)[: len(head)] for k in pair)
+        got = np.asarray(c[: len(head)], np.float64) * scale[:, None] + offset[:, None]
+        return int((~(np.abs(got - head) <= bound)).any(axis=1).sum())
+
+    pairs = [(a, b) for a in per_row for b in per_row if a != b]
+    scale_name, offset_name = min(pairs, key=misfit)  # the roles of the two per-row tensors
+    scale, offset = arrays(scale_name).reshape(-1), arrays(offset_name).reshape(-1)
+    for start in range(0, n, BLOCK_ROWS):
+        first = _int8_block(c, scale, offset, want, start, min(n, start + BLOCK_ROWS))
+        if first is not None:
+            return codes[0], first
+    return codes[0], None
+
+
+def _int8_block(codes, scale, offset, want, start: int, stop: int) -> dict | None:
+    w = np.asarray(want[start:stop], np.float32)
+    got = np.asarray(codes[start:stop], np.float64) * scale[start:stop, None] + offset[start:stop, None]
+    bound = half_steps(w)[:, None] + 4 * U32 * np.abs(w)
+    bad = ~(np.abs(got - w) <= bound)
+    if not bad.any():
+        return None
+    r, col = (int(i) for i in np.argwhere(bad)[0])
+    return {
+        "index": [start + r, col],
+        "obtained": float(got[r, col]),
+        "expected": float(w[r, col]),
+        "row_scale": float(scale[start + r]),
+    }
+
+
+def _keras_name(name: str) -> str | None:
+    match = re.match(r"^(?:layers\.(\d+)\.)?(.+)$", name)
+    layer, rest = match.group(1) or "0", match.group(2)
+    return f"pkm_{layer}/{_KERAS_NAMES[rest]}" if rest in _KERAS_NAMES else None
+
+
+def audit_file(path: Path, weights: dict[str, np.ndarray], shared_values: bool = False) -> AuditResult:
+    """Audit the ONNX file at ``path`` against the reference's ``weights`` (torch names)."""
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    cache: dict = {}
+
+    def arrays(name: str) -> np.ndarray:
+        if name not in cache:
+            cache[name] = _array(inits[name], path.parent)
+        return cache[name]
+
+    result = AuditResult(path.name)
+    used: set = set()
+    for name, want in weights.items():
+        want = np.asarray(want)
+        table = name.endswith("values.weight")
+        if shared_values and table and not name.startswith(("values", "layers.0.")):
+            continue  # one table for every layer: layer 0's
+        if want.dtype.kind != "f" or want.size <= 1:
+            continue  # batchnorm's step counter
+        keras = _keras_name(name)
+        by_name = [k for k in inits if k.endswith(name) or (keras and (k == keras or k.startswith(keras + ":")))]
+        shape = tuple(want.shape)
+        same = [k for k in inits if tuple(inits[k].dims) == shape and k not in used]
+        flipped = [k for k in inits if want.ndim == 2 and tuple(inits[k].dims) == shape[::-1] and k not in used]
+        candidates = [(k, False) for k in by_name if tuple(inits[k].dims) == shape]
+        candidates += [(k, True) for k in by_name if want.ndim == 2 and tuple(inits[k].dims) == shape[::-1]]
+        candidates += [(k, False) for k in same if k not in by_name] + [(k, True) for k in flipped if k not in by_name]
+        floats = (FLOAT, FLOAT16, BFLOAT16)
+        candidates = [(k, t) for k, t in candidates if inits[k].data_type in floats]
+        first_bad = None
+        for k, transpose in candidates:
+            bad = _compare(arrays(k), inits[k].data_type, want, transpose)
+            if bad is None:
+                used.add(k)
+                result.tensors += 1
+                break
+            if first_bad is None:
+                first_bad = {"name": name, "initializer": k, **bad}
+        else:
+            if table:
+                int8 = _int8_table(inits, arrays, want)
+                if int8 is not None:
+                    codes, bad = int8
+                    if bad is None:
+                        result.tensors += 1
+                    else:
+                        result.differing.append({"name": name, "initializer": codes, **bad})
+                    continue
+            if first_bad is not None:
+                result.differing.append(first_bad)
+            elif _same_values(inits, arrays, want, used):
+                result.tensors += 1
+            elif table:
+                result.tables_not_found.append(name)
+            else:
+                result.not_found.append(name)
+    return result
+
+
+def _same_values(inits: dict, arrays, want: np.ndarray, used: set) -> bool:
+    """Some initializers not matched yet hold, together, the same multiset of values as
+    ``want`` (a small tensor stored in another layout, or split by head: the sub-keys),
+    at the initializers' own type (fp16 / bf16 values are the reference's rounded to it,
+    ties to even). Tables are never searched this way."""
+    if want.size > 1 << 22:
+        return False
+    from conformance.sweep import expected_rows
+
+    flat = np.asarray(want, np.float32).reshape(1, -1)
+    for data_type, precision in (
+        (FLOAT, "fp32"),
+        (FLOAT16, "fp16"),
+        (BFLOAT16, "bf16"),
+    ):
+        target = np.sort(expected_rows(flat, precision).astype(np.float32).reshape(-1))
+        parts, size = [], 0
+        for k, t in inits.items():
+            n = int(np.prod(t.dims))
+            if k in used or t.data_type != data_type or n > want.size or n == 0:
+                continue
+            values = np.sort(_as_float32(arrays(k), data_type).reshape(-1))
+            if np.isin(values, target).all():
+                parts.append((k, values))
+                size += n
+        if parts and size == want.size:
+            union = np.sort(np.concatenate([v for _, v in parts]))
+            if np.array_equal(union, target):
+                used.update(k for k, _ in parts)
+                return True
+    return False
