@@ -201,8 +201,11 @@ def coverage(result: RunResult) -> list[str]:
     """What the verdicts saw of each case's value tables: the rows its golden batch selects,
     beside the paths whose table sweep read every row (and those that could not)."""
     lines = ["## Coverage of the value tables", ""]
-    lines += ["| case | rows | golden batch selects | swept: every row read | rows differing | not swept |"]
-    lines += ["|---|---|---|---|---|---|"]
+    lines += [
+        "| case | rows | golden batch selects | swept: every row read | rows differing | not swept "
+        "| ONNX files audited | differing |"
+    ]
+    lines += ["|---|---|---|---|---|---|---|---|"]
     for case in result.cases:
         cov = case.coverage or {}
         rows, selected = cov.get("rows"), cov.get("rows_selected")
@@ -211,10 +214,12 @@ def coverage(result: RunResult) -> list[str]:
         full = sum(1 for p in swept if all(t.rows_read == t.rows for t in p.sweep))
         differing = sum(t.rows_differing for p in swept for t in p.sweep)
         not_swept = sum(1 for p in case.paths if p.sweep_reason and not p.sweep)
+        audits = [p.audit for p in case.paths if p.audit is not None]
+        audited = f"{len(audits)} paths | {sum(1 for a in audits if not a)}"
         lines.append(
-            f"| {case.name} | {rows:,} | {share} | {full} paths (100%) | {differing:,} | {not_swept} paths |"
+            f"| {case.name} | {rows:,} | {share} | {full} paths (100%) | {differing:,} | {not_swept} paths | {audited} |"
             if rows
-            else f"| {case.name} | - | {share} | {full} paths | {differing:,} | {not_swept} paths |"
+            else f"| {case.name} | - | {share} | {full} paths | {differing:,} | {not_swept} paths | {audited} |"
         )
     why = sorted({(p.name, p.sweep_reason) for c in result.cases for p in c.paths if p.sweep_reason and not p.sweep})
     if why:
