@@ -22,6 +22,11 @@ seed) and how its golden is stored. Adding one is writing a file and running
     store = true                # keep weights.npz and model.onnx in the golden (default: under 8 MB)
     duplicate_subkeys = 0       # pairs of identical sub-keys per head and half (forces ties)
 
+    [stream]                    # optional: many tokens, every path against the live reference
+    tokens = 65536              # generated, standard normal (or file = "acts.npy", memory-mapped,
+    seed = 5                    # or embeddings = "emb.npy" with noise = 0.3: a random row plus noise)
+    batch = 4096                # tokens a batch (conformance/stream.py)
+
 The user's own model and data instead of a preset and a seed::
 
     [weights]
@@ -56,6 +61,7 @@ import numpy as np
 
 from conformance.files import FileProblem, user_file
 from conformance.spec import CheckpointRef, ModelSpec
+from conformance.stream import StreamError, StreamSpec, file_sha256, open_stream_file
 from pkm_models.config import ConfigError, PKMConfig, get_preset
 from pkm_models.errors import PKMError
 from pkm_models.weights import make_input
@@ -71,6 +77,7 @@ _SCHEMA: dict[str, set[str] | None] = {
     "config": None,
     "input": {"shape", "seed", "file", "key"},
     "weights": {"store", "duplicate_subkeys", "checkpoint", "memories"},
+    "stream": {"tokens", "seed", "batch", "file", "embeddings", "noise"},
 }
 # what a checkpoint's tensors determine: a case may not say otherwise
 _FROM_WEIGHTS = ("input_dim", "output_dim", "k_dim", "heads", "n_keys", "query_batchnorm")
@@ -104,6 +111,7 @@ class Case:
     source: Path
     input_file: InputFile | None = None
     group: str = ""  # "" : in every run over all cases; else only when its group is asked for
+    stream: StreamSpec | None = None  # many tokens, judged batch by batch (conformance.stream)
 
     @property
     def config(self) -> PKMConfig:
@@ -177,6 +185,7 @@ class Case:
             store_weights=data["weights_stored"],
             source=source,
             input_file=input_file,
+            stream=StreamSpec.from_json(data["stream"], source.parent) if data.get("stream") else None,
         )
 
     @property
@@ -214,6 +223,8 @@ class Case:
         if self.spec.weights_file is not None:  # a layer judged alone (see layer())
             out["weights_file"] = str(self.spec.weights_file)
             out["model"] = self.spec.name
+        if self.stream is not None:
+            out["stream"] = self.stream.to_json(self.source.parent)
         return out
 
     def layer(self, i: int, weights_file: Path, input_file: Path) -> Case:
@@ -231,6 +242,7 @@ class Case:
             input_shape=tuple(x.shape),
             store_weights=False,
             input_file=InputFile(input_file, None, *_file_digest(input_file)),
+            stream=None,
         )
 
 
@@ -482,7 +494,47 @@ def load_case(path: Path) -> Case:
         source=path,
         input_file=input_file,
         group=group,
+        stream=_stream(path, data.get("stream"), config.input_dim),
     )
+
+
+def _stream(path: Path, table: dict | None, input_dim: int) -> StreamSpec | None:
+    """The ``[stream]`` table: a file, an embedding table with noise, or generated tokens."""
+    if table is None:
+        return None
+    where = f"{path}: [stream]"
+    batch = _int(table.get("batch", 4096), f"{where} batch", minimum=1)
+    seed = _int(table.get("seed", 0), f"{where} seed")
+    sources = [k for k in ("file", "embeddings") if k in table]
+    if len(sources) > 1:
+        raise CaseError(f"{where} takes a file or embeddings, not both")
+    if "noise" in table and "embeddings" not in table:
+        raise CaseError(f"{where} noise needs embeddings")
+    if not sources:
+        if "tokens" not in table:
+            raise CaseError(f"{where} needs tokens (a generated stream), a file or embeddings")
+        return StreamSpec(_int(table["tokens"], f"{where} tokens", minimum=1), batch, seed)
+    try:
+        file = user_file(path.parent, table[sources[0]], f"{where} {sources[0]}")
+    except FileProblem as exc:
+        raise CaseError(str(exc)) from None
+    try:
+        if sources[0] == "file":
+            if "tokens" in table or "seed" in table:
+                raise CaseError(f"{where}: a file's tokens are its rows: tokens and seed do not apply")
+            tokens = len(open_stream_file(file, input_dim))
+            return StreamSpec(tokens, batch, 0, file=file, sha256=file_sha256(file))
+        table_rows = open_stream_file(file, input_dim)  # (V, input_dim) float32
+        del table_rows
+        noise = table.get("noise", 0.0)
+        if isinstance(noise, bool) or not isinstance(noise, int | float) or not math.isfinite(noise) or noise < 0:
+            raise CaseError(f"{where} noise must be a non-negative number, got {noise!r}")
+        if "tokens" not in table:
+            raise CaseError(f"{where}: tokens drawn from embeddings need a count (tokens = N)")
+        tokens = _int(table["tokens"], f"{where} tokens", minimum=1)
+        return StreamSpec(tokens, batch, seed, embeddings=file, sha256=file_sha256(file), noise=float(noise))
+    except StreamError as exc:
+        raise CaseError(str(exc)) from None
 
 
 def case_names(cases_dir: Path) -> list[str]:

@@ -187,7 +187,12 @@ def _add_run(sub) -> None:
     p.add_argument(
         "--no-sweep",
         action="store_true",
-        help="judge the golden batch only: skip reading every value-table row through each path's lookup",
+        help="skip the table sweep: reading every value-table row through each path's lookup",
+    )
+    p.add_argument(
+        "--no-stream",
+        action="store_true",
+        help="skip the cases' token streams (the [stream] table of a case file)",
     )
     p.add_argument("--verbose", action="store_true", help="per-tap rows, third-party logs")
     _add_store_options(p)
@@ -232,6 +237,7 @@ def _run_run(args: argparse.Namespace) -> int:
         jobs=args.jobs or default_jobs(),
         progress=lambda m: print(m, file=sys.stderr, flush=True),
         sweep=not args.no_sweep,
+        streams=not args.no_stream,
     )
     result = run_conformance(cases, paths, store, policy, options)
     print(table(result, verbose=args.verbose))

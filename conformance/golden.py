@@ -48,6 +48,7 @@ from pkm_models.convert import ConversionError, check_weights, expected_shapes
 from pkm_models.errors import PKMError
 
 DATA_SET = "test_data_set_0"
+STREAM_SAMPLE = "test_data_set_1"  # the reference's taps on a fixed sample of the case's stream
 GENERATOR = "torch-eager-cpu (pkm_models.torch_pkm.HashingMemory, float32)"
 
 
@@ -63,6 +64,9 @@ class Golden:
     taps: dict[str, np.ndarray]
     weights: dict[str, np.ndarray] | None
     digest: str = ""  # sha256 of case.json: names this exact golden (it lists every file's sha256)
+    # the case's stream: the sampled tokens (conformance.stream.sample_rows) and their taps
+    stream_input: np.ndarray | None = None
+    stream_taps: dict[str, np.ndarray] | None = None
 
 
 def default_golden_dir() -> Path:
@@ -180,7 +184,19 @@ class GoldenStore:
         weights = None
         if "weights.npz" in contents:
             weights = _parse_weights(contents["weights.npz"], folder / "weights.npz", meta)
-        return Golden(name, meta, x, taps, weights, digest)
+        stream_input = stream_taps = None
+        if f"{STREAM_SAMPLE}/input_0.pb" in contents:
+            sample = folder / STREAM_SAMPLE
+            stream_input = _parse_tensor(contents[f"{STREAM_SAMPLE}/input_0.pb"], sample / "input_0.pb")
+            stream_taps = {}
+            for k, tap in enumerate(meta["taps"]):
+                rel = f"{STREAM_SAMPLE}/output_{k}.pb"
+                if rel not in contents:
+                    raise GoldenError(f"{folder / 'case.json'}: the stream sample has no {rel}")
+                stream_taps[tap] = _parse_tensor(contents[rel], sample / f"output_{k}.pb")
+        elif meta.get("stream"):
+            raise GoldenError(f"{folder}: the case has a stream but its golden has no {STREAM_SAMPLE}: regenerate it")
+        return Golden(name, meta, x, taps, weights, digest, stream_input, stream_taps)
 
     def names(self) -> list[str]:
         if not self.root.is_dir():
@@ -251,6 +267,7 @@ class GoldenStore:
         weights: dict[str, np.ndarray] | None,
         model_writer: Callable[[Path], None] | None,
         previous: dict | None,
+        stream_sample: tuple[np.ndarray, dict[str, np.ndarray]] | None = None,
     ) -> Path:
         """Write the case's golden into a staging folder and swap it in atomically. Refuses
         non-finite tensors; a write that fails (full disk, read-only folder) is a GoldenError
@@ -264,7 +281,7 @@ class GoldenStore:
         except OSError as exc:
             raise GoldenError(f"cannot write a golden in {self.root}: {exc.strerror or exc}") from exc
         try:
-            self._write_staging(staging, case, taps, x, weights, model_writer, previous, names)
+            self._write_staging(staging, case, taps, x, weights, model_writer, previous, names, stream_sample)
             _swap_in(staging, self.case_dir(case.name))
         except OSError as exc:
             raise GoldenError(
@@ -274,13 +291,17 @@ class GoldenStore:
             shutil.rmtree(staging, ignore_errors=True)
         return self.case_dir(case.name)
 
-    def _write_staging(self, staging, case, taps, x, weights, model_writer, previous, names) -> None:
+    def _write_staging(self, staging, case, taps, x, weights, model_writer, previous, names, stream_sample) -> None:
         """Every file of the golden, and case.json listing their sha256, into ``staging``."""
-        data = staging / DATA_SET
-        data.mkdir()
-        _write_tensor(data / "input_0.pb", x, "input")
-        for k, tap in enumerate(names):
-            _write_tensor(data / f"output_{k}.pb", taps[tap], tap)
+        sets = [(DATA_SET, x, taps)]
+        if stream_sample is not None:
+            sets.append((STREAM_SAMPLE, *stream_sample))
+        for folder, inputs, outputs in sets:
+            data = staging / folder
+            data.mkdir()
+            _write_tensor(data / "input_0.pb", inputs, "input")
+            for k, tap in enumerate(names):
+                _write_tensor(data / f"output_{k}.pb", outputs[tap], tap)
         if weights is not None:
             _write_npz(staging / "weights.npz", weights)
         if model_writer is not None:
@@ -313,7 +334,14 @@ def check_golden_matches_case(case: Case, golden: Golden, store: GoldenStore) ->
                 f"{new['sha256'][:12]}..., {size(new)}; the golden has {old['sha256'][:12]}..., "
                 f"{size(old)}). If the change is intended: {regenerate}"
             )
-    keys = ("config", "layers", "weight_seed", "duplicate_subkeys", "input", "checkpoint")
+    old, new = (golden.meta.get("stream") or {}), (expected.get("stream") or {})
+    if old.get("sha256") and new.get("sha256") and old["sha256"] != new["sha256"]:
+        raise GoldenError(
+            f"{case.source}: the stream's file {new.get('file') or new.get('embeddings')} changed since its golden "
+            f"was made (sha256 now {new['sha256'][:12]}..., the golden has {old['sha256'][:12]}...). "
+            f"If the change is intended: {regenerate}"
+        )
+    keys = ("config", "layers", "weight_seed", "duplicate_subkeys", "input", "checkpoint", "stream")
     stale = [k for k in keys if golden.meta.get(k) != expected.get(k)]
     if stale:
         raise GoldenError(

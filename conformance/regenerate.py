@@ -108,7 +108,14 @@ def _regenerate(case, store, policy, accept_drift, say, weights) -> Comparison |
                 report = export(case.spec, "torch-fast", Path(tmp), tapped=True)
                 shutil.move(report.path, target)
 
-    store.write(case, taps, x, weights if case.store_weights else None, model_writer, previous)
+    sample = None
+    if case.stream is not None:  # the reference on a fixed sample of the stream, so a changed one is seen
+        from conformance.stream import sample_input
+
+        sx = sample_input(case.stream, case.config.input_dim)
+        sample = (sx, reference_taps(case, weights, sx))
+        say(f"{case.name}: the stream's sample, {sx.shape[1]:,} of its {case.stream.tokens:,} tokens")
+    store.write(case, taps, x, weights if case.store_weights else None, model_writer, previous, sample)
     say(f"{case.name}: wrote {store.case_dir(case.name)}")
     return drift
 

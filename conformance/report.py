@@ -216,15 +216,77 @@ def coverage(result: RunResult) -> list[str]:
         not_swept = sum(1 for p in case.paths if p.sweep_reason and not p.sweep)
         audits = [p.audit for p in case.paths if p.audit is not None]
         audited = f"{len(audits)} paths | {sum(1 for a in audits if not a)}"
+        table = f"{rows:,}" if rows else "-"
         lines.append(
-            f"| {case.name} | {rows:,} | {share} | {full} paths (100%) | {differing:,} | {not_swept} paths | {audited} |"
-            if rows
-            else f"| {case.name} | - | {share} | {full} paths | {differing:,} | {not_swept} paths | {audited} |"
+            f"| {case.name} | {table} | {share} | {full} paths (100%) | {differing:,} | {not_swept} paths | {audited} |"
         )
     why = sorted({(p.name, p.sweep_reason) for c in result.cases for p in c.paths if p.sweep_reason and not p.sweep})
     if why:
         lines += ["", "Not swept:", *(f"- {name}: {reason}" for name, reason in dict(why).items())]
     return lines
+
+
+def streams(result: RunResult, folder: Path | None = None) -> list[str]:
+    """The token streams: per (case, path) tokens, agreement, the output's error quantiles,
+    wrong selections and speed; with ``folder``, each path's error distribution as a PNG."""
+    rows = [(c, p) for c in result.cases for p in c.paths if p.stream and "tokens" in p.stream]
+    if not rows:
+        return []
+    lines = ["## Token streams", ""]
+    lines += [
+        "| case | path | tokens | selection agreement | ambiguous | wrong selections | output p50 | p99 | p99.9 | max "
+        "| tokens/s | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    pictures = []
+    for case, p in rows:
+        st = p.stream
+        outputs = [t for t in st["quantiles"] if t.rpartition("/")[2] == "output"]
+        q = st["quantiles"][outputs[-1]] if outputs else {}
+        verdict = st["failure"].replace("|", "\\|") if st.get("failure") else "pass"
+        speed = f"{st['tokens_per_second']:,.0f}" if st.get("tokens_per_second") else "-"
+        lines.append(
+            f"| {case.name} | {p.name} | {st['tokens']:,} | {_pct(st.get('agreement'))} "
+            f"| {_pct(st.get('ambiguous_rate'))} | {st['wrong_selections']} | {_num(q.get('p50'))} "
+            f"| {_num(q.get('p99'))} | {_num(q.get('p999'))} | {_num(q.get('max'))} | {speed} | {verdict} |"
+        )
+        if folder is not None and st.get("histograms"):
+            png = folder / f"stream-{_safe(case.name)}-{_safe(p.name)}.png"
+            if _stream_picture(png, case.name, p):
+                pictures.append(f"### {case.name} / {p.name}\n\n![stream error distribution]({png.name})\n")
+    if pictures:
+        lines += ["", "### Error distributions over the streams", "", *pictures]
+    return lines
+
+
+def _stream_picture(path: Path, case: str, p: PathResult) -> bool:
+    """The absolute error of every float tap over the stream, one step line a tap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from conformance.stream import histogram_edges
+
+    edges = histogram_edges()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for tap, counts in p.stream["histograms"].items():
+        counts = np.asarray(counts)
+        if counts[1:].sum() == 0:
+            continue
+        ax.step(edges, counts[1:], where="post", label=tap)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("absolute error against the live reference")
+    ax.set_ylabel("elements")
+    ax.set_title(f"{case} / {p.name}: {p.stream['tokens']:,} tokens")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    return True
 
 
 def markdown(result: RunResult, folder: Path) -> bytes:
@@ -236,7 +298,7 @@ def markdown(result: RunResult, folder: Path) -> bytes:
     cells = {(c.name, p.name): SYMBOLS.get(p.status, "?") for c in result.cases for p in c.paths}
     lines += ["| path | " + " | ".join(c.name for c in result.cases) + " |", "|---" * (len(result.cases) + 1) + "|"]
     lines += [f"| {n} | " + " | ".join(cells.get((c.name, n), " ") for c in result.cases) + " |" for n in names]
-    lines += ["", f"`{LEGEND}`", "", summary(result), "", *coverage(result), ""]
+    lines += ["", f"`{LEGEND}`", "", summary(result), "", *coverage(result), "", *streams(result, folder), ""]
     reasons = unavailable_reasons(result)
     if reasons:
         lines += ["## Unavailable here", "", *(r.strip() if r.startswith(" ") else r for r in reasons), ""]

@@ -100,6 +100,14 @@ class PathResult:
     sweep: list = dataclasses.field(default_factory=list)
     sweep_reason: str = ""
     audit: object = None  # conformance.export.audit.AuditResult of the ONNX file the path runs
+    stream: dict | None = None  # conformance.stream.StreamStats.to_json(): the case's stream on this path
+
+    def add_stream(self, stream: dict) -> None:
+        """Join the case's stream: a token the stream's verdict fails fails the path."""
+        self.stream = stream
+        if stream.get("failure") and self.status == PASS:
+            self.status, self.first_divergence = FAIL, "stream"
+            self.reason = f"stream: {stream['failure']}"
 
     def add_audit(self, audit) -> None:
         """Join the static weight audit: a weight the file holds differently fails the path."""
@@ -158,6 +166,7 @@ class PathResult:
             "tensors": [t.to_json() for t in self.tensors],
             **({"sweep": self.sweep_json()} if self.sweep_json() is not None else {}),
             **({"audit": self.audit.report_json()} if self.audit is not None else {}),
+            **({"stream": {k: v for k, v in self.stream.items() if k != "histograms"}} if self.stream else {}),
         }
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from conformance.cases import Case
-from conformance.compare import check_checkable, judge
+from conformance.compare import check_checkable, compare_case, judge
 from conformance.environment import environment
 from conformance.export import ExportUnsupported
 from conformance.golden import Golden, GoldenStore, check_golden_matches_case
@@ -68,6 +68,7 @@ class RunOptions:
     progress: Progress | None = None
     cache_dir: Path | None = None  # exports kept between runs (conformance.export.cache); None: this run's only
     sweep: bool = True  # read every value-table row through each path's lookup (conformance.sweep)
+    streams: bool = True  # run each case's token stream through every path (conformance.stream)
 
     def __post_init__(self) -> None:
         if self.isolation not in ISOLATIONS:
@@ -302,11 +303,121 @@ def judge_path(
     required = options.required(path.name)
     network = case.spec.layers > 1
     if network and path.tolerances_per_layer(case):
-        return _judge_layer0_end_to_end(path, context, golden, policy, options, required, pool)
+        result = _judge_layer0_end_to_end(path, context, golden, policy, options, required, pool)
+        return _with_stream(path, context, golden, policy, options, pool, result)
     result = start_path(path, context, golden, policy, options, required, pool=pool, sweep=options.sweep)
     if network and result.downstream_tokens and result.status == PASS:
         result = judge_on_golden_inputs(path, context, golden, policy, options, result, pool=pool)
+    return _with_stream(path, context, golden, policy, options, pool, result)
+
+
+def _with_stream(path, context, golden, policy, options, pool, result: PathResult) -> PathResult:
+    if options.streams and context.case.stream is not None and result.status in (PASS, FAIL):
+        problem = path.stream_problem(context.case)
+        if problem:
+            result.stream = {"reason": problem}
+            return result
+        try:
+            result.add_stream(run_stream(path, context, golden, policy, options, pool))
+        except Exception as exc:  # a stream that cannot run is the path's error, with the reason
+            result.status, result.reason = ERROR, f"stream: {type(exc).__name__}: {exc}".strip()
     return result
+
+
+def run_stream(path, context: CaseContext, golden: Golden, policy, options: RunOptions, pool=None) -> dict:
+    """The case's stream through ``path``, batch by batch (each in the path's worker, or in
+    this process), each batch judged against the live reference's taps as the golden batch
+    is; the sampled tokens' reference taps checked against the golden's stored sample."""
+    from conformance.paths.worker import REFERENCE, stream_taps
+    from conformance.stream import StreamStats, sample_rows
+
+    case, spec = context.case, context.case.stream
+    heads = case.config.heads
+    judged_layers = 1 if case.spec.layers > 1 and path.tolerances_per_layer(case) else None
+    stats = StreamStats()
+    picked = sample_rows(spec)
+    sample: dict[str, list] = {}
+    for first in range(0, spec.tokens, spec.batch):
+        count = min(spec.batch, spec.tokens - first)
+        if not options.isolate:
+            x, got, want, seconds = stream_taps(context, path.name, first, count)
+        else:
+            x, got, want, seconds = _stream_batch_in_worker(path, context, first, count, options, pool)
+        verdict = judge(
+            path.name,
+            case,
+            got,
+            Golden(case.name, golden.meta, x, want, None),
+            context.weights,
+            policy,
+            seconds,
+            judged_layers,
+        )
+        stats.add(first, got, want, verdict, heads)
+        stats.tokens += count
+        stats.seconds += seconds
+        inside = picked[(picked >= first) & (picked < first + count)] - first
+        for tap, array in want.items():
+            a = np.asarray(array)
+            part = a[:, inside] if a.ndim == 3 else a.reshape(count, -1, *a.shape[1:])[inside].reshape(-1, *a.shape[1:])
+            sample.setdefault(tap, []).append(part)
+    if golden.stream_taps is not None:
+        live = {tap: np.concatenate(parts, axis=1 if parts[0].ndim == 3 else 0) for tap, parts in sample.items()}
+        same = compare_case(
+            case,
+            live,
+            golden.stream_taps,
+            weights=context.weights,
+            policy=policy,
+            path=REFERENCE,
+            layer_input=golden.stream_input,
+        )
+        stats.sample = (
+            f"{len(picked):,} sampled tokens as the golden's"
+            if same.ok
+            else (
+                f"the live reference differs from the golden's sample at {same.first_divergence}: "
+                "the reference changed since the golden was made "
+                f"(python -m conformance golden regenerate --case {case.name})"
+            )
+        )
+        if not same.ok and not stats.failure:
+            stats.failure = stats.sample
+    return stats.to_json()
+
+
+def _stream_batch_in_worker(path, context: CaseContext, first: int, count: int, options: RunOptions, pool):
+    """One stream batch in the path's worker (the pool's, or a fresh process)."""
+    case = context.case
+    with tempfile.TemporaryDirectory(prefix="pkm-stream-") as tmp:
+        out = Path(tmp) / "batch.npz"
+        request = {
+            "op": "stream",
+            "path": path.name,
+            "case": case.to_json(),
+            "source": str(case.source),
+            "input": str(context.export_dir / "input.npy"),
+            "weights": str(context.weights_dir) if context.weights_dir is not None else None,
+            "export_dir": str(context.export_dir),
+            "cache_dir": str(context.cache.root) if context.cache else None,
+            "first": first,
+            "count": count,
+            "out": str(out),
+        }
+        if pool is not None:
+            answer, why = pool.ask(path.family, request)
+        else:
+            answer, why = run_json_worker("conformance.paths.worker", request, options.timeout)
+        if answer is None:
+            raise PKMError(f"the worker ended: {why}")
+        result = WorkerResult.from_json(answer)
+        if result.status != OK:
+            raise PKMError(result.reason or result.status)
+        with np.load(out, allow_pickle=False) as data:
+            x = data["input"]
+            got = {k: data[k] for k in data.files if k != "input" and not k.startswith("ref:")}
+            want = {k[4:]: data[k] for k in data.files if k.startswith("ref:")}
+    return x, got, want, result.seconds or 0.0
 
 
 def _judge_layer0_end_to_end(

@@ -35,6 +35,7 @@ LAYERS = [
         "conformance.precision",
         "conformance.memory",
         "conformance.sweep",
+        "conformance.stream",
     ),
     ("conformance.export",),
     ("conformance.paths",),

@@ -17,7 +17,10 @@ value (fp16's subnormal spacing included); an int8 value table (``uint8`` codes 
 float32 scale and offset per row) within half a step of its row. A table is compared in
 blocks of rows from the memory-mapped external data, never copied whole. A tensor that no
 initializer holds (an exporter may fold the query projection into another constant) is
-listed as not found; a value table not found, or any tensor found but different, fails.
+listed as not found, and so is a query-projection or batchnorm tensor whose named
+initializer holds other values (an exporter folds the batchnorm into the projection: the
+``query`` tap judges that part); a value table not found, or a value table or sub-key
+tensor that an initializer holds differently, fails.
 """
 
 from __future__ import annotations
@@ -134,11 +137,19 @@ def _compare(got, data_type: int, want: np.ndarray, transpose: bool = False) -> 
     return None
 
 
-def _int8_table(inits: dict, arrays, want: np.ndarray) -> tuple[str, dict | None] | None:
-    """A uint8 table of ``want``'s shape with a scale and offset a row: (name, first bad or None)."""
+def _int8_table(inits: dict, arrays, want: np.ndarray, layer: str, used: set) -> tuple[str, dict | None] | None:
+    """A uint8 table of ``want``'s shape with a scale and offset a row: (name, first bad or
+    None). Initializers named for the table's layer (``layer``: ``layers.<i>.``) come first."""
     n, d = want.shape
-    codes = [k for k, t in inits.items() if t.data_type == UINT8 and tuple(t.dims) == (n, d)]
-    per_row = [k for k, t in inits.items() if t.data_type == FLOAT and tuple(t.dims) in ((n, 1), (n,))]
+
+    def mine_first(names: list[str]) -> list[str]:
+        names = [k for k in names if k not in used]
+        return sorted(names, key=lambda k: layer not in k) if layer else names
+
+    codes = mine_first([k for k, t in inits.items() if t.data_type == UINT8 and tuple(t.dims) == (n, d)])
+    per_row = mine_first([k for k, t in inits.items() if t.data_type == FLOAT and tuple(t.dims) in ((n, 1), (n,))])
+    if layer:
+        per_row = [k for k in per_row if layer in k] or per_row
     if not codes or len(per_row) < 2:
         return None
     c = arrays(codes[0])
@@ -152,6 +163,7 @@ def _int8_table(inits: dict, arrays, want: np.ndarray) -> tuple[str, dict | None
 
     pairs = [(a, b) for a in per_row for b in per_row if a != b]
     scale_name, offset_name = min(pairs, key=misfit)  # the roles of the two per-row tensors
+    used.update((codes[0], scale_name, offset_name))
     scale, offset = arrays(scale_name).reshape(-1), arrays(offset_name).reshape(-1)
     for start in range(0, n, BLOCK_ROWS):
         first = _int8_block(c, scale, offset, want, start, min(n, start + BLOCK_ROWS))
@@ -226,7 +238,8 @@ def audit_file(path: Path, weights: dict[str, np.ndarray], shared_values: bool =
                 first_bad = {"name": name, "initializer": k, **bad}
         else:
             if table:
-                int8 = _int8_table(inits, arrays, want)
+                layer = re.match(r"^(layers\.\d+\.)?", name).group(1) or ""
+                int8 = _int8_table(inits, arrays, want, layer, used)
                 if int8 is not None:
                     codes, bad = int8
                     if bad is None:
@@ -234,7 +247,7 @@ def audit_file(path: Path, weights: dict[str, np.ndarray], shared_values: bool =
                     else:
                         result.differing.append({"name": name, "initializer": codes, **bad})
                     continue
-            if first_bad is not None:
+            if first_bad is not None and (table or name.endswith("keys")):
                 result.differing.append(first_bad)
             elif _same_values(inits, arrays, want, used):
                 result.tensors += 1

@@ -52,6 +52,8 @@ class CaseContext:
         # (``conformance.runner.golden_layer_case``)
         self.golden_layers: dict[int, tuple] = {}  # (Case, Golden)
         self.golden_layers_dir: Path | None = None
+        # prepared paths kept for the batches of a stream (path name -> its run function)
+        self.prepared: dict[str, Runner] = {}
 
     @property
     def export_dir(self) -> Path | None:
@@ -118,6 +120,7 @@ class CaseContext:
         self.__dict__.pop("weights", None)
         self.__dict__.pop("_precision_models", None)  # the reduced-precision models of the case
         self._keras.clear()
+        self.prepared.clear()
         self.golden_layers.clear()  # their files went with a closer
         self.golden_layers_dir = None
 
@@ -168,6 +171,10 @@ class ExecutionPath:
         (``case.spec.layers > 1``) only layer 0 is then judged end to end, and every later
         layer alone on its golden input (``conformance.runner.judge_on_golden_inputs``)."""
         return False
+
+    def stream_problem(self, case: Case) -> str | None:
+        """Why this path does not run the case's token stream (None: it does)."""
+        return None
 
     def table_reads(self, context: CaseContext) -> list:
         """Every value table of the case with this path's own lookup of it

@@ -56,6 +56,9 @@ class ReferencePath(ExecutionPath):
         names = context.case.spec.output_names(tapped=True)
         return lambda x: dict(zip(names, evaluator.run(names, {"input": x}), strict=True))
 
+    def stream_problem(self, case) -> str | None:
+        return "the reference evaluator is for the golden batch (a stream's tokens would take it minutes)"
+
     def table_reads(self, context: CaseContext) -> list:
         """The value stage of each layer, cut out of the export and run by the evaluator
         (a small case's: its tables are read into the cut model)."""

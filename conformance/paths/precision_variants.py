@@ -132,6 +132,9 @@ class PrecisionPath(ExecutionPath):
     def prepare_timed(self, context: CaseContext, x):
         return self.base.prepare_timed(self._view(context), x)
 
+    def stream_problem(self, case) -> str | None:
+        return self.base.stream_problem(case)
+
     def table_reads(self, context: CaseContext) -> list:
         """The base path's lookups of the reduced-precision model, judged at this precision."""
         import dataclasses

@@ -103,6 +103,42 @@ def run(request: dict) -> dict:
     ).to_json()
 
 
+REFERENCE = "torch-eager-cpu"  # the stream's live reference: the golden's generator
+
+
+def stream_batch(request: dict) -> dict:
+    """One batch of the case's stream (the ``stream`` request): the path's taps and the live
+    reference's on tokens ``first .. first + batch``, both written to ``out`` (.npz, the
+    reference's under ``ref:``). The path and the reference are prepared once per case and
+    kept for the stream's next batches."""
+    import numpy as np
+
+    x, got, want, seconds = stream_taps(_context(request), request["path"], request["first"], request["count"])
+    arrays = {k: np.asarray(v) for k, v in got.items()} | {f"ref:{k}": np.asarray(v) for k, v in want.items()}
+    np.savez(request["out"], input=x, **arrays)
+    return WorkerResult(OK, seconds=seconds).to_json()
+
+
+def stream_taps(context, name: str, first: int, count: int):
+    """(input (1,count,input_dim), the path's taps, the reference's taps, the path's seconds)
+    on tokens ``first .. first + count`` of the context's stream."""
+    from conformance.paths import get_path
+    from conformance.stream import rows
+
+    case = context.case
+    for wanted in (name, REFERENCE):
+        if wanted not in context.prepared:
+            path = get_path(wanted)
+            path.check(case)
+            context.prepared[wanted] = path.prepare(context)
+    x = rows(case.stream, case.config.input_dim, first, count)[None]  # (1,count,input_dim)
+    t0 = time.perf_counter()
+    got = context.prepared[name](x)
+    seconds = time.perf_counter() - t0
+    want = got if name == REFERENCE else context.prepared[REFERENCE](x)
+    return x, got, want, seconds
+
+
 def check(request: dict) -> dict:
     """Which of ``paths`` can run which of ``cases`` here: ``{path: [reason or None per case]}``."""
     from conformance.cases import Case
@@ -136,7 +172,7 @@ def build_export(request: dict) -> dict:
     return {"status": OK}
 
 
-OPS = {"run": run, "check": check, "export": build_export}
+OPS = {"run": run, "check": check, "export": build_export, "stream": stream_batch}
 
 
 def _preload(family: str) -> None:
