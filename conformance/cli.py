@@ -397,6 +397,12 @@ def _add_bench(sub) -> None:
         "ratios then resist a machine whose speed drifts (default 1)",
     )
     p.add_argument("--timeout", type=_seconds, default=1800, help="seconds allowed per path and round (default 1800)")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also time each path's table sweep (every value row through its lookup) beside numpy reading the "
+        "tables once",
+    )
     p.add_argument("--report-dir", default=None, help="write bench.json, bench.md and bench.png here")
     p.set_defaults(func=_run_bench)
 
@@ -441,6 +447,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         progress=_progress_bar,
         rounds=args.rounds,
+        sweep=args.sweep,
     )
     print(bench_report.terminal(bench))
     if args.report_dir:

@@ -177,9 +177,11 @@ def run_worker(
     export_dir: Path,
     timeout: float,
     tolerances: Path | None = None,
+    sweep: bool = False,
 ) -> dict:
     """One path in a fresh process; its crash or time-out is its result."""
     request = {"preset": preset.to_json(), "path": path, "runs": runs, "warmup": warmup, "export_dir": str(export_dir)}
+    request["sweep"] = sweep
     request["tolerances"] = str(tolerances or default_tolerances())
     result, why = run_json_worker("conformance.bench.worker", request, timeout)
     return {"name": path, **result} if result is not None else {"name": path, "status": ERROR, "reason": why}
@@ -194,10 +196,13 @@ def run_bench(
     progress=None,
     rounds: int = 1,
     tolerances: Path | None = None,
+    sweep: bool = False,
 ) -> dict:
-    """Time ``paths``, each in fresh processes. With ``rounds`` > 1 every path runs that
-    many times, the paths taking turns round by round, and each path's passes are pooled:
-    a machine that drifts during the run then shifts every path alike.
+    """Time ``paths``, each in fresh processes. ``sweep``: also time each path's table
+    sweep (:mod:`conformance.sweep`) against numpy reading the same tables once. With
+    ``rounds`` > 1 every path runs that many times, the paths taking turns round by round,
+    and each path's passes are pooled: a machine that drifts during the run then shifts
+    every path alike.
 
     A path that is ``judged_in_bench`` (a sharded one) is also judged, under ``tolerances``
     (default: the golden store's ``tolerances.toml``), against the reference's taps of the
@@ -223,7 +228,9 @@ def run_bench(
                     continue  # unavailable or failed: once is enough
                 if progress:
                     progress(step, total, path.name + (f" (round {round_ + 1}/{rounds})" if rounds > 1 else ""))
-                previous.append(run_worker(preset, path.name, runs, warmup, Path(export_dir), timeout, tolerances))
+                previous.append(
+                    run_worker(preset, path.name, runs, warmup, Path(export_dir), timeout, tolerances, sweep)
+                )
                 step += 1
         if progress:
             progress(total, total, "")

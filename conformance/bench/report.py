@@ -56,9 +56,51 @@ def table(bench: dict) -> list[list[str]]:
     return [header, *(_row(r, runs) for r in bench["paths"])]
 
 
+def sweep_table(bench: dict) -> list[tuple[str, ...]]:
+    """The table sweep's time per path beside numpy reading the same tables once."""
+    rows = [r for r in bench["paths"] if r.get("sweep")]
+    if not rows:
+        return []
+    out = [("path", "table sweep", "numpy reads once", "ratio", "rows", "verdict")]
+    for r in rows:
+        sw = r["sweep"]
+        if "seconds" not in sw:
+            out.append((r["name"], "-", "-", "-", "-", f"not swept: {sw.get('reason', '')[:60]}"))
+            continue
+        out.append(
+            (
+                r["name"],
+                f"{sw['seconds']:.3f} s",
+                f"{sw['numpy_read_s']:.3f} s",
+                f"{sw['ratio_to_numpy_read']:.1f}x" if sw.get("ratio_to_numpy_read") else "-",
+                f"{sw['rows']:,}",
+                "every row as expected" if sw["ok"] else "ROWS DIFFER",
+            )
+        )
+    return out
+
+
+def _sweep_markdown(bench: dict) -> list[str]:
+    rows = sweep_table(bench)
+    if not rows:
+        return []
+    return [
+        "## Table sweep",
+        "",
+        "Every value row read through each path's own lookup, beside numpy reading the same tables once "
+        "(in the same process, just before).",
+        "",
+        "| " + " | ".join(rows[0]) + " |",
+        "|" + "---|" * len(rows[0]),
+        *("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows[1:]),
+        "",
+    ]
+
+
 def terminal(bench: dict) -> str:
     rows = table(bench)
     lines = aligned(rows)
+    sweep = sweep_table(bench)
     return "\n".join(
         [
             f"bench preset {bench['preset']}: model {bench['model']}, input {tuple(bench['input_shape'])}, "
@@ -67,6 +109,7 @@ def terminal(bench: dict) -> str:
             f"{bench['value_bytes_per_pass'] / 1e9:.3f} GB",
             *summary(bench["machine"]),
             *lines,
+            *(["", "table sweep:", *aligned(sweep)] if sweep else []),
         ]
     )
 
@@ -92,6 +135,7 @@ def markdown(bench: dict) -> str:
         "|" + "---|" * len(rows[0]),
         *("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows[1:]),
         "",
+        *_sweep_markdown(bench),
         "![median time per pass](bench.png)",
         "",
     ]

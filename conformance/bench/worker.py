@@ -44,6 +44,40 @@ def judge_against_reference(path, context, x, request: dict) -> str:
     return f"its taps do not conform to the reference's: first at {failed.name}: {failed.message}"
 
 
+def time_sweep(path, context) -> dict:
+    """The table sweep of ``path`` (:func:`conformance.sweep.sweep_path`), timed, beside the
+    time numpy takes to read the same tables once (a sum over the mapped rows, in blocks),
+    measured just before it in the same process."""
+    import time
+
+    import numpy as np
+
+    from conformance.sweep import sweep_path
+
+    try:
+        tables = path.table_reads(context)
+    except Exception as exc:  # NotSwept, or a lookup that cannot be built here
+        return {"reason": str(exc)}
+    t0 = time.perf_counter()
+    for table in tables:
+        reference = table.reference
+        for first in range(0, len(reference), 1 << 16):
+            np.add.reduce(np.asarray(reference[first : first + (1 << 16)]), axis=0)
+    numpy_s = time.perf_counter() - t0
+    results, why = sweep_path(path, context)
+    if not results:
+        return {"reason": why}
+    sweep_s = sum(r.seconds for r in results)
+    return {
+        "rows": sum(r.rows for r in results),
+        "ok": all(results),
+        "seconds": sweep_s,
+        "numpy_read_s": numpy_s,
+        "ratio_to_numpy_read": sweep_s / numpy_s if numpy_s else None,
+        "table_bytes": sum(t.reference.nbytes for t in tables),
+    }
+
+
 def measure(request: dict) -> dict:
     from conformance.bench import BenchPreset, summarize, time_calls
     from conformance.export import ExportUnsupported
@@ -90,6 +124,8 @@ def measure(request: dict) -> dict:
         import torch
 
         peak_device = torch.cuda.max_memory_allocated() / 2**20
+    if request.get("sweep"):  # after the figures: the table sweep's time beside numpy's one read
+        result["sweep"] = time_sweep(path, context)
     if path.judged_in_bench:  # after the figures: the reference's pass is not the path's memory
         problem = judge_against_reference(path, context, make_input(bench.input_shape, seed=0), request)
         if problem:
