@@ -2,8 +2,9 @@
 
 import re
 
+from conformance import report
 from conformance.report import markdown, table
-from conformance.results import CaseResult, PathResult, RunResult, TensorResult
+from conformance.results import FAIL, PASS, CaseResult, PathResult, RunResult, TensorResult
 from conformance.text import aligned
 
 NO_GPU = "no CUDA device is visible (torch 2.13)"
@@ -75,3 +76,60 @@ def test_one_renderer_aligns_every_table():
     lines = aligned([("a", "long header"), ("wider cell", "x")])
     assert lines == ["a           long header", "----------  -----------", "wider cell  x"]
     assert aligned([("a", "b"), ("cc", "")], header=False) == ["a   b", "cc"]
+
+
+def test_coverage_and_streams_are_in_report_md_and_json(tmp_path):
+    from conformance.export.audit import AuditResult
+    from conformance.sweep import SweepResult
+
+    swept = PathResult("ort-cpu[torch-fast]", PASS)
+    swept.add_sweep([SweepResult("values", 262_144, 262_144, seconds=0.5)])
+    swept.add_audit(AuditResult("torch-fast.onnx", tensors=4))
+    bad = PathResult("ort-cpu[torch-fast]@int8", PASS)
+    bad.add_sweep(
+        [
+            SweepResult(
+                "values",
+                262_144,
+                262_144,
+                rows_differing=1,
+                bags_differing=1,
+                first_bad_row={"row": 65_536, "column": 3, "obtained": 0.5, "expected": 0.25},
+            )
+        ]
+    )
+    hist = [0] * 402
+    hist[200] = 10
+    bad.add_stream(
+        {
+            "tokens": 1000,
+            "agreement": 0.999,
+            "ambiguous_rate": 0.0,
+            "wrong_selections": 1,
+            "wrong_tokens": [417],
+            "quantiles": {"output": {"p50": 1e-7, "p99": 1e-6, "p999": 2e-6, "max": 3e-6, "max_rel": 1e-3}},
+            "required_atol": {"output": 3e-6},
+            "tokens_per_second": 5000.0,
+            "failure": "token 417: indices: wrong",
+            "sample": "",
+            "histograms": {"output": hist},
+        }
+    )
+    not_swept = PathResult("torch-compile-cpu", PASS)
+    not_swept.add_sweep([], "torch.compile fuses the weighted sum")
+    result = RunResult(
+        [CaseResult("xlm", [swept, bad, not_swept], coverage={"rows": 262_144, "rows_selected": 2_043})], {}
+    )
+    assert bad.status == FAIL and bad.first_divergence == "sweep:values" and "65,536" in bad.reason
+    md = report.markdown(result, tmp_path).decode()
+    assert "| xlm | 262,144 | 2,043 (0.78%) | 2 paths (100%) | 1 | 1 paths | 1 paths | 0 |" in md
+    assert "torch-compile-cpu: torch.compile fuses the weighted sum" in md
+    assert "| xlm | ort-cpu[torch-fast]@int8 | 1,000 | 99.9% |" in md and "token 417" in md
+    assert (tmp_path / "stream-xlm-ort-cpu_torch-fast_@int8.png").is_file()
+    data = result.to_json()["cases"][0]
+    assert data["coverage"] == {"rows": 262_144, "rows_selected": 2_043}
+    first = data["paths"][0]
+    assert first["sweep"]["rows_read"] == 262_144 and first["audit"]["differing"] == []
+    assert data["paths"][1]["sweep"]["first_bad_row"]["row"] == 65_536
+    assert "histograms" not in data["paths"][1]["stream"]
+    assert data["paths"][2]["sweep"] == {"reason": "torch.compile fuses the weighted sum"}
