@@ -54,6 +54,7 @@ class CaseContext:
         self.golden_layers_dir: Path | None = None
         # prepared paths kept for the batches of a stream (path name -> its run function)
         self.prepared: dict[str, Runner] = {}
+        self.stream_reference: dict[tuple[int, int], dict] = {}  # (first, count) -> the reference's taps
 
     @property
     def export_dir(self) -> Path | None:
@@ -121,6 +122,7 @@ class CaseContext:
         self.__dict__.pop("_precision_models", None)  # the reduced-precision models of the case
         self._keras.clear()
         self.prepared.clear()
+        self.stream_reference.clear()
         self.golden_layers.clear()  # their files went with a closer
         self.golden_layers_dir = None
 
