@@ -26,6 +26,7 @@ seed) and how its golden is stored. Adding one is writing a file and running
     tokens = 65536              # generated, standard normal (or file = "acts.npy", memory-mapped,
     seed = 5                    # or embeddings = "emb.npy" with noise = 0.3: a random row plus noise)
     batch = 4096                # tokens a batch (conformance/stream.py)
+    sample = 16                 # optional: tokens whose reference taps the golden keeps (1 in 1,000)
 
 The user's own model and data instead of a preset and a seed::
 
@@ -77,7 +78,7 @@ _SCHEMA: dict[str, set[str] | None] = {
     "config": None,
     "input": {"shape", "seed", "file", "key"},
     "weights": {"store", "duplicate_subkeys", "checkpoint", "memories"},
-    "stream": {"tokens", "seed", "batch", "file", "embeddings", "noise"},
+    "stream": {"tokens", "seed", "batch", "file", "embeddings", "noise", "sample"},
 }
 # what a checkpoint's tensors determine: a case may not say otherwise
 _FROM_WEIGHTS = ("input_dim", "output_dim", "k_dim", "heads", "n_keys", "query_batchnorm")
@@ -505,6 +506,7 @@ def _stream(path: Path, table: dict | None, input_dim: int) -> StreamSpec | None
     where = f"{path}: [stream]"
     batch = _int(table.get("batch", 4096), f"{where} batch", minimum=1)
     seed = _int(table.get("seed", 0), f"{where} seed")
+    sample = _int(table["sample"], f"{where} sample", minimum=1) if "sample" in table else None
     sources = [k for k in ("file", "embeddings") if k in table]
     if len(sources) > 1:
         raise CaseError(f"{where} takes a file or embeddings, not both")
@@ -513,7 +515,7 @@ def _stream(path: Path, table: dict | None, input_dim: int) -> StreamSpec | None
     if not sources:
         if "tokens" not in table:
             raise CaseError(f"{where} needs tokens (a generated stream), a file or embeddings")
-        return StreamSpec(_int(table["tokens"], f"{where} tokens", minimum=1), batch, seed)
+        return StreamSpec(_int(table["tokens"], f"{where} tokens", minimum=1), batch, seed, sample=sample)
     try:
         file = user_file(path.parent, table[sources[0]], f"{where} {sources[0]}")
     except FileProblem as exc:
@@ -523,7 +525,7 @@ def _stream(path: Path, table: dict | None, input_dim: int) -> StreamSpec | None
             if "tokens" in table or "seed" in table:
                 raise CaseError(f"{where}: a file's tokens are its rows: tokens and seed do not apply")
             tokens = len(open_stream_file(file, input_dim))
-            return StreamSpec(tokens, batch, 0, file=file, sha256=file_sha256(file))
+            return StreamSpec(tokens, batch, 0, file=file, sha256=file_sha256(file), sample=sample)
         table_rows = open_stream_file(file, input_dim)  # (V, input_dim) float32
         del table_rows
         noise = table.get("noise", 0.0)
@@ -532,7 +534,9 @@ def _stream(path: Path, table: dict | None, input_dim: int) -> StreamSpec | None
         if "tokens" not in table:
             raise CaseError(f"{where}: tokens drawn from embeddings need a count (tokens = N)")
         tokens = _int(table["tokens"], f"{where} tokens", minimum=1)
-        return StreamSpec(tokens, batch, seed, embeddings=file, sha256=file_sha256(file), noise=float(noise))
+        return StreamSpec(
+            tokens, batch, seed, embeddings=file, sha256=file_sha256(file), noise=float(noise), sample=sample
+        )
     except StreamError as exc:
         raise CaseError(str(exc)) from None
 

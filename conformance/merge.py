@@ -188,6 +188,8 @@ def merge_reports(sources: list[Path], reports: list[dict]) -> dict:
     for label, report in zip(labels, reports, strict=True):
         for case in report["cases"]:
             slot = cases.setdefault(case["name"], {"golden": case["golden"], "paths": {}})
+            if case.get("coverage") is not None:  # the golden's: the same on every machine
+                slot.setdefault("coverage", case["coverage"])
             for p in case["paths"]:
                 slot["paths"].setdefault(p["name"], []).append((label, p))
     out_cases, conflicts = [], []
@@ -198,7 +200,14 @@ def merge_reports(sources: list[Path], reports: list[dict]) -> dict:
             paths.append(merged)
             if conflict:
                 conflicts.append({"case": name, "path": path_name, **conflict})
-        out_cases.append({"name": name, "golden": slot["golden"], "paths": paths})
+        out_cases.append(
+            {
+                "name": name,
+                "golden": slot["golden"],
+                **({"coverage": slot["coverage"]} if "coverage" in slot else {}),
+                "paths": paths,
+            }
+        )
     ok = all(p["status"] in ("pass", "unavailable") for c in out_cases for p in c["paths"])
     machines = [
         {"name": label, "report": str(source), "environment": report["environment"]}

@@ -67,6 +67,7 @@ class StreamSpec:
     sha256: str | None = None
     embeddings: Path | None = None
     noise: float = 0.0
+    sample: int | None = None  # tokens whose reference taps the golden stores (default: 1 in 1,000)
 
     @property
     def kind(self) -> str:
@@ -82,6 +83,8 @@ class StreamSpec:
             return str(p)
 
         out: dict = {"tokens": self.tokens, "batch": self.batch}
+        if self.sample is not None:
+            out["sample"] = self.sample
         if self.file:
             out |= {"file": shown(self.file), "sha256": self.sha256}
         elif self.embeddings:
@@ -103,6 +106,7 @@ class StreamSpec:
             sha256=data.get("sha256"),
             embeddings=resolved(data.get("embeddings")),
             noise=float(data.get("noise", 0.0)),
+            sample=data.get("sample"),
         )
 
 
@@ -174,8 +178,12 @@ def batches(spec: StreamSpec, input_dim: int) -> Iterator[tuple[int, np.ndarray]
 
 
 def sample_rows(spec: StreamSpec) -> np.ndarray:
-    """The tokens whose reference taps the golden stores: every 1,000th, at most 4,096."""
-    every = max(SAMPLE_EVERY, math.ceil(spec.tokens / SAMPLE_TOKENS))
+    """The tokens whose reference taps the golden stores: every 1,000th, at most 4,096 (or
+    the case's ``sample``, spread evenly over the stream)."""
+    count = min(SAMPLE_TOKENS, math.ceil(spec.tokens / SAMPLE_EVERY))
+    if spec.sample is not None:
+        count = min(count, spec.sample)
+    every = math.ceil(spec.tokens / max(count, 1))
     return np.arange(0, spec.tokens, every)
 
 

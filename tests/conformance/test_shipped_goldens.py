@@ -23,7 +23,7 @@ def test_large_cases_are_left_out_unless_asked():
     folder = REPO / "conformance" / "cases"
     default = {c.name for c in load_cases(folder)}
     large = {c.name for c in load_cases(folder, groups=["large"])} - default
-    assert large == {"mega", "seednet"}
+    assert large == {"mega", "seednet", "xlm-stream"}
     assert [c.name for c in load_cases(folder, ["mega"])] == ["mega"]
 
 
