@@ -336,7 +336,8 @@ def run_stream(path, context: CaseContext, golden: Golden, policy, options: RunO
     judged_layers = 1 if case.spec.layers > 1 and path.tolerances_per_layer(case) else None
     stats = StreamStats()
     picked = sample_rows(spec)
-    sample: dict[str, list] = {}
+    live: dict[str, np.ndarray] = {}  # the reference's taps on the sampled tokens, filled batch by batch
+    filled = 0
     for first in range(0, spec.tokens, spec.batch):
         count = min(spec.batch, spec.tokens - first)
         if not options.isolate:
@@ -358,11 +359,19 @@ def run_stream(path, context: CaseContext, golden: Golden, policy, options: RunO
         stats.seconds += seconds
         inside = picked[(picked >= first) & (picked < first + count)] - first
         for tap, array in want.items():
+            # written into arrays made once: small arrays kept from every batch would pin the
+            # freed batches' memory in the allocator's heap (measured: 1.7 MB a batch)
             a = np.asarray(array)
-            part = a[:, inside] if a.ndim == 3 else a.reshape(count, -1, *a.shape[1:])[inside].reshape(-1, *a.shape[1:])
-            sample.setdefault(tap, []).append(part)
+            rows = a[0] if a.ndim == 3 else a.reshape(count, -1, *a.shape[1:])  # (count, ...) a token a row
+            if tap not in live:
+                live[tap] = np.empty((len(picked), *rows.shape[1:]), rows.dtype)
+            live[tap][filled : filled + len(inside)] = rows[inside]
+        filled += len(inside)
     if golden.stream_taps is not None:
-        live = {tap: np.concatenate(parts, axis=1 if parts[0].ndim == 3 else 0) for tap, parts in sample.items()}
+        live = {
+            tap: v[None] if np.ndim(golden.stream_taps[tap]) == 3 else v.reshape(-1, *v.shape[2:])
+            for tap, v in live.items()
+        }
         same = compare_case(
             case,
             live,
