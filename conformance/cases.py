@@ -62,7 +62,7 @@ import numpy as np
 
 from conformance.files import FileProblem, user_file
 from conformance.spec import CheckpointRef, ModelSpec
-from conformance.stream import StreamError, StreamSpec, file_sha256, open_stream_file
+from conformance.stream import StreamError, StreamSpec, open_stream_file
 from pkm_models.config import ConfigError, PKMConfig, get_preset
 from pkm_models.errors import PKMError
 from pkm_models.weights import make_input
@@ -525,7 +525,7 @@ def _stream(path: Path, table: dict | None, input_dim: int) -> StreamSpec | None
             if "tokens" in table or "seed" in table:
                 raise CaseError(f"{where}: a file's tokens are its rows: tokens and seed do not apply")
             tokens = len(open_stream_file(file, input_dim))
-            return StreamSpec(tokens, batch, 0, file=file, sha256=file_sha256(file), sample=sample)
+            return StreamSpec(tokens, batch, 0, file=file, sha256=_file_digest(file)[0], sample=sample)
         table_rows = open_stream_file(file, input_dim)  # (V, input_dim) float32
         del table_rows
         noise = table.get("noise", 0.0)
@@ -535,7 +535,7 @@ def _stream(path: Path, table: dict | None, input_dim: int) -> StreamSpec | None
             raise CaseError(f"{where}: tokens drawn from embeddings need a count (tokens = N)")
         tokens = _int(table["tokens"], f"{where} tokens", minimum=1)
         return StreamSpec(
-            tokens, batch, seed, embeddings=file, sha256=file_sha256(file), noise=float(noise), sample=sample
+            tokens, batch, seed, embeddings=file, sha256=_file_digest(file)[0], noise=float(noise), sample=sample
         )
     except StreamError as exc:
         raise CaseError(str(exc)) from None

@@ -197,6 +197,24 @@ def run_path(
     return result
 
 
+def worker_request(op: str, path: ExecutionPath, context: CaseContext, out: Path, **extra) -> dict:
+    """A worker request for ``path`` on the context's case: the case, and the files this
+    process wrote for it (input, weights, exports), never the golden store."""
+    case = context.case
+    return {
+        "op": op,
+        "path": path.name,
+        "case": case.to_json(),
+        "source": str(case.source),
+        "input": str(context.export_dir / "input.npy"),
+        "weights": str(context.weights_dir) if context.weights_dir is not None else None,
+        "export_dir": str(context.export_dir),
+        "cache_dir": str(context.cache.root) if context.cache else None,
+        "out": str(out),
+        **extra,
+    }
+
+
 def run_path_in_worker(
     path: ExecutionPath,
     context: CaseContext,
@@ -212,18 +230,7 @@ def run_path_in_worker(
     case = context.case
     with tempfile.TemporaryDirectory(prefix="pkm-taps-") as tmp:
         out = Path(tmp) / "taps.npz"
-        request = {
-            "op": "run",
-            "path": path.name,
-            "case": case.to_json(),
-            "source": str(case.source),
-            "input": str(context.export_dir / "input.npy"),
-            "weights": str(context.weights_dir) if context.weights_dir is not None else None,
-            "export_dir": str(context.export_dir),
-            "cache_dir": str(context.cache.root) if context.cache else None,
-            "out": str(out),
-            "sweep": sweep,
-        }
+        request = worker_request("run", path, context, out, sweep=sweep)
         answer, why = ask(request)
         if answer is None:
             return PathResult(path.name, ERROR, reason=why)
@@ -397,22 +404,9 @@ def run_stream(path, context: CaseContext, golden: Golden, policy, options: RunO
 
 def _stream_batch_in_worker(path, context: CaseContext, first: int, count: int, options: RunOptions, pool):
     """One stream batch in the path's worker (the pool's, or a fresh process)."""
-    case = context.case
     with tempfile.TemporaryDirectory(prefix="pkm-stream-") as tmp:
         out = Path(tmp) / "batch.npz"
-        request = {
-            "op": "stream",
-            "path": path.name,
-            "case": case.to_json(),
-            "source": str(case.source),
-            "input": str(context.export_dir / "input.npy"),
-            "weights": str(context.weights_dir) if context.weights_dir is not None else None,
-            "export_dir": str(context.export_dir),
-            "cache_dir": str(context.cache.root) if context.cache else None,
-            "first": first,
-            "count": count,
-            "out": str(out),
-        }
+        request = worker_request("stream", path, context, out, first=first, count=count)
         if pool is not None:
             answer, why = pool.ask(path.family, request)
         else:

@@ -34,7 +34,6 @@ selection is wrong.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,14 +107,6 @@ class StreamSpec:
             noise=float(data.get("noise", 0.0)),
             sample=data.get("sample"),
         )
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def open_stream_file(path: Path, input_dim: int) -> np.ndarray:
