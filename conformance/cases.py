@@ -186,7 +186,9 @@ class Case:
             store_weights=data["weights_stored"],
             source=source,
             input_file=input_file,
-            stream=StreamSpec.from_json(data["stream"], source.parent) if data.get("stream") else None,
+            stream=StreamSpec.from_json(data["stream"], lambda name: _resolve(source, name))
+            if data.get("stream")
+            else None,
         )
 
     @property
@@ -225,7 +227,7 @@ class Case:
             out["weights_file"] = str(self.spec.weights_file)
             out["model"] = self.spec.name
         if self.stream is not None:
-            out["stream"] = self.stream.to_json(self.source.parent)
+            out["stream"] = self.stream.to_json(lambda path: _shown(self.source, path))
         return out
 
     def layer(self, i: int, weights_file: Path, input_file: Path) -> Case:

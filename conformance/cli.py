@@ -187,7 +187,8 @@ def _add_run(sub) -> None:
     p.add_argument(
         "--no-sweep",
         action="store_true",
-        help="skip the table sweep: reading every value-table row through each path's lookup",
+        help="skip the table sweep (every value-table row read through each path's lookup) and the weight "
+        "audit of the ONNX files",
     )
     p.add_argument(
         "--no-stream",

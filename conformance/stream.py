@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -68,19 +68,9 @@ class StreamSpec:
     noise: float = 0.0
     sample: int | None = None  # tokens whose reference taps the golden stores (default: 1 in 1,000)
 
-    @property
-    def kind(self) -> str:
-        return "file" if self.file else "embeddings" if self.embeddings else "generated"
-
-    def to_json(self, relative_to: Path | None = None) -> dict:
-        def shown(p: Path) -> str:
-            if relative_to is not None:
-                try:
-                    return Path(p).resolve().relative_to(relative_to.resolve()).as_posix()
-                except ValueError:
-                    pass
-            return str(p)
-
+    def to_json(self, shown: Callable[[Path], str] = str) -> dict:
+        """As the case file and case.json say it; ``shown`` writes a file's name (relative
+        to the case file, by :meth:`conformance.cases.Case.to_json`)."""
         out: dict = {"tokens": self.tokens, "batch": self.batch}
         if self.sample is not None:
             out["sample"] = self.sample
@@ -93,9 +83,11 @@ class StreamSpec:
         return out
 
     @classmethod
-    def from_json(cls, data: dict, folder: Path) -> StreamSpec:
+    def from_json(cls, data: dict, resolve: Callable[[str], Path] = Path) -> StreamSpec:
+        """The inverse of :meth:`to_json`; ``resolve`` turns a file's name back into a path."""
+
         def resolved(name):
-            return None if name is None else (folder / name if not Path(name).is_absolute() else Path(name))
+            return None if name is None else resolve(name)
 
         return cls(
             tokens=int(data["tokens"]),
@@ -179,12 +171,17 @@ def sample_rows(spec: StreamSpec) -> np.ndarray:
 
 
 def sample_input(spec: StreamSpec, input_dim: int) -> np.ndarray:
-    """(1, S, input_dim): the sampled tokens, read or generated in order."""
+    """(1, S, input_dim): the sampled tokens, read from the file, or generated block by
+    block where a block holds one (not the whole stream)."""
     picked = sample_rows(spec)
+    if spec.file is not None:
+        return np.array(open_stream_file(spec.file, input_dim)[picked])[None]
     out = np.empty((len(picked), input_dim), np.float32)
-    for first, x in batches(spec, input_dim):
-        inside = (picked >= first) & (picked < first + x.shape[1])
-        out[inside] = x[0, picked[inside] - first]
+    for block in np.unique(picked // GENERATED_BLOCK):
+        first = int(block) * GENERATED_BLOCK
+        x = rows(spec, input_dim, first, min(GENERATED_BLOCK, spec.tokens - first))
+        inside = picked // GENERATED_BLOCK == block
+        out[inside] = x[picked[inside] - first]
     return out[None]
 
 

@@ -17,15 +17,16 @@ How, for a table of ``R`` rows and a lookup whose bags hold ``n = heads * knn`` 
    ``n 2^-24`` of the bag's magnitude) changes its bag's sum.
 2. **Locate.** A bag that differs is read again row by row (each row in every slot, the
    first weighing 1 and the rest 0: the output is the row itself, exactly), so the rows
-   that differ are counted and the first is named with its value and the expected one; a bag whose rows are all right (a
-   reduced-precision runtime that rounds or accumulates in its own type) does not count.
+   that differ are counted and the first is named with its value and the expected one; a
+   bag whose rows are all right (a reduced-precision runtime that rounds or accumulates in
+   its own type) does not count.
    At most :data:`LOCATE_BAGS` bags a table are located (:data:`LOCATE_BAGS_REDUCED` on a
    reduced-precision path); past that a bag counts as differing (``rows_differing_exact``
    false) unless, on a reduced-precision path, it is within :func:`loose_bound`.
 
 Expected rows at a reduced precision are the reference rows in the path's number format
 (:func:`expected_rows`: fp16 and bf16 rounded to nearest even, int8 through
-:func:`conformance.precision.quantize_rows`); a row read slot by slot passes when it is
+:func:`conformance.precision.quantize_rows`); a row read alone passes when it is
 within that precision's bound of the float32 row (half a step of its row for int8, a
 unit roundoff of each value for fp16 and bf16), so a runtime that rounds differently but
 within the format is not a failure. Float32 rows must be read exactly.
@@ -107,7 +108,7 @@ class SweepResult:
                 f"expected {bad['expected']!r}"
             )
         elif self.bags_differing:
-            text += "; every row of the bags read slot by slot was within the bound: the sum itself differs"
+            text += "; every row of the bags read row by row was within the bound: the sum itself differs"
         return text
 
     def to_json(self) -> dict:
@@ -117,6 +118,24 @@ class SweepResult:
     def from_json(cls, data: dict) -> SweepResult:
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+def value_tables(case, weights) -> list[tuple[int, str, np.ndarray]]:
+    """(layer, table name, reference table) of every value table of ``case`` (a
+    :class:`conformance.cases.Case`) in its torch-named ``weights``: one a layer, or layer
+    0's alone when the layers share one (Meta's ``share_values``)."""
+    layers = case.spec.layers
+    out = []
+    for i in range(1 if case.config.share_values else layers):
+        key, name = (f"layers.{i}.values.weight", f"{i}/values") if layers > 1 else ("values.weight", "values")
+        out.append((i, name, weights[key]))
+    return out
+
+
+def stored_precision(config) -> str:
+    """The format a float32 path stores the case's table in: bf16 for Meta's bfloat16 table
+    (its kernel also rounds the sum to bf16), else fp32."""
+    return "bf16" if config.value_dtype == "bfloat16" else "fp32"
 
 
 # --- number formats of the table ------------------------------------------------------------
@@ -142,19 +161,19 @@ def expected_rows(rows: np.ndarray, precision: str) -> np.ndarray:
 
 
 def row_bound(rows: np.ndarray, precision: str) -> np.ndarray:
-    """(n, D) or (n, 1) float64: how far a row read alone may be from the float32 row at
-    ``precision`` (0 at fp32: read exactly)."""
+    """float64, of ``rows``' shape ((n, 1) for int8's per-row bound of (n, D) rows): how far a
+    stored value may be from the float32 one at ``precision`` (0 at fp32: read exactly)."""
     rows = np.asarray(rows, np.float32)
     if precision == "int8":
         return half_steps(rows)[:, None]
     if precision in ("fp16", "bf16"):
         tiny = 2.0**-24 if precision == "fp16" else 0.0  # fp16's subnormal spacing
         return UNIT_ROUNDOFF[precision] * np.abs(rows.astype(np.float64)) + tiny
-    return np.zeros((len(rows), 1))
+    return np.zeros(rows.shape)
 
 
 def loose_bound(rows: np.ndarray, bags: int, n: int, precision: str) -> np.ndarray:
-    """(bags, D) float64, for a bag no longer read slot by slot: how far a reduced-precision
+    """(bags, D) float64, for a bag no longer read row by row: how far a reduced-precision
     path's bag sum may be from the float32 rows' sum when it accumulates in its own type
     (``n u`` of the sum of magnitudes) and stores each row within its precision's bound."""
     rows = np.asarray(rows, np.float32)
@@ -165,8 +184,8 @@ def loose_bound(rows: np.ndarray, bags: int, n: int, precision: str) -> np.ndarr
 
 def detection_bound(expected_abs_sum: np.ndarray, expected_sum: np.ndarray, n: int, precision: str) -> np.ndarray:
     """Elementwise bound on |path's bag sum - float64 sum of the expected rows|, all
-    weights 1: float32 accumulation of ``n`` terms (``(n + 2) 2^-24`` of the sum of
-    magnitudes, the int8 dequantisation's rounding included) and, at fp16 / bf16, the
+    weights 1: float32 accumulation of ``n`` terms (``(n + 4) 2^-24`` of the sum of
+    magnitudes) and, at fp16 / bf16, the
     result's own rounding to the type (``u`` of its size)."""
     out = (n + 4) * U32 * expected_abs_sum
     if precision in ("fp16", "bf16"):
@@ -194,7 +213,7 @@ def _bags(table: TableRead, first_row: int, rows: int, slot_by_slot: bool = Fals
 
 
 def _locate(table: TableRead, bag_first_row: int, found: list) -> int:
-    """Read one bag slot by slot; append (row, column, obtained, expected) of each row out of
+    """Read one bag row by row; append (row, column, obtained, expected) of each row out of
     bound to ``found``; return how many rows differ."""
     n = table.heads * table.knn
     rows = min(n, len(table.reference) - bag_first_row)
@@ -212,7 +231,7 @@ def _locate(table: TableRead, bag_first_row: int, found: list) -> int:
     return count
 
 
-def sweep_table(table: TableRead, progress: Callable[[int, int], None] | None = None) -> SweepResult:
+def sweep_table(table: TableRead) -> SweepResult:
     """Read every row of ``table`` through its lookup, in chunks (see the module docstring)."""
     t0 = time.perf_counter()
     rows_total, dim = table.reference.shape
@@ -259,8 +278,6 @@ def sweep_table(table: TableRead, progress: Callable[[int, int], None] | None = 
                     continue
             result.bags_differing += 1
             result.rows_differing_exact = False
-        if progress is not None:
-            progress(result.rows_read, rows_total)
     if found:
         row, column, obtained, expected_value = min(found)
         result.first_bad_row = {"row": row, "column": column, "obtained": obtained, "expected": expected_value}

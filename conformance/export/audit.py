@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from conformance.precision import U32, half_steps
+from conformance.sweep import row_bound
 
 BLOCK_ROWS = 1 << 16
 # onnx.TensorProto's data types (this module's result types are read by the run's process,
@@ -119,12 +120,8 @@ def _compare(got, data_type: int, want: np.ndarray, transpose: bool = False) -> 
         g = _as_float32(g, data_type)
         if data_type == FLOAT and np.array_equal(g, w):
             continue
-        if data_type == FLOAT16:
-            bound = 2.0**-11 * np.abs(w) + 2.0**-24
-        elif data_type == BFLOAT16:
-            bound = 2.0**-8 * np.abs(w)
-        else:
-            bound = np.zeros_like(w)
+        # a stored value's bound at the initializer's type: the sweep's, for a row read alone
+        bound = row_bound(w, {FLOAT16: "fp16", BFLOAT16: "bf16"}.get(data_type, "fp32"))
         bad = ~(np.abs(g.astype(np.float64) - w) <= bound)
         if bad.any():
             index = tuple(int(i) for i in np.argwhere(bad)[0])

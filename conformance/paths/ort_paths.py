@@ -217,19 +217,15 @@ def onnx_table_reads(context: CaseContext, export: Path, make_read) -> list:
     """:class:`conformance.sweep.TableRead` of every value table of ``export`` (a tapped
     export of the context's case): ``make_read(stage)`` runs a cut value stage."""
     from conformance.export.value_stage import NoValueStage, cut_value_stage
-    from conformance.sweep import NotSwept, TableRead
+    from conformance.sweep import NotSwept, TableRead, stored_precision, value_tables
 
-    case = context.case
-    config, layers = case.config, case.spec.layers
-    precision = "bf16" if config.value_dtype == "bfloat16" else "fp32"
+    config = context.case.config
     reads = []
-    for i in range(1 if config.share_values else layers):
-        prefix = f"{i}/" if layers > 1 else ""
-        key = f"layers.{i}.values.weight" if layers > 1 else "values.weight"
+    for _, name, reference in value_tables(context.case, context.weights):
         try:
-            stage = cut_value_stage(export, prefix)
+            stage = cut_value_stage(export, name.removesuffix("values"))  # the layer's tap prefix
         except NoValueStage as exc:
             raise NotSwept(f"{export.name}: {exc}") from exc
         read = make_read(stage)
-        reads.append(TableRead(f"{prefix}values", context.weights[key], read, config.heads, config.knn, precision))
+        reads.append(TableRead(name, reference, read, config.heads, config.knn, stored_precision(config)))
     return reads

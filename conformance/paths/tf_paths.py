@@ -69,15 +69,14 @@ class TFPath(ExecutionPath):
         mode: eager, inside ``tf.function`` or compiled by XLA), on this path's device."""
         import tensorflow as tf
 
-        from conformance.sweep import TableRead
+        from conformance.sweep import TableRead, stored_precision, value_tables
 
         layers = [layer for layer in context.keras_model_with(self.method).layers if hasattr(layer, "_weighted_sum")]
         config = context.case.config
-        network = len(layers) > 1
-        precision = "bf16" if config.value_dtype == "bfloat16" else "fp32"
-        reads = []
         n = config.heads * config.knn
-        for i, layer in enumerate(layers[:1] if config.share_values else layers):
+        reads = []
+        for i, name, reference in value_tables(context.case, context.weights):
+            layer = layers[i]
 
             def weighted_sum(idx, w, layer=layer):
                 return layer._weighted_sum(idx, w)
@@ -90,17 +89,7 @@ class TFPath(ExecutionPath):
                     w = tf.cast(tf.constant(np.asarray(weights, np.float32).reshape(-1, n)), layer.compute_dtype)
                     return np.asarray(tf.cast(fn(idx, w), tf.float32))
 
-            key = f"layers.{i}.values.weight" if network else "values.weight"
-            reads.append(
-                TableRead(
-                    f"{i}/values" if network else "values",
-                    context.weights[key],
-                    read,
-                    config.heads,
-                    config.knn,
-                    precision,
-                )
-            )
+            reads.append(TableRead(name, reference, read, config.heads, config.knn, stored_precision(config)))
         return reads
 
 

@@ -134,16 +134,12 @@ def torch_table_reads(model, context: CaseContext, device: str = "cpu") -> list:
     (``CastModel``). A shared table (Meta's ``share_values``) is read once, through layer 0."""
     import torch
 
-    from conformance.sweep import TableRead
+    from conformance.sweep import TableRead, stored_precision, value_tables
 
     dtype = getattr(model, "dtype", None)
     module = getattr(model, "module", model)  # CastModel holds the cast module
     layers = list(module.layers) if hasattr(module, "layers") else [module]
-    config = context.case.config
-    network = len(layers) > 1
-    if config.share_values:
-        layers = layers[:1]
-    precision = "bf16" if config.value_dtype == "bfloat16" else "fp32"  # Meta's kernel rounds its sum to bf16
+    precision = stored_precision(context.case.config)
 
     def reader(layer):
         fast = hasattr(layer, "weighted_sum")  # FastHashingMemory and its int8 twin
@@ -161,9 +157,7 @@ def torch_table_reads(model, context: CaseContext, device: str = "cpu") -> list:
         return read
 
     reads = []
-    for i, layer in enumerate(layers):
-        key = f"layers.{i}.values.weight" if network else "values.weight"
-        name = f"{i}/values" if network else "values"
-        inner = getattr(layer, "reference", layer)  # the loop-free model wraps the reference
-        reads.append(TableRead(name, context.weights[key], reader(layer), inner.heads, inner.knn, precision))
+    for i, name, reference in value_tables(context.case, context.weights):
+        inner = getattr(layers[i], "reference", layers[i])  # the loop-free model wraps the reference
+        reads.append(TableRead(name, reference, reader(layers[i]), inner.heads, inner.knn, precision))
     return reads

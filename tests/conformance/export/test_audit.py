@@ -25,6 +25,16 @@ def test_every_weight_of_an_export_is_found_and_equal(tiny, tmp_path, exporter):
     assert result.tensors == 4 and not result.not_found  # query projection, bias, keys, values
 
 
+def test_a_batchnorm_folded_into_the_projection_is_not_found_and_not_a_failure(tmp_path):
+    """The exporter folds inference batchnorm into the projection: the named bias holds other
+    values (a 1-D tensor compared element by element), the tables still match."""
+    case = load_case(default_cases_dir() / "tiny-bn.toml")
+    path = export(case.spec, "torch-fast", tmp_path, tapped=True).path
+    result = audit_file(path, case.spec.weights())
+    assert result, result.message
+    assert "query_proj.0.bias" in result.not_found and "values.weight" not in result.not_found
+
+
 def _rewrite(path, change):
     model = onnx.load(str(path))
     for init in model.graph.initializer:
