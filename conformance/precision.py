@@ -207,21 +207,34 @@ def query_error_bound(
 
 
 # --- scores and the near-tie margin --------------------------------------------------------
-def score_error_bound(query: np.ndarray, keys: np.ndarray, precision: str, query_error):
+def abs_score_sums(query: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """(bs, heads, 2) float64: the largest ``|q| . |k|`` over each half's sub-keys, the
+    golden's part of :func:`score_error_bound` (the same for every path judged on it)."""
+    heads, _, _, half = keys.shape
+    q = np.abs(np.asarray(query, np.float64)).reshape(-1, heads, 2, half)  # (bs,heads,2,half)
+    k = np.abs(np.asarray(keys, np.float64))  # (heads,2,n_keys,half)
+    return np.einsum("bhtd,htnd->bhtn", q, k).max(axis=-1)
+
+
+def score_error_bound(query: np.ndarray, keys: np.ndarray, precision: str, query_error, sums=None):
     """(bs*heads,) float64: how far a path's product-key score can be from the golden's,
     per row (see the module docstring for the derivation): the path's own rounding at
     ``precision`` (float32 accumulation) plus the golden's float32 rounding of the same
     dot products. At fp32 this is the near-tie margin of two correct float32 runs.
 
     ``query_error``: |path query - golden query|, elementwise (bs*heads, k_dim), or a
-    scalar bound on it."""
+    scalar bound on it. ``sums``: :func:`abs_score_sums` of ``query`` and ``keys``, where
+    already known."""
     u = UNIT_ROUNDOFF[precision]
     heads, _, _, half = keys.shape
-    q = np.abs(np.asarray(query, np.float64)).reshape(-1, heads, 2, half)  # (bs,heads,2,half)
-    dq = np.broadcast_to(np.abs(np.asarray(query_error, np.float64)), np.shape(query)).reshape(q.shape)
-    k = np.abs(np.asarray(keys, np.float64))  # (heads,2,n_keys,half)
-    a = np.einsum("bhtd,htnd->bhtn", q, k).max(axis=-1)  # (bs,heads,2): the |q|.|k| sums
-    e = np.einsum("bhtd,htnd->bhtn", dq, k).max(axis=-1)  # (bs,heads,2): the query's own error carried
+    a = abs_score_sums(query, keys) if sums is None else sums  # (bs,heads,2): the |q|.|k| sums
+    if not np.any(query_error):  # the query read exactly: nothing carried (the einsum's own answer)
+        e = np.zeros_like(a)
+    else:
+        shape = (-1, heads, 2, half)
+        dq = np.broadcast_to(np.abs(np.asarray(query_error, np.float64)), np.shape(query)).reshape(shape)
+        k = np.abs(np.asarray(keys, np.float64))  # (heads,2,n_keys,half)
+        e = np.einsum("bhtd,htnd->bhtn", dq, k).max(axis=-1)  # (bs,heads,2): the query's own error carried
     golden = (half + 2) * U32 * a  # (bs,heads,2): the golden's own float32 dot products
     per_half = e * (1 + u) + (3 * u + half * U32) * (a + e) + golden  # (bs,heads,2)
     product = per_half.sum(axis=-1) + u * (a + e).sum(axis=-1)  # (bs,heads)

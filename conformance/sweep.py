@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -87,8 +89,10 @@ class SweepResult:
     rows_differing_exact: bool = True
     bags_differing: int = 0
     first_bad_row: dict | None = None  # {"row", "column", "obtained", "expected"}
-    seconds: float = 0.0
+    seconds: float = 0.0  # the path's reads and the comparison
     precision: str = "fp32"
+    # computing the reference's bag sums, where this sweep did it (0: read from the case's store)
+    reference_seconds: float = 0.0
 
     def __bool__(self) -> bool:
         return self.rows_read == self.rows and self.bags_differing == 0
@@ -231,13 +235,85 @@ def _locate(table: TableRead, bag_first_row: int, found: list) -> int:
     return count
 
 
-def sweep_table(table: TableRead) -> SweepResult:
-    """Read every row of ``table`` through its lookup, in chunks (see the module docstring)."""
-    t0 = time.perf_counter()
+def _expected_chunk(rows: np.ndarray, n: int, precision: str) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's side of the detection pass for ``rows`` (a whole number of bags but
+    the table's last): each bag's float64 sum of the expected rows and its
+    :func:`detection_bound`, both (bags, D) float64."""
+    count, dim = rows.shape
+    bags = math.ceil(count / n)
+    stored = rows if precision == "fp32" else expected_rows(rows, precision).astype(np.float32)
+    pad = bags * n - count
+    if pad:
+        stored = np.concatenate([stored, np.zeros((pad, dim), stored.dtype)])
+    stored = stored.reshape(bags, n, dim)
+    want = np.add.reduce(stored, axis=1, dtype=np.float64)  # (bags, D), exact to float64
+    # the sum of magnitudes in float32: its own rounding (at most n 2^-24 of it) is in the 1e-4 margin
+    magnitude = np.add.reduce(np.abs(stored), axis=1).astype(np.float64) * (1 + 1e-4)
+    if precision == "int8":  # dequantising code * scale + offset rounds at their own sizes
+        lo, hi = rows.min(axis=1).astype(np.float64), rows.max(axis=1).astype(np.float64)
+        arithmetic = np.concatenate([np.abs(lo) + (hi - lo), np.zeros(pad)]).reshape(bags, n).sum(axis=1)
+        magnitude = magnitude + 2 * arithmetic[:, None]
+    return want, detection_bound(magnitude, want, n, precision)
+
+
+class BagSums:
+    """The reference's bag sums of one table at one precision, and their bounds: what every
+    path's detection pass is compared with. They depend on the table, the bag size and the
+    precision only, not on the path, so with a ``store`` (a folder the paths of a case
+    share, across processes) they are computed once, chunk by chunk, into a mapped file
+    there and read back by every later path; without one, each chunk is computed as it is
+    needed. Either way nothing larger than a chunk of rows is held: the file is a
+    ``(2, bags, D)`` float64 array, 1/16 of a float32 table at 128 slots a bag."""
+
+    def __init__(self, table: TableRead, rows_per_chunk: int, store=None):
+        self.table, self.rows_per_chunk = table, rows_per_chunk
+        self.n = table.heads * table.knn
+        self.computed = False  # whether this object computed the stored file
+        self._stored = None if store is None else self._load_or_compute(store)
+
+    def _compute(self, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.asarray(self.table.reference[first : first + count])
+        return _expected_chunk(rows, self.n, self.table.precision)
+
+    def _load_or_compute(self, store) -> np.ndarray:
+        rows, dim = self.table.reference.shape
+        name = self.table.name.replace("/", "-")
+        path = Path(store) / f"bag-sums-{name}-{self.table.precision}-n{self.n}-{rows}x{dim}.npy"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.{os.getpid()}")  # moved in whole: never half a file
+            out = np.lib.format.open_memmap(partial, "w+", np.float64, (2, math.ceil(rows / self.n), dim))
+            for first in range(0, rows, self.rows_per_chunk):
+                count = min(self.rows_per_chunk, rows - first)
+                want, bound = self._compute(first, count)
+                out[0, first // self.n : first // self.n + len(want)] = want
+                out[1, first // self.n : first // self.n + len(want)] = bound
+            out.flush()
+            del out
+            os.replace(partial, path)
+            self.computed = True  # another process may have put the same sums first
+        return np.load(path, mmap_mode="r")
+
+    def chunk(self, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(want, bound) of the bags over ``count`` rows from ``first`` (a bag's first row)."""
+        if self._stored is None:
+            return self._compute(first, count)
+        b0, b1 = first // self.n, math.ceil((first + count) / self.n)
+        return np.asarray(self._stored[0, b0:b1]), np.asarray(self._stored[1, b0:b1])
+
+
+def sweep_table(table: TableRead, store=None) -> SweepResult:
+    """Read every row of ``table`` through its lookup, in chunks (see the module docstring).
+    ``store``: a folder where the reference's bag sums are kept for the case's other paths
+    (:class:`BagSums`); the time to compute them is not the path's and is not counted."""
     rows_total, dim = table.reference.shape
     n = table.heads * table.knn
     bags_per_chunk = max(1, CHUNK_BYTES // (4 * n * dim))
+    t0 = time.perf_counter()
+    expected = BagSums(table, bags_per_chunk * n, store)
     result = SweepResult(table.name, rows_total, 0, precision=table.precision)
+    result.reference_seconds = time.perf_counter() - t0 if expected.computed else 0.0
+    t0 = time.perf_counter()
     found: list = []
     located = 0
     budget = LOCATE_BAGS_REDUCED if table.reduced else LOCATE_BAGS
@@ -246,20 +322,7 @@ def sweep_table(table: TableRead) -> SweepResult:
         idx, w = _bags(table, first, count)
         got = np.asarray(table.read(idx, w), np.float64)  # (bags, D)
         bags = len(got)
-        rows = np.asarray(table.reference[first : first + count])
-        stored = rows if table.precision == "fp32" else expected_rows(rows, table.precision).astype(np.float32)
-        pad = bags * n - count
-        if pad:
-            stored = np.concatenate([stored, np.zeros((pad, dim), stored.dtype)])
-        stored = stored.reshape(bags, n, dim)
-        want = np.add.reduce(stored, axis=1, dtype=np.float64)  # (bags, D), exact to float64
-        # the sum of magnitudes in float32: its own rounding (at most n 2^-24 of it) is in the 1e-4 margin
-        magnitude = np.add.reduce(np.abs(stored), axis=1).astype(np.float64) * (1 + 1e-4)
-        if table.precision == "int8":  # dequantising code * scale + offset rounds at their own sizes
-            lo, hi = rows.min(axis=1).astype(np.float64), rows.max(axis=1).astype(np.float64)
-            arithmetic = np.concatenate([np.abs(lo) + (hi - lo), np.zeros(pad)]).reshape(bags, n).sum(axis=1)
-            magnitude = magnitude + 2 * arithmetic[:, None]
-        bound = detection_bound(magnitude, want, n, table.precision)
+        want, bound = expected.chunk(first, count)
         differs = ~(np.abs(got - want) <= bound).all(axis=1)  # NaN differs
         result.rows_read += count
         loose = None
@@ -272,6 +335,8 @@ def sweep_table(table: TableRead) -> SweepResult:
                 continue
             if table.reduced:  # past the budget: within the precision's own accumulation, or not
                 if loose is None:
+                    rows = np.asarray(table.reference[first : first + count])
+                    pad = bags * n - count
                     padded = np.concatenate([rows, np.zeros((pad, dim), np.float32)]) if pad else rows
                     loose = loose_bound(padded, bags, n, table.precision)
                 if (np.abs(got[b] - want[b]) <= loose[b]).all():
@@ -287,8 +352,9 @@ def sweep_table(table: TableRead) -> SweepResult:
 
 def sweep_path(path, context) -> tuple[list[SweepResult], str]:
     """Every value table of ``context``'s case read through ``path``'s lookup (a prepared
-    :class:`~conformance.paths.ExecutionPath`): the results, or none and why."""
+    :class:`~conformance.paths.ExecutionPath`): the results, or none and why. The
+    reference's bag sums are kept in the case's shared folder (``context.shared_folder``)."""
     try:
-        return [sweep_table(t) for t in path.table_reads(context)], ""
+        return [sweep_table(t, context.shared_folder("sweep")) for t in path.table_reads(context)], ""
     except NotSwept as exc:
         return [], str(exc)

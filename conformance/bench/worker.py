@@ -73,6 +73,7 @@ def time_sweep(path, context) -> dict:
         "ok": all(results),
         "seconds": sweep_s,
         "numpy_read_s": numpy_s,
+        "reference_s": sum(r.reference_seconds for r in results),
         "ratio_to_numpy_read": sweep_s / numpy_s if numpy_s else None,
         "table_bytes": sum(t.reference.nbytes for t in tables),
     }

@@ -104,6 +104,14 @@ class CaseContext:
             raise result
         return result
 
+    def shared_folder(self, kind: str) -> Path:
+        """A folder for what the paths of this case derive once and share, in every worker
+        (``sweep``: the reference's bag sums, ``conformance.sweep.BagSums``; ``stream``:
+        the reference's taps of each batch of the case's stream). It goes with the case."""
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix=f"pkm-{self.case.name}-"))
+        return self._dir / kind
+
     def on_close(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` when this context closes (once, however often it is given):
         what a path holds for this case outside this process (a sharded path's model)."""

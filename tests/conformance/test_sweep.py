@@ -47,16 +47,32 @@ def test_an_export_whose_unselected_rows_are_zeroed_fails_naming_the_first():
     assert f"{4096 - len(selected):,} of 4,096 rows differ" in result.message
 
 
-def test_rows_scaled_by_1_001_at_a_block_boundary_and_at_the_last_row_fail():
+@pytest.mark.parametrize("shared", [False, True], ids=["sums-per-chunk", "sums-stored"])
+def test_rows_scaled_by_1_001_at_a_block_boundary_and_at_the_last_row_fail(shared, tmp_path):
     table = _table(257 * 257, 64)  # 66,049 rows: past the 65,536-row block
     served = table.copy()
     served[65536] *= np.float32(1.001)
     served[-1] *= np.float32(1.001)
-    result = sweep_table(TableRead("values", table, _summing(served), HEADS, KNN))
+    store = tmp_path if shared else None
+    if shared:  # a correct path first: it stores the reference's bag sums, the next one reads them
+        assert sweep_table(TableRead("values", table, _summing(table), HEADS, KNN), store)
+        assert len(list(tmp_path.glob("bag-sums-values-fp32-*.npy"))) == 1
+    result = sweep_table(TableRead("values", table, _summing(served), HEADS, KNN), store)
     assert not result
     assert result.rows_differing == 2 and result.rows_differing_exact
     assert result.first_bad_row["row"] == 65536
     assert "65,536" in result.message
+
+
+def test_stored_bag_sums_are_kept_apart_by_precision(tmp_path):
+    table = _table(1000, 16)
+    assert sweep_table(TableRead("values", table, _summing(table), HEADS, KNN), tmp_path)
+    stored = np.asarray(table.astype(np.float16), np.float32)
+    fp16 = TableRead("values", table, _summing(stored), HEADS, KNN, "fp16", reduced=True)
+    assert sweep_table(fp16, tmp_path)  # not judged against the float32 sums
+    assert sorted(p.name.split("-")[3] for p in tmp_path.glob("bag-sums-*.npy")) == ["fp16", "fp32"]
+    # and a float32 path serving the fp16 rows still fails against the stored float32 sums
+    assert not sweep_table(TableRead("values", table, _summing(stored), HEADS, KNN), tmp_path)
 
 
 def test_too_many_differing_bags_give_a_lower_bound():
