@@ -28,6 +28,10 @@ seed) and how its golden is stored. Adding one is writing a file and running
     batch = 4096                # tokens a batch (conformance/stream.py)
     sample = 16                 # optional: tokens whose reference taps the golden keeps (1 in 1,000)
 
+    [deploy]                    # optional: your own ONNX files, judged as paths ort-cpu[file:NAME]...
+    onnx = ["model.onnx"]       # relative to this file; or { file = "...", precision = "int8",
+                                # outputs = { output = "logits" } } (conformance/deploy.py)
+
 The user's own model and data instead of a preset and a seed::
 
     [weights]
@@ -60,6 +64,7 @@ from typing import Any
 
 import numpy as np
 
+from conformance.deploy import DeployError, ModelFile, deploy_table
 from conformance.files import FileProblem, user_file
 from conformance.spec import CheckpointRef, ModelSpec
 from conformance.stream import StreamError, StreamSpec, open_stream_file
@@ -79,6 +84,7 @@ _SCHEMA: dict[str, set[str] | None] = {
     "input": {"shape", "seed", "file", "key"},
     "weights": {"store", "duplicate_subkeys", "checkpoint", "memories"},
     "stream": {"tokens", "seed", "batch", "file", "embeddings", "noise", "sample"},
+    "deploy": {"onnx", "outputs", "precision"},
 }
 # what a checkpoint's tensors determine: a case may not say otherwise
 _FROM_WEIGHTS = ("input_dim", "output_dim", "k_dim", "heads", "n_keys", "query_batchnorm")
@@ -113,6 +119,7 @@ class Case:
     input_file: InputFile | None = None
     group: str = ""  # "" : in every run over all cases; else only when its group is asked for
     stream: StreamSpec | None = None  # many tokens, judged batch by batch (conformance.stream)
+    deploy: tuple[ModelFile, ...] = ()  # the user's ONNX files judged as paths (conformance.deploy)
 
     @property
     def config(self) -> PKMConfig:
@@ -189,17 +196,19 @@ class Case:
             stream=StreamSpec.from_json(data["stream"], lambda name: _resolve(source, name))
             if data.get("stream")
             else None,
+            deploy=tuple(ModelFile.from_json(f) for f in data.get("deploy", [])),
         )
 
     @property
     def user_files(self) -> list[Path]:
-        """The files this case reads besides the golden: its case file, and the checkpoint
-        and input file it names (commands refuse to write over any of them)."""
+        """The files this case reads besides the golden: its case file, and the checkpoint,
+        input file and ONNX files to judge it names (commands refuse to write over any of them)."""
         files = [self.source]
         if self.spec.checkpoint is not None:
             files.append(self.spec.checkpoint.path)
         if self.input_file is not None:
             files.append(self.input_file.path)
+        files += [f.path for f in self.deploy]
         return files
 
     def to_json(self) -> dict[str, Any]:
@@ -228,6 +237,8 @@ class Case:
             out["model"] = self.spec.name
         if self.stream is not None:
             out["stream"] = self.stream.to_json(lambda path: _shown(self.source, path))
+        if self.deploy:  # not part of the golden: the files are judged against it
+            out["deploy"] = [f.to_json() for f in self.deploy]
         return out
 
     def layer(self, i: int, weights_file: Path, input_file: Path) -> Case:
@@ -246,6 +257,7 @@ class Case:
             store_weights=False,
             input_file=InputFile(input_file, None, *_file_digest(input_file)),
             stream=None,
+            deploy=(),
         )
 
 
@@ -498,7 +510,18 @@ def load_case(path: Path) -> Case:
         input_file=input_file,
         group=group,
         stream=_stream(path, data.get("stream"), config.input_dim),
+        deploy=_deploy(path, data.get("deploy")),
     )
+
+
+def _deploy(path: Path, table: dict | None) -> tuple[ModelFile, ...]:
+    """The ``[deploy]`` table: the user's ONNX files, judged as paths (conformance.deploy)."""
+    if table is None:
+        return ()
+    try:
+        return deploy_table(table, path, lambda name: _resolve(path, name))
+    except DeployError as exc:
+        raise CaseError(str(exc)) from None
 
 
 def _stream(path: Path, table: dict | None, input_dim: int) -> StreamSpec | None:

@@ -195,25 +195,77 @@ def _add_run(sub) -> None:
         action="store_true",
         help="skip the cases' token streams (the [stream] table of a case file)",
     )
+    p.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="FILE",
+        help="an ONNX file of yours to judge against the case's golden, as the paths ort-cpu[file:NAME], "
+        "ort-cuda[file:NAME], ort-tensorrt[file:NAME] and onnx-reference[file:NAME] (NAME: the file's stem; "
+        "repeatable; also [deploy] onnx = [...] in a case file)",
+    )
+    p.add_argument(
+        "--model-precision",
+        choices=["fp32", "fp16", "bf16", "int8"],
+        help="the precision of the --model files' value tables (default: read from each file)",
+    )
+    p.add_argument(
+        "--model-output",
+        action="append",
+        default=[],
+        metavar="TAP=NAME",
+        help="the --model files' output NAME is the case's tap TAP, e.g. output=logits (repeatable; "
+        "default: outputs named as taps, or a file's only output as the final one)",
+    )
     p.add_argument("--verbose", action="store_true", help="per-tap rows, third-party logs")
     _add_store_options(p)
     p.set_defaults(func=_run_run)
+
+
+def _with_models(cases, args):
+    """The cases, each also naming the --model files (conformance.deploy)."""
+    import dataclasses
+    from pathlib import Path
+
+    from conformance.deploy import DeployError, model_file
+
+    outputs = {}
+    for given in args.model_output:
+        tap, eq, name = given.partition("=")
+        if not eq or not tap or not name:
+            raise PKMError(f"--model-output {given!r}: expected TAP=NAME, e.g. output=logits")
+        outputs[tap] = name
+    if outputs and not args.models:
+        raise PKMError("--model-output applies to --model files: name one")
+    out = []
+    for case in cases:
+        taken = {f.name for f in case.deploy}
+        try:
+            files = [
+                model_file(Path(m), taken, outputs, args.model_precision, where="--model") for m in args.models or []
+            ]
+        except DeployError as exc:
+            raise PKMError(str(exc)) from None
+        out.append(dataclasses.replace(case, deploy=case.deploy + tuple(files)))
+    return out
 
 
 def _run_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from conformance.files import check_writable, refuse_overwriting_inputs
-    from conformance.paths import select_paths
+    from conformance.paths import deployed_paths, select_paths
     from conformance.report import table, write_reports
     from conformance.runner import RunOptions, default_jobs, run_conformance
 
     if args.jobs is not None and args.jobs < 1:
         raise PKMError(f"--jobs must be at least 1, got {args.jobs}")
-    paths = select_paths(args.paths)
-    if args.require:
-        select_paths(args.require)  # every --require glob must name a path
     store, cases, policy = _load(args)
+    cases = _with_models(cases, args)
+    deployed = deployed_paths(cases)  # the paths of the user's own ONNX files
+    paths = select_paths(args.paths, extra=deployed)
+    if args.require:
+        select_paths(args.require, extra=deployed)  # every --require glob must name a path
     if args.report_dir:
         report_dir = Path(args.report_dir)
         inputs = [store.root / "tolerances.toml", *(f for case in cases for f in case.user_files)]

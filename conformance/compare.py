@@ -47,13 +47,18 @@ nothing").
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import math
+import threading
 from collections.abc import Callable
 
 import numpy as np
 
+from conformance.deploy import file_of
 from conformance.precision import (
     FP32,
+    abs_score_sums,
     int8_output_bound,
     precision_of,
     query_error_bound,
@@ -78,6 +83,49 @@ from pkm_models.selection import (
 
 WORST_ELEMENTS = 5
 TINY = float(np.finfo(np.float32).tiny)
+
+
+class _GoldenDerived:
+    """What judging derives from a layer's golden taps and weights alone (the selection's
+    margins, the golden's part of the score bound), kept by content for the next path
+    judged on the same taps: every batch of a stream is judged once per path, and a run
+    judges every path of a case on one golden. Thread-safe; the most recent results while
+    they take at most :attr:`KEPT_BYTES` (a whole stream's, for the streams shipped: about
+    50 bytes a token and layer)."""
+
+    KEPT_BYTES = 256 << 20
+
+    def __init__(self):
+        self._kept: collections.OrderedDict = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, fn: Callable, *arrays: np.ndarray, **scalars):
+        digest = hashlib.blake2b(digest_size=16)
+        for a in arrays:
+            a = np.ascontiguousarray(a)
+            digest.update(f"{a.dtype}{a.shape}".encode())
+            digest.update(memoryview(a).cast("B"))
+        key = (fn.__qualname__, digest.hexdigest(), tuple(sorted(scalars.items())))
+        with self._lock:
+            if key in self._kept:
+                self._kept.move_to_end(key)
+                return self._kept[key]
+        value = fn(*arrays, **scalars)
+        if isinstance(value, np.ndarray):
+            value.flags.writeable = False  # shared by every path judged on these taps
+        size = getattr(value, "nbytes", 0)
+        with self._lock:
+            if key not in self._kept:
+                self._kept[key] = value
+                self._bytes += size
+            while self._bytes > self.KEPT_BYTES and len(self._kept) > 1:
+                _, old = self._kept.popitem(last=False)
+                self._bytes -= getattr(old, "nbytes", 0)
+        return value
+
+
+golden_derived = _GoldenDerived()
 
 
 # --- one layer's facts -------------------------------------------------------------------------
@@ -115,16 +163,19 @@ class Float32Rules:
         e = np.asarray(layer.expected["query"], np.float64)
         if "query" in usable:
             query_error = np.abs(np.asarray(got["query"], np.float64) - e)
-        else:
+        else:  # the tolerance, or the precision's derived bound where larger (a file exposing no query)
             tol = layer.tolerance("query")
-            query_error = tol.atol + tol.rtol * np.abs(e)
-        self.score_bound = score_error_bound(e, layer.keys, self.score_precision, query_error)  # (rows,)
+            query_error = np.maximum(tol.atol + tol.rtol * np.abs(e), self.query_bound(got, usable))
+        sums = golden_derived(abs_score_sums, layer.expected["query"], layer.keys)
+        self.score_bound = score_error_bound(e, layer.keys, self.score_precision, query_error, sums)  # (rows,)
         self.tie_margin = np.maximum(layer.tolerance("scores").atol, 2 * self.score_bound)  # (rows,)
 
     # the selection
     def margins(self) -> np.ndarray:
         """(rows,) the gaps across which this precision's selection may legitimately differ."""
-        return selection_margins(self.layer.expected["query"], self.layer.keys, self.layer.config.knn)
+        return golden_derived(
+            selection_margins, self.layer.expected["query"], self.layer.keys, knn=self.layer.config.knn
+        )
 
     def differs(self, got: np.ndarray, expected: np.ndarray) -> np.ndarray:
         """(rows,) the selection differs from the golden's (order included: scores are sorted)."""
@@ -173,7 +224,7 @@ class HalfRules(Float32Rules):
         super().__init__(layer, got, usable)
 
     def margins(self):
-        return set_margins(self.layer.expected["query"], self.layer.keys, self.layer.config.knn)
+        return golden_derived(set_margins, self.layer.expected["query"], self.layer.keys, knn=self.layer.config.knn)
 
     def differs(self, got, expected):
         return ~selection_agreement(got, expected)
@@ -480,6 +531,13 @@ def _judge_output(
         own_tokens = np.zeros(tokens, bool)
     reference = e2.astype(np.float64)
     bound = np.zeros((tokens, 1))
+    if rules.own_output_everywhere and "indices" not in got:
+        # reduced precision, and the path exposes no selection: against the golden's rows and
+        # weights, within the rounding of their sum and the weights' own derived error
+        idx, w = layer.expected["indices"], layer.expected["weights"]
+        rows = np.abs(np.asarray(layer.values, np.float64)[np.asarray(idx)]).max(axis=-1)  # (bs*heads,knn)
+        carried = (np.asarray(w, np.float64) * rows * rules.weights_rtol()).reshape(tokens, -1).sum(axis=1)
+        bound[:, 0] = rules.output_bound(idx, w) + carried
     if own_tokens.any():
         own = own_weighted_sum(got["indices"], got["weights"], layer.values, c.heads * c.knn)  # (bs,v_dim)
         reference[own_tokens] = own[own_tokens]
@@ -488,7 +546,7 @@ def _judge_output(
     if not rules.own_output_everywhere:  # a flipped token whose rows cannot be summed: its indices fail
         golden_tokens &= ~tokens_flipped
     considered = (own_tokens | golden_tokens)[:, None]
-    bound_name = rules.output_bound_name() + " (against its own rows)" if own_tokens.any() else ""
+    bound_name = rules.output_bound_name() + (" (against its own rows)" if own_tokens.any() else "")
     result, err = _judge_float(
         full,
         g2,
@@ -521,15 +579,19 @@ def _judge_layer(
     make_rules: Callable[[Layer, dict, set], Float32Rules],
     prefix: str,
     skip_tokens: np.ndarray | None,
+    taps: tuple[str, ...] | None = None,
 ) -> tuple[list[TensorResult], dict[str, np.ndarray], np.ndarray]:
     """One layer's five taps (names ``prefix + tap``): the results, the errors of failing
-    float taps, and the tokens whose selection legitimately differs here."""
+    float taps, and the tokens whose selection legitimately differs here. ``taps``: judge
+    only these (what a user's file exposes); without ``indices``, the tokens whose golden
+    selection is within the tie margin are set aside, as if their selection had flipped."""
     c = layer.config
-    results = _structure(got, layer.expected, prefix)
-    usable = {t for t in layer.expected if t not in results}
+    taps = tuple(layer.expected) if taps is None else taps
+    results = _structure(got, {t: layer.expected[t] for t in taps}, prefix)
+    usable = {t for t in taps if t not in results}
     rules = make_rules(layer, got, usable)
     results.update(_type_problems(got, usable, prefix, rules))
-    usable = {t for t in layer.expected if t not in results}
+    usable = {t for t in taps if t not in results}
     errors: dict[str, np.ndarray] = {}
     skip_rows = None if skip_tokens is None else np.repeat(skip_tokens, c.heads)  # (bs*heads,)
     rows = len(layer.expected["indices"])
@@ -537,6 +599,11 @@ def _judge_layer(
     valid = np.ones(rows, bool)
     margins = rules.margins()  # (rows,)
     ambiguous = margins <= rules.tie_margin
+    unseen = np.zeros(rows // c.heads, bool)  # tokens whose selection cannot be seen, near a tie
+    if "indices" not in taps:
+        unseen = ambiguous.reshape(-1, c.heads).any(axis=1)
+        skip_tokens = unseen if skip_tokens is None else skip_tokens | unseen
+        skip_rows = np.repeat(skip_tokens, c.heads)
     if "indices" in usable:
         results["indices"], flipped, valid = _judge_indices(
             prefix + "indices", got, usable, rules, layer.tolerance("scores"), margins, skip_rows
@@ -573,10 +640,15 @@ def _judge_layer(
         result, err = _judge_output(
             prefix + "output", got, usable, rules, layer.tolerance("output"), flipped, valid, skip_tokens
         )
+        if unseen.any():
+            result.ambiguous_rows = int(unseen.sum())
+            result.message = _join(
+                result.message, f"{int(unseen.sum())} token(s) near a tie set aside (the path exposes no indices)"
+            )
         results["output"] = result
         if not result:
             errors[prefix + "output"] = err
-    flipped_tokens = flipped.reshape(-1, c.heads).any(axis=1)
+    flipped_tokens = flipped.reshape(-1, c.heads).any(axis=1) | unseen
     if LAYER_OUTPUT in usable:  # projected / gated: against the golden, except where the read legitimately differs
         g = np.asarray(got[LAYER_OUTPUT]).reshape(len(flipped_tokens), -1)
         e = np.asarray(layer.expected[LAYER_OUTPUT]).reshape(g.shape)
@@ -595,7 +667,7 @@ def _judge_layer(
             errors[prefix + LAYER_OUTPUT] = err
     for name, figures in rules.figures(got, usable, ambiguous).items():
         results[name].figures = figures
-    return [results[name] for name in layer.expected], errors, flipped_tokens
+    return [results[name] for name in taps], errors, flipped_tokens
 
 
 def _join(a: str, b: str) -> str:
@@ -623,6 +695,7 @@ def compare_taps(
     of the golden's shape and dtype, finite and of the path's type, and appear only when
     they are not (their judgement is made elsewhere: on their golden inputs)."""
     make_rules = rules_for(path)
+    exposed = set(got) if file_of(path) is not None else None  # a user's file: the taps it exposes
     tensors: list[TensorResult] = []
     errors: dict[str, np.ndarray] = {}
     downstream = None  # tokens whose input to this layer legitimately differs
@@ -635,6 +708,9 @@ def compare_taps(
     for i in range(layers):
         prefix = "" if layers == 1 else f"{i}/"
         names = layer_taps(config)
+        taps = None if exposed is None else tuple(t for t in names if prefix + t in exposed)
+        if taps == ():  # the file exposes nothing of this layer
+            continue
         layer_got = {t: got[prefix + t] for t in names if prefix + t in got}
         layer_expected = {t: expected[prefix + t] for t in names}
         layer = Layer(config, per_layer[i], layer_expected, tolerance, layer_input if i == 0 else None)
@@ -644,7 +720,7 @@ def compare_taps(
             rules = make_rules(layer, layer_got, usable)
             tensors += [*structure.values(), *_type_problems(layer_got, usable, prefix, rules).values()]
             continue
-        results, errs, flipped = _judge_layer(layer_got, layer, make_rules, prefix, downstream)
+        results, errs, flipped = _judge_layer(layer_got, layer, make_rules, prefix, downstream, taps)
         tensors += results
         errors.update(errs)
         if downstream is not None:

@@ -311,7 +311,8 @@ class GoldenStore:
         provenance = _provenance()
         if previous is not None and previous.get("sha256") == digests:
             provenance = previous["provenance"]  # same bytes: keep the date, stay byte-identical
-        meta = {**case.to_json(), "taps": names, "provenance": provenance, "sha256": digests}
+        case_json = {k: v for k, v in case.to_json().items() if k != "deploy"}  # judged against it, not of it
+        meta = {**case_json, "taps": names, "provenance": provenance, "sha256": digests}
         (staging / "case.json").write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
         _fsync_tree(staging)
 

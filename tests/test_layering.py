@@ -26,9 +26,10 @@ LAYERS = [
     ),
     # precision: path names and the rounding bounds, read by export, the paths and the verdict;
     # memory: a case's estimated peak and the admission of paths; sweep: reading a table through
-    # a lookup a path hands in
+    # a lookup a path hands in; deploy: a user's ONNX file, named by a case
     (
         "conformance.cases",
+        "conformance.deploy",
         "conformance.spec",
         "conformance.golden",
         "conformance.tolerances",

@@ -13,6 +13,7 @@ from __future__ import annotations
 from conformance.export import EXPORTER_NAMES
 from conformance.paths.base import CaseContext, ExecutionPath, PathUnavailable
 from conformance.paths.dist_paths import DistPath, parse_name
+from conformance.paths.file_paths import file_paths, parse_file_path
 from conformance.paths.onnx_reference import ReferencePath
 from conformance.paths.ort_paths import OrtPath
 from conformance.paths.precision_variants import precision_variants
@@ -90,6 +91,7 @@ __all__ = [
     "CaseContext",
     "ExecutionPath",
     "PathUnavailable",
+    "deployed_paths",
     "get_path",
     "select_paths",
 ]
@@ -108,16 +110,29 @@ def get_path(name: str) -> ExecutionPath:
     sharded = parse_name(name)
     if sharded is not None:
         return DistPath(*sharded)
+    on_file = parse_file_path(name)
+    if on_file is not None:
+        return on_file
     raise PathSelectionError(f"no execution path {name!r}; available: {REGISTRY_NAMES}")
 
 
-def select_paths(globs: list[str] | None, bench: bool = False) -> list[ExecutionPath]:
+def deployed_paths(cases) -> list[ExecutionPath]:
+    """The paths of every user ONNX file the cases name (``[deploy]``, ``--model``), once each."""
+    out: dict[str, ExecutionPath] = {}
+    for case in cases:
+        for model_file in case.deploy:
+            for path in file_paths(model_file):
+                out.setdefault(path.name, path)
+    return list(out.values())
+
+
+def select_paths(globs: list[str] | None, bench: bool = False, extra: list[ExecutionPath] = ()) -> list[ExecutionPath]:
     """Paths whose names match any glob, in registry order. Without globs: every
     conformance path, or for ``bench`` every path that is not ONNX's (slow) reference
     evaluator. The conformance run selects among conformance paths; bench among all.
 
     ``[`` and ``]`` are literal. Each glob must match something: a typo is an error listing the known names."""
-    pool = REGISTRY if bench else PATHS
+    pool = (REGISTRY if bench else PATHS) + list(extra)  # extra: the paths of the user's files
     if not globs:
         return [p for p in pool if not (bench and p.family == "onnx-reference")]
     # a sharded path over an N that is not registered, named in full (torch-dist-cpu[4])

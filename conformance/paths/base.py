@@ -138,13 +138,12 @@ class CaseContext:
 def audit_path(path, context):
     """The static weight audit (:mod:`conformance.export.audit`) of the ONNX file ``path``
     runs, or None for a path that runs no file."""
-    exporter = getattr(path, "exporter", None)
-    if exporter is None:
+    file = path.onnx_file(context)
+    if file is None:
         return None
     from conformance.export.audit import audit_file
 
-    case = context.case
-    return audit_file(context.export(exporter), context.weights, case.config.share_values)
+    return audit_file(file, context.weights, context.case.config.share_values)
 
 
 Runner = Callable[[np.ndarray], dict[str, np.ndarray]]
@@ -167,6 +166,8 @@ class ExecutionPath:
     family: str = ""
     device: str = "cpu"  # where it computes: "cpu" or "cuda"
     benchmark_only: bool = False  # a variant timed by bench but not part of the conformance run
+    # judged on the taps it returns (a user's ONNX file exposes what it exposes), not all of them
+    partial_taps: bool = False
     judged_in_bench: bool = False  # bench also judges its taps against the reference's (a failure is its result)
 
     def check(self, case: Case | None) -> None:
@@ -181,6 +182,11 @@ class ExecutionPath:
         (``case.spec.layers > 1``) only layer 0 is then judged end to end, and every later
         layer alone on its golden input (``conformance.runner.judge_on_golden_inputs``)."""
         return False
+
+    def onnx_file(self, context: CaseContext) -> Path | None:
+        """The ONNX file this path runs (None: it runs none), for the weight audit."""
+        exporter = getattr(self, "exporter", None)
+        return context.export(exporter) if exporter else None
 
     def stream_problem(self, case: Case) -> str | None:
         """Why this path does not run the case's token stream (None: it does)."""
