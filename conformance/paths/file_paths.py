@@ -14,6 +14,7 @@ aside from the output's verdict, as for a path whose selection legitimately flip
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -241,8 +242,10 @@ class FileReferencePath(ExecutionPath):
 
 
 def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
+    """One line of a runtime's error: ONNX Runtime's source location and C++ signature,
+    which come before what it says, left out."""
+    text = re.sub(r"/onnxruntime_src/\S+:\d+ \S+?\(.*?\) ", "", str(exc)).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:400] if text else ''}"
 
 
 def file_paths(model_file: ModelFile) -> list[ExecutionPath]:

@@ -141,7 +141,7 @@ def test_a_file_of_another_width_or_unmatched_outputs_says_what_it_has(project, 
         [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", 16])],
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 16]) for n in ("b", "c")],
     )
-    onnx.save(helper.make_model(graph), tmp_path / "two.onnx")
+    onnx.save(helper.make_model(graph, ir_version=9), tmp_path / "two.onnx")
     _, paths = _run(project, tmp_path, "--model", str(tmp_path / "two.onnx"), "--path", "ort-cpu[file:*]")
     reason = paths["ort-cpu[file:two]"]["reason"]
     assert "['b', 'c']" in reason and "outputs = { output" in reason
@@ -151,7 +151,7 @@ def test_a_file_of_another_width_or_unmatched_outputs_says_what_it_has(project, 
         [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", 7])],
         [helper.make_tensor_value_info("b", TensorProto.FLOAT, ["n", 7])],
     )
-    onnx.save(helper.make_model(graph), tmp_path / "narrow.onnx")
+    onnx.save(helper.make_model(graph, ir_version=9), tmp_path / "narrow.onnx")
     _, paths = _run(project, tmp_path, "--model", str(tmp_path / "narrow.onnx"), "--path", "ort-cpu[file:*]")
     assert "16 features" in paths["ort-cpu[file:narrow]"]["reason"]
 
@@ -188,3 +188,33 @@ def test_the_case_files_deploy_table(tmp_path):
         model_file(tmp_path / "a.onnx", precision="int3")
     taken: set[str] = set()
     assert [model_file(tmp_path / "a.onnx", taken).name for _ in range(2)] == ["a", "a-2"]
+
+
+def test_a_file_whose_external_data_is_missing_is_an_error_naming_it(project, tmp_path):
+    import onnx
+
+    model = onnx.load(_stock_export(project, tmp_path / "m.onnx"))
+    onnx.save(model, tmp_path / "ext.onnx", save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    code, paths = _run(project, tmp_path, "--model", str(tmp_path / "ext.onnx"), "--path", "ort-cpu[file:*]")
+    assert code == 0 and paths["ort-cpu[file:ext]"]["status"] == "pass"  # external data, mapped from beside it
+    (tmp_path / "ext.onnx.data").unlink()
+    code, paths = _run(project, tmp_path, "--model", str(tmp_path / "ext.onnx"), "--path", "ort-cpu[file:*]")
+    reason = paths["ort-cpu[file:ext]"]["reason"]
+    assert code == 1 and "ONNX Runtime cannot load it" in reason and "ext.onnx.data" in reason
+
+
+def test_a_file_with_an_operator_the_runtime_lacks_says_which(project, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Frobnicate", ["input"], ["output"], domain="com.example")],
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["b", "s", 16])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["b", "s", 8])],
+    )
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.example", 1)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=9), tmp_path / "custom.onnx")
+    code, paths = _run(project, tmp_path, "--model", str(tmp_path / "custom.onnx"), "--path", "ort-cpu[file:*]")
+    reason = paths["ort-cpu[file:custom]"]["reason"]
+    assert code == 1 and "ONNX Runtime cannot load it" in reason and "Frobnicate" in reason
