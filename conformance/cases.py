@@ -497,8 +497,8 @@ def load_case(path: Path) -> Case:
     if not isinstance(description, str):
         raise CaseError(f"{path}: description must be a string")
     group = data.get("group", "")
-    if not isinstance(group, str) or (group and not NAME.match(group)):
-        raise CaseError(f"{path}: group must be a name of lower-case letters, digits, '-' and '_', got {group!r}")
+    if not isinstance(group, str) or (group and not NAME.fullmatch(group)):
+        raise CaseError(f"{path}: group must be a name of letters, digits, '-', '_' and '.', got {group!r}")
     return Case(
         name=name,
         description=description,

@@ -278,6 +278,7 @@ class GoldenStore:
                 raise GoldenError(f"{case.name}: the reference computed non-finite values in {name!r}; not written")
         try:
             staging = Path(tempfile.mkdtemp(prefix=f".staging-{case.name}-", dir=self.root))
+            staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would become the golden folder's mode
         except OSError as exc:
             raise GoldenError(f"cannot write a golden in {self.root}: {exc.strerror or exc}") from exc
         try:
@@ -436,6 +437,13 @@ def _fsync_tree(root: Path) -> None:
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
+
+
+def _umask() -> int:
+    """This process's umask (read by setting it, and set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _swap_in(staging: Path, target: Path) -> None:

@@ -24,6 +24,7 @@ module; this module never imports the bench).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from conformance.files import FileProblem, write_files_together
@@ -69,6 +70,12 @@ def kind(path: Path, data: dict) -> str:
     raise MergeError(f"{path} is neither a conformance report.json nor a bench.json (it has {sorted(data)[:8]})")
 
 
+# what a case's and a path's names are made of (conformance.cases.NAME; the registry's names,
+# precision suffixes, [file:NAME]); a report from elsewhere is checked against them
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+_PATH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@\[\]-]*")
+
+
 def _check_report(path: Path, data: dict) -> None:
     if "conflicts" in data:
         raise MergeError(f"{path} is itself a merged report: merge the machines' own reports instead")
@@ -81,6 +88,8 @@ def _check_report(path: Path, data: dict) -> None:
             or not isinstance(case.get("paths"), list)
         ):
             raise MergeError(f"{path}: a case entry lacks its 'name' or 'paths'")
+        if not _PLAIN_NAME.fullmatch(case["name"]):
+            raise MergeError(f"{path}: case name {case['name']!r} is not a plain name (letters, digits, '-_.')")
         golden = case.get("golden")
         if not isinstance(golden, dict) or not isinstance(golden.get("sha256"), str):
             raise MergeError(
@@ -90,6 +99,8 @@ def _check_report(path: Path, data: dict) -> None:
         for p in case["paths"]:
             if not isinstance(p, dict) or not isinstance(p.get("name"), str) or p.get("status") not in STATUSES:
                 raise MergeError(f"{path}: case {case['name']!r} has a path entry without a name or a known status")
+            if not _PATH_NAME.fullmatch(p["name"]):  # a newline or '|' would break every table it is printed in
+                raise MergeError(f"{path}: case {case['name']!r}: {p['name']!r} is not an execution path's name")
             tensors, seconds = p.get("tensors", []), p.get("seconds")
             if (
                 not isinstance(p.get("reason", ""), str)

@@ -8,6 +8,7 @@ full disk or a killed run never leaves a partial report.json behind.
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -144,6 +145,15 @@ def table(result: RunResult, verbose: bool = False) -> str:
     return "\n".join([*blocks, "", summary(result)])
 
 
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml(text: str) -> str:
+    """``text`` with the characters XML 1.0 cannot hold (control characters, from a reason a
+    runtime or a merged report wrote) shown as ``\\xNN`` escapes instead of breaking the file."""
+    return _NOT_XML.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def junit(result: RunResult) -> bytes:
     suites = ET.Element("testsuites", name="pkm-conformance")
     for case in result.cases:
@@ -153,20 +163,23 @@ def junit(result: RunResult) -> bytes:
         suite = ET.SubElement(
             suites,
             "testsuite",
-            name=case.name,
+            name=_xml(case.name),
             tests=str(len(case.paths)),
             failures=str(failures),
             errors=str(errors),
             skipped=str(skipped),
         )
         for p in case.paths:
-            tc = ET.SubElement(suite, "testcase", classname=case.name, name=p.name, time=f"{p.seconds or 0:.3f}")
+            tc = ET.SubElement(
+                suite, "testcase", classname=_xml(case.name), name=_xml(p.name), time=f"{p.seconds or 0:.3f}"
+            )
+            reason = _xml(p.reason)
             if p.status == FAIL:
-                ET.SubElement(tc, "failure", message=p.reason[:500]).text = p.reason
+                ET.SubElement(tc, "failure", message=reason[:500]).text = reason
             elif p.status == ERROR:
-                ET.SubElement(tc, "error", message=p.reason[:500]).text = p.reason
+                ET.SubElement(tc, "error", message=reason[:500]).text = reason
             elif p.status == UNAVAILABLE:
-                ET.SubElement(tc, "skipped", message=p.reason[:500])
+                ET.SubElement(tc, "skipped", message=reason[:500])
     return ET.tostring(suites, encoding="utf-8", xml_declaration=True)
 
 

@@ -137,6 +137,11 @@ def _check_taps(table: Any, where: str) -> None:
     unknown = sorted(set(table) - set(TAPS))
     if unknown:
         raise ToleranceError(f"{where}: unknown tap(s) {unknown}; known: {list(TAPS)}")
+    if "indices" in table:  # it would be accepted and never read
+        raise ToleranceError(
+            f"{where}.indices: indices are compared exactly; which selections may differ follows the "
+            "scores' tolerance (a near tie): set it on scores instead"
+        )
     for tap, entry in table.items():
         _check_fields(entry, f"{where}.{tap}", allow_tap=False)
 

@@ -37,6 +37,10 @@ def write(tmp_path, text, name="c"):
         ('preset = "tiny"\n[input]\nshape=[1,2,16]\n[weights]\nduplicate_subkeys=9', "duplicate_subkeys must be"),
         ('preset = "tiny"\nseed = -1\n[input]\nshape=[1,2,16]', "seed: expected an integer >= 0"),
         ("preset = [", "not valid TOML"),
+        # a group name with a newline was accepted (and broke the tables it is printed in)
+        ('preset = "tiny"\ngroup = "large\\n"\n[input]\nshape=[1,2,16]', r"group must be a name .*'large\\n'"),
+        ('preset = "tiny"\n[deploy]\nonnx = ["missing.onnx"]\n[input]\nshape=[1,2,16]', r"\[deploy\].*is not a file"),
+        ('preset = "tiny"\n[deploy]\nonnx = "m.onnx"\n[input]\nshape=[1,2,16]', r"onnx must be a non-empty list"),
     ],
 )
 def test_invalid_case_files_name_the_problem(tmp_path, text, match):

@@ -49,6 +49,18 @@ def test_regeneration_is_byte_identical(project):
     assert _digests(folder) == before
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_a_regenerated_golden_folder_has_the_mode_the_umask_gives(project, umask):
+    import os
+
+    old = os.umask(umask)
+    try:
+        project.regenerate("tiny")
+    finally:
+        os.umask(old)
+    assert project.store.case_dir("tiny").stat().st_mode & 0o777 == 0o777 & ~umask  # was 0700: mkdtemp's
+
+
 def test_verify_catches_every_kind_of_damage(project):
     store = project.store
     folder = store.case_dir("tiny")

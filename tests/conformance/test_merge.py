@@ -193,6 +193,16 @@ def test_a_report_without_golden_digests_is_refused(cpu_report, tmp_path, capsys
             "malformed reason, tensors or seconds",
         ),
         ("MISSING", "cannot read"),
+        # a name with a newline or '|' broke the merged markdown and terminal tables
+        (
+            '{"cases": [{"name": "tiny", "golden": {"sha256": "a"}, "paths": [{"name": "x\\n| y", '
+            '"status": "pass"}]}], "environment": {}}',
+            "is not an execution path's name",
+        ),
+        (
+            '{"cases": [{"name": "ti|ny", "golden": {"sha256": "a"}, "paths": []}], "environment": {}}',
+            "case name 'ti|ny' is not a plain name",
+        ),
     ],
 )
 def test_bad_or_truncated_reports_exit_2_with_one_error_line(cpu_report, tmp_path, capsys, content, message):
@@ -203,6 +213,20 @@ def test_bad_or_truncated_reports_exit_2_with_one_error_line(cpu_report, tmp_pat
     bad = str(tmp_path / "nope.json") if content == "MISSING" else write(tmp_path, "bad.json", content)
     assert main(["merge", good, bad]) == 2
     assert message in one_error_line(capsys)
+
+
+def test_control_characters_in_a_reason_leave_junit_valid_xml(cpu_report, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    cpu, _ = cpu_report
+    gpu = gpu_machine(cpu, {CUDA: "fail"})
+    for p in gpu["cases"][0]["paths"]:
+        p["reason"] = "a runtime said \x1b[31mno\x00 \x07"
+    assert main(
+        ["merge", write(tmp_path, "a.json", cpu), write(tmp_path, "b.json", gpu), "--report-dir", str(tmp_path / "m")]
+    ) in (0, 1)
+    root = ET.parse(tmp_path / "m" / "junit.xml").getroot()  # raised ParseError before
+    assert "\\x1b[31mno\\x00 \\x07" in ET.tostring(root, encoding="unicode")
 
 
 def test_usage_errors(cpu_report, tmp_path, capsys):

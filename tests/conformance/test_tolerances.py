@@ -49,6 +49,12 @@ def test_brackets_in_path_names_are_literal():
         ({"default": {"atol": 1, "rtol": 0}, "case": {"huge": {}}}, r"unknown case 'huge'; known: \['tiny', 'xlm'\]"),
         ({"default": {"atol": 1, "rtol": 0, "atoll": 1}}, r"unknown key\(s\) \['atoll'\]"),
         ({"default": {"atol": 1, "rtol": 0}, "defaults": {}}, r"unknown table\(s\) \['defaults'\]"),
+        # an indices entry was accepted and never read
+        ({"default": {"atol": 1, "rtol": 0}, "tap": {"indices": {"atol": 1}}}, r"tap.indices: indices are compared"),
+        (
+            {"default": {"atol": 1, "rtol": 0}, "case": {"tiny": {"tap": {"indices": {"atol": 1}}}}},
+            r"case.tiny.tap.indices: indices are compared exactly",
+        ),
     ],
 )
 def test_bad_files_name_the_problem(data, match):
