@@ -71,13 +71,17 @@ def state_dict_of(obj: Any) -> Mapping[str, Any] | None:
 def read_params(path: Path) -> dict[str, Any]:
     """``model.productkey_args`` of the run's ``params.json`` beside ``path`` ({} without one)."""
     file = path.parent / "params.json"
-    if not file.is_file():
+    if not file.exists() and not file.is_symlink():
         return {}
+    if not file.is_file():  # a folder or a FIFO was silently taken for no params
+        raise ConversionError(f"{file}: the run's params must be a regular JSON file")
     try:
         params = json.loads(file.read_text())
     except (OSError, ValueError) as exc:
         raise ConversionError(f"{file}: the run's params are not readable JSON ({exc})") from exc
-    args = params.get("model", {}).get("productkey_args") if isinstance(params, Mapping) else None
+    if not isinstance(params, Mapping) or not isinstance(params.get("model", {}), Mapping):
+        raise ConversionError(f"{file}: the run's params must be a JSON object with a 'model' object")
+    args = params.get("model", {}).get("productkey_args")
     if args is None:
         return {}
     if not isinstance(args, Mapping):
@@ -129,9 +133,14 @@ def memories_in(state: Mapping[str, Any], params: Mapping[str, Any], path: Path)
             )
         out[name] = {RENAMES[k]: v for k, v in theirs.items()}
         renamed[name] = {RENAMES[k]: f"layers.{name}.feed_forward.{k}" for k in theirs}
-    table_dtype = (
-        str(out[names[0]]["values.weight"].dtype).replace("torch.", "") if "values.weight" in out[names[0]] else ""
-    )
+    dtypes = {n: str(out[n]["values.weight"].dtype).replace("torch.", "") for n in names if "values.weight" in out[n]}
+    if len(set(dtypes.values())) > 1:  # one value_dtype is the model's: the others would be rounded, or not
+        listed = ", ".join(f"layers.{n} {d}" for n, d in dtypes.items())
+        raise ConversionError(
+            f"{path}: the memory layers' value tables differ in dtype ({listed}); a model here has one "
+            "value dtype: save them in one"
+        )
+    table_dtype = next(iter(dtypes.values()), "")
     share = _share_values(out, renamed, params, path, notes, torch)
     recorded = {}
     for name in names:
@@ -140,7 +149,10 @@ def memories_in(state: Mapping[str, Any], params: Mapping[str, Any], path: Path)
         out[name]["keys"] = _keys(out[name]["keys"], recorded.pop("heads"), renamed[name]["keys"], path)
     recorded["share_values"] = share and len(names) > 1
     if "mem_knn" in params:
-        recorded["knn"] = params["mem_knn"]
+        knn = params["mem_knn"]
+        if isinstance(knn, bool) or not isinstance(knn, int):
+            raise ConversionError(f"{where}: productkey_args.mem_knn must be an integer, got {knn!r}")
+        recorded["knn"] = knn
     return out, renamed, recorded, notes
 
 
@@ -153,6 +165,10 @@ def _share_values(out, renamed, params, path, notes, torch) -> bool:
     if first is None:
         raise ConversionError(f"{path}: layers.{names[0]}.feed_forward.values.weight: missing")
     declared = params.get("mem_share_values")
+    if declared is not None and not isinstance(declared, bool):  # "true" was read as not declared
+        raise ConversionError(
+            f"{path.parent / 'params.json'}: productkey_args.mem_share_values must be true or false, got {declared!r}"
+        )
     same = all(t is None or _same_table(t, first) for t in tables)
     if declared is True and not same:
         raise ConversionError(

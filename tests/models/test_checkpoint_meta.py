@@ -150,15 +150,36 @@ def test_unshared_tables_stay_per_layer(tmp_path):
         ({"mem_heads": 8}, None, "mem_heads=8 but the tensors have 4"),
         ({"mem_gated": True}, None, "mem_gated=True but the tensors have no gating"),
         ({}, "unknown", r"unknown tensor\(s\) \['extra.weight'\]"),
+        # a model that is not the file's: one table float32 among bf16 ones was rounded to bf16
+        ({"mem_share_values": False}, "mixed", r"differ in dtype \(layers.1 bfloat16, layers.3 float32"),
+        # "true" as a string was read as not declared, "4" as a knn that contradicts 4
+        ({"mem_share_values": "true"}, None, r"params.json: productkey_args.mem_share_values must be true or false"),
+        ({"mem_knn": "4"}, None, r"params.json: productkey_args.mem_knn must be an integer, got '4'"),
     ],
 )
 def test_refusals_name_the_problem(tmp_path, params, change, message):
-    state = _state(shared=change != "unshare")
+    state = _state(shared=change not in ("unshare", "mixed"))
+    if change == "mixed":
+        state["layers.3.feed_forward.values.weight"] = state["layers.3.feed_forward.values.weight"].float()
     if change == "peer":
         state["layers.1.feed_forward.values_u.weight"] = state.pop("layers.1.feed_forward.values.weight")
     if change == "unknown":
         state["layers.3.feed_forward.extra.weight"] = torch.zeros(2)
     path = _write(tmp_path, state, {"mem_knn": KNN, **params})
+    with pytest.raises(ConversionError, match=message):
+        read_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [("[1, 2]", "must be a JSON object"), ('{"model": [1]}', "must be a JSON object"), ("DIR", "regular JSON file")],
+)
+def test_params_that_are_not_an_object_are_refused_not_ignored(tmp_path, params, message):
+    path = _write(tmp_path, _state(), None)
+    if params == "DIR":
+        (path.parent / "params.json").mkdir()
+    else:
+        (path.parent / "params.json").write_text(params)
     with pytest.raises(ConversionError, match=message):
         read_checkpoint(path)
 
