@@ -281,7 +281,8 @@ def _refused_globals(message: str, path: Path) -> str:
     """What PyTorch's weights-only loader refused, by name (``posix.system``): from its
     message (worded differently across versions), else from the pickle's own GLOBAL opcodes
     (read, never run), else a plain description."""
-    named = re.findall(r"GLOBAL ([\w.]+)", message, flags=re.IGNORECASE)
+    # the opcode's name, in capitals: "an allowed global by default", "this global if you trust" are not names
+    named = re.findall(r"GLOBAL ([\w.]+)", message)
     if not named:
         named = [g for g in _pickle_globals(path) if not g.startswith(("torch.", "collections.OrderedDict"))]
     if named:

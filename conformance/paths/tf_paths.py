@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from conformance.isolation import grow_gpu_memory
 from conformance.paths.base import CaseContext, ExecutionPath, PathUnavailable
 from pkm_models.stack import call_module, stack_forward
+
+
+def keras_backend_problem() -> None:
+    """PathUnavailable where Keras runs on another backend than TensorFlow (a user's
+    ``KERAS_BACKEND=torch``): the port's layers would then hold torch tensors."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise PathUnavailable(
+            f"Keras runs on its {backend!r} backend here (KERAS_BACKEND={os.environ.get('KERAS_BACKEND', '')!r}); "
+            "the TensorFlow paths need KERAS_BACKEND=tensorflow, or the variable unset"
+        )
 
 
 class TFPath(ExecutionPath):
@@ -19,6 +34,7 @@ class TFPath(ExecutionPath):
         self.name = f"tf-{mode}-{device}" + ("" if method == "auto" else f"[{method}]")
 
     def check(self, case) -> None:
+        keras_backend_problem()
         if self.device == "cuda":
             import tensorflow as tf
 

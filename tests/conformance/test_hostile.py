@@ -288,3 +288,15 @@ def test_a_signal_ends_every_worker_and_removes_temporary_folders(project, tmp_p
     time.sleep(0.5)
     assert not [pid for pid in workers if _alive(pid)], "orphaned workers"
     assert not list(tmp.glob("pkm-*")), list(tmp.iterdir())
+
+
+def test_keras_on_another_backend_makes_the_tf_paths_unavailable_with_the_fix(project, tmp_path, monkeypatch, capsys):
+    """KERAS_BACKEND=torch in the user's shell made every TF path fail with "Can't call
+    numpy() on Tensor that requires grad" and no hint."""
+    monkeypatch.setenv("KERAS_BACKEND", "torch")
+    reports = tmp_path / "r"
+    args = ["run", "--case", "tiny", "--path", "tf-function-cpu", "--report-dir", str(reports)]
+    assert main([*args, *project.cli_args()]) == 0
+    (path,) = json.loads((reports / "report.json").read_text())["cases"][0]["paths"]
+    assert path["status"] == "unavailable"
+    assert "KERAS_BACKEND='torch'" in path["reason"] and "KERAS_BACKEND=tensorflow" in path["reason"]

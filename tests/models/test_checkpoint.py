@@ -439,6 +439,17 @@ def test_the_refused_global_is_named_whatever_the_loaders_wording(tmp_path):
     assert _refused_globals("Weights only load failed.", tmp_path / "junk.pth") == "non-tensor Python objects"
 
 
+def test_the_refusal_names_only_what_the_pickle_calls(tmp_path, capsys):
+    class Payload:
+        def __reduce__(self):
+            return (eval, ("1",))
+
+    torch.save({"model": {}, "params": Payload()}, tmp_path / "evil.pth")
+    assert main(["convert", str(tmp_path / "evil.pth"), str(tmp_path / "out.npz"), "--knn", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "it holds eval, which" in err, err  # was "eval, by, if": words of the loader's message
+
+
 def test_knn_contradicting_the_xlm_params(tmp_path, capsys):
     path, _ = write_xlm(tmp_path)
     assert main(["convert", str(path), str(tmp_path / "o.npz"), "--knn", "5"]) == 2
