@@ -70,6 +70,7 @@ from conformance.spec import CheckpointRef, ModelSpec
 from conformance.stream import StreamError, StreamSpec, open_stream_file
 from pkm_models.config import ConfigError, PKMConfig, get_preset
 from pkm_models.errors import PKMError
+from pkm_models.small_files import SmallFileError, read_small_text
 from pkm_models.weights import make_input
 
 STORE_LIMIT_BYTES = 8 << 20
@@ -397,7 +398,9 @@ def load_case(path: Path) -> Case:
     name = path.stem
     check_case_name(name, f"case file {str(path)!r}")  # repr: the name may hold a newline
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(read_small_text(path))
+    except SmallFileError as exc:  # a FIFO, a device, a huge file or not UTF-8
+        raise CaseError(str(exc)) from None
     except OSError as exc:
         raise CaseError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:

@@ -53,6 +53,7 @@ from typing import Any
 
 from pkm_models.config import TAPS
 from pkm_models.errors import PKMError
+from pkm_models.small_files import SmallFileError, read_small_text
 
 STATISTICS = ("max", "mean")
 REDUCED_PRECISIONS = ("fp16", "bf16", "int8")  # conformance.precision.REDUCED (kept import-free)
@@ -194,9 +195,11 @@ def parse_policy(
 def load_policy(path: Path, known_paths: Iterable[str], known_cases: Iterable[str]) -> TolerancePolicy:
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(read_small_text(path))
     except FileNotFoundError:
         raise ToleranceError(f"{path}: no tolerance file") from None
+    except SmallFileError as exc:
+        raise ToleranceError(str(exc)) from None
     except OSError as exc:
         raise ToleranceError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from pkm_models.convert import ConversionError
+from pkm_models.small_files import SmallFileError, read_small_text
 
 _NAME = re.compile(r"^layers\.(\d+)\.feed_forward\.(.+)$")
 # their name after "layers.<i>.feed_forward." -> ours
@@ -73,10 +74,12 @@ def read_params(path: Path) -> dict[str, Any]:
     file = path.parent / "params.json"
     if not file.exists() and not file.is_symlink():
         return {}
-    if not file.is_file():  # a folder or a FIFO was silently taken for no params
-        raise ConversionError(f"{file}: the run's params must be a regular JSON file")
+    if file.is_dir():  # was silently taken for no params
+        raise ConversionError(f"{file}: the run's params must be a regular JSON file, not a folder")
     try:
-        params = json.loads(file.read_text())
+        params = json.loads(read_small_text(file))
+    except SmallFileError as exc:  # a FIFO, a device, a 1 GB file
+        raise ConversionError(str(exc)) from None
     except (OSError, ValueError) as exc:
         raise ConversionError(f"{file}: the run's params are not readable JSON ({exc})") from exc
     if not isinstance(params, Mapping) or not isinstance(params.get("model", {}), Mapping):

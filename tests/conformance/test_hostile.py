@@ -300,3 +300,58 @@ def test_keras_on_another_backend_makes_the_tf_paths_unavailable_with_the_fix(pr
     (path,) = json.loads((reports / "report.json").read_text())["cases"][0]["paths"]
     assert path["status"] == "unavailable"
     assert "KERAS_BACKEND='torch'" in path["reason"] and "KERAS_BACKEND=tensorflow" in path["reason"]
+
+
+def _replace(path: Path, kind: str) -> None:
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+@pytest.mark.parametrize(
+    ("target", "command"),
+    [
+        ("golden/tiny/case.json", ["golden", "verify"]),
+        ("golden/tolerances.toml", ["run", "--case", "tiny", "--path", "torch-eager-cpu"]),
+        ("cases/tiny.toml", ["run", "--case", "tiny", "--path", "torch-eager-cpu"]),
+    ],
+)
+def test_a_fifo_or_dev_zero_in_place_of_a_small_file_is_refused_not_waited_on(project, target, command, kind):
+    """Each used to hang (a FIFO) or read until memory ran out (/dev/zero)."""
+    path = project.root / target
+    _replace(path, kind)
+    done = subprocess.run(
+        [sys.executable, "-m", "conformance", *command, *project.cli_args()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=project.root,
+    )
+    assert done.returncode == 2, done.stderr
+    said = [line for line in done.stderr.splitlines() if str(path) in line]
+    assert said and ("a FIFO" in said[0] or "a character device" in said[0]), done.stderr
+
+
+def test_a_fifo_lock_and_a_linked_golden_folder_are_refused(project, tmp_path, capsys):
+    lock = project.golden_dir / ".lock"
+    if lock.exists():
+        lock.unlink()
+    os.mkfifo(lock)
+    assert main(["golden", "verify", *project.cli_args()]) == 2
+    assert "a FIFO, where a regular file is expected" in capsys.readouterr().err
+    lock.unlink()
+    outside = tmp_path / "elsewhere"
+    (project.golden_dir / "tiny").rename(outside)
+    (project.golden_dir / "tiny").symlink_to(outside)
+    assert main(["golden", "verify", *project.cli_args()]) == 2
+    assert "a symbolic link; a golden folder must be in the store itself" in capsys.readouterr().err
+
+
+def test_a_case_file_that_is_not_utf8_is_named(project, capsys):
+    (project.cases_dir / "tiny.toml").write_bytes(b'preset = "tiny"\n# caf\xe9\n')
+    assert main(["run", "--case", "tiny", "--path", "torch-eager-cpu", *project.cli_args()]) == 2
+    err = capsys.readouterr().err
+    assert "tiny.toml: not UTF-8 text" in err and "Traceback" not in err

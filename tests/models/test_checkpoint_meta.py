@@ -172,14 +172,32 @@ def test_refusals_name_the_problem(tmp_path, params, change, message):
 
 @pytest.mark.parametrize(
     ("params", "message"),
-    [("[1, 2]", "must be a JSON object"), ('{"model": [1]}', "must be a JSON object"), ("DIR", "regular JSON file")],
+    [
+        ("[1, 2]", "must be a JSON object"),
+        ('{"model": [1]}', "must be a JSON object"),
+        ("DIR", "regular JSON file, not a folder"),
+        # these hung, read until memory ran out, or read 1 GB whole
+        ("FIFO", "a FIFO, where a regular file is expected"),
+        ("ZERO", "a character device, where a regular file is expected"),
+        ("HUGE", "1,073,741,824 bytes; a file of this kind is at most"),
+    ],
 )
 def test_params_that_are_not_an_object_are_refused_not_ignored(tmp_path, params, message):
+    import os
+
     path = _write(tmp_path, _state(), None)
+    file = path.parent / "params.json"
     if params == "DIR":
-        (path.parent / "params.json").mkdir()
+        file.mkdir()
+    elif params == "FIFO":
+        os.mkfifo(file)
+    elif params == "ZERO":
+        file.symlink_to("/dev/zero")
+    elif params == "HUGE":
+        with open(file, "wb") as f:
+            f.truncate(1 << 30)  # sparse: no disk used
     else:
-        (path.parent / "params.json").write_text(params)
+        file.write_text(params)
     with pytest.raises(ConversionError, match=message):
         read_checkpoint(path)
 
