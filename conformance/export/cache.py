@@ -20,7 +20,12 @@ Layout: ``<root>/exports/<key>/<exporter>.onnx`` (and its external data), with
 (:class:`~conformance.export.ExportUnsupported`: a model it cannot handle, a type the
 opset does not allow) is as pure a function of the key as an export, and costs as much
 to find out: it is kept as ``<key>/<exporter>.refused`` (its message), and every later
-request for that export, in this run or the next, is refused at once with it. Any other
+request for that export, in this run or the next, is refused at once with it. Each entry
+records the sha256 and size of every file it holds in ``manifest.json`` when it is built,
+and an entry is checked against it when it is used (hashed once per process while the
+file's inode, size and time stay the same): a file changed, added or copied over another
+after the build (another exporter's file, a planted refusal, a truncated table) is an
+ExportError naming the entry and how to clear it, never a path judged on it. Any other
 failure is not kept: it may be the machine's (a full disk, a killed process). An entry is built in a private folder
 beside it and renamed into place whole, under an exclusive lock on ``<key>.lock``, so two
 workers that need the same export build it once, and a killed build leaves no entry. An
@@ -38,6 +43,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +51,7 @@ from pathlib import Path
 from conformance.export import DEFAULT_OPSET, ExportError, ExportUnsupported, export
 from conformance.files import fsync, staging_dir
 from conformance.spec import ModelSpec
+from pkm_models.small_files import SmallFileError, read_small_text
 
 CACHE_BYTES = 8 << 30  # more than this, and entries unused for a day go
 STALE_SECONDS = 24 * 3600
@@ -135,6 +142,33 @@ def key_material(spec: ModelSpec, exporter: str, opset: int = DEFAULT_OPSET, tap
     }
 
 
+MANIFEST = "manifest.json"
+
+
+def _manifest(folder: Path) -> dict:
+    """{file name: {"size", "sha256"}} of every file an entry holds (but its key)."""
+    out = {}
+    for f in sorted(folder.iterdir()):
+        if f.name in (MANIFEST, "key.json"):
+            continue
+        info = f.stat()
+        out[f.name] = {
+            "size": info.st_size,
+            "sha256": _entry_file_sha256(str(f), info.st_ino, info.st_size, info.st_mtime_ns),
+        }
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _entry_file_sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    """sha256 of a cache entry's file, once per process while it stays the same file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _made(found: Path) -> bool:
     """The export ``found`` is in the cache, or its refusal (``<exporter>.refused``) is."""
     return found.is_file() or found.with_suffix(".refused").is_file()
@@ -168,19 +202,43 @@ class ExportCache:
                 except ExportUnsupported as exc:  # kept: the next request is refused at once
                     (staging / f"{exporter}.refused").write_text(str(exc))
                 (staging / "key.json").write_text(json.dumps(material, indent=2, sort_keys=True) + "\n")
+                (staging / MANIFEST).write_text(json.dumps(_manifest(staging), indent=2, sort_keys=True) + "\n")
                 os.rename(staging, entry)
                 fsync(self.folder)
         self._trim()
         return self._used(entry, found)
 
     def _used(self, entry: Path, found: Path) -> Path:
-        """``found``, the export of ``entry``; ExportUnsupported where the exporter refused it."""
+        """``found``, the export of ``entry``, as it was built; ExportUnsupported where the
+        exporter refused it."""
+        self._check(entry)
         with contextlib.suppress(OSError):
             os.utime(entry)
         refused = found.with_suffix(".refused")
         if not found.is_file() and refused.is_file():
             raise ExportUnsupported(refused.read_text())
         return found
+
+    def _check(self, entry: Path) -> None:
+        """Every file of ``entry`` as its manifest recorded it when it was built."""
+        clear = f"remove the entry ({entry}) or the whole cache ({self.root}) and run again"
+        try:
+            recorded = json.loads(read_small_text(entry / MANIFEST))
+            present = {f.name for f in entry.iterdir()} - {MANIFEST, "key.json"}
+        except (OSError, ValueError, SmallFileError) as exc:
+            raise ExportError(f"the export cache's entry {entry} has no readable manifest ({exc}): {clear}") from None
+        if not isinstance(recorded, dict) or set(recorded) != present:
+            changed = sorted(set(recorded) ^ present) if isinstance(recorded, dict) else sorted(present)
+            raise ExportError(
+                f"the export cache's entry {entry} holds other files than it was built with {changed}: {clear}"
+            )
+        for name, want in recorded.items():
+            file = entry / name
+            info = file.lstat()
+            if not stat.S_ISREG(info.st_mode) or not isinstance(want, dict) or info.st_size != want.get("size"):
+                raise ExportError(f"{file}: not the file the export cache built (its size changed): {clear}")
+            if _entry_file_sha256(str(file), info.st_ino, info.st_size, info.st_mtime_ns) != want.get("sha256"):
+                raise ExportError(f"{file}: changed since the export cache built it (sha256 differs): {clear}")
 
     @contextlib.contextmanager
     def _locked(self, key: str) -> Iterator[None]:

@@ -88,3 +88,28 @@ def test_a_failed_build_leaves_no_entry(tiny, tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="gave up"):
         ExportCache(tmp_path).export(tiny, "torch-fast")
     assert [p for p in (tmp_path / "exports").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_an_entry_changed_after_its_build_is_refused_naming_it(tiny, tmp_path):
+    """Copying one exporter's file over another's entry made that path pass on the wrong
+    model; a planted refusal silently made a path unavailable."""
+    cache = ExportCache(tmp_path)
+    fast = cache.export(tiny, "torch-fast")
+    script = cache.export(tiny, "torch-script")
+    assert ExportCache(tmp_path).export(tiny, "torch-fast") == fast  # as built: used
+    fast.write_bytes(script.read_bytes())  # another exporter's file over this entry's
+    with pytest.raises(ExportError, match=r"torch-fast.onnx: not the file the export cache built .* remove the entry"):
+        ExportCache(tmp_path).export(tiny, "torch-fast")
+    data = bytearray(script.read_bytes())
+    data[-1] ^= 1  # the same size, one bit
+    script.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match=r"torch-script.onnx: changed since the export cache built it"):
+        ExportCache(tmp_path).export(tiny, "torch-script")
+
+
+def test_a_planted_refusal_is_refused_not_obeyed(tiny, tmp_path):
+    cache = ExportCache(tmp_path)
+    fast = cache.export(tiny, "torch-fast")
+    fast.with_suffix(".refused").write_text("torch-fast cannot export this model")
+    with pytest.raises(ExportError, match=r"holds other files than it was built with \['torch-fast.refused'\]"):
+        ExportCache(tmp_path).export(tiny, "torch-fast")
