@@ -65,12 +65,12 @@ from typing import Any
 import numpy as np
 
 from conformance.deploy import DeployError, ModelFile, deploy_table
-from conformance.files import FileProblem, user_file
+from conformance.files import FileProblem, confined, user_file
 from conformance.spec import CheckpointRef, ModelSpec
 from conformance.stream import StreamError, StreamSpec, open_stream_file
 from pkm_models.config import ConfigError, PKMConfig, get_preset
 from pkm_models.errors import PKMError
-from pkm_models.small_files import SmallFileError, read_small_text
+from pkm_models.small_files import SmallFileError, read_small, read_small_text
 from pkm_models.weights import make_input
 
 STORE_LIMIT_BYTES = 8 << 20
@@ -283,10 +283,42 @@ def _shown(source: Path, path: Path) -> str:
 
 
 def _file_digest(path: Path) -> tuple[str, int]:
-    """(sha256, size in bytes) of a file."""
+    """(sha256, size in bytes) of a file; for an ONNX ``.pb`` whose tensor keeps its data in
+    other files, of the ``.pb`` and those files (each named and hashed in turn: a changed
+    data file is a changed input)."""
+    import hashlib
+
     from pkm_models.checkpoint import file_digest
 
-    return file_digest(path)
+    digest, size = file_digest(path)
+    external = _pb_external_files(path) if path.suffix.lower() == ".pb" else []
+    if not external:
+        return digest, size
+    combined = hashlib.sha256(digest.encode())
+    for file in external:
+        part, part_size = file_digest(file)
+        combined.update(b"\0" + file.name.encode() + b"\0" + part.encode())
+        size += part_size
+    return combined.hexdigest(), size
+
+
+def _pb_external_files(path: Path) -> list[Path]:
+    """The data files an ONNX TensorProto ``.pb`` names (``external_data`` ``location``),
+    resolved next to the ``.pb`` and confined to its folder; [] for a tensor that holds its data."""
+    import onnx
+
+    tensor = onnx.TensorProto()
+    try:
+        tensor.ParseFromString(read_small(path, 1 << 30))
+    except Exception:  # not a tensor: read_input_file says why
+        return []
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return []
+    locations = [e.value for e in tensor.external_data if e.key == "location"]
+    try:
+        return [confined(path.parent, name, f"{path}: external data") for name in locations]
+    except FileProblem as exc:
+        raise CaseError(str(exc)) from None
 
 
 def _digest(path: Path) -> str:
@@ -314,7 +346,8 @@ def read_input_file(path: Path, key: str | None = None) -> np.ndarray:
 
             tensor = onnx.TensorProto()
             tensor.ParseFromString(path.read_bytes())
-            x = numpy_helper.to_array(tensor)
+            _pb_external_files(path)  # its data files confined to the .pb's folder, and there
+            x = numpy_helper.to_array(tensor, base_dir=str(path.parent))  # not the current folder
         else:
             raise CaseError(f"{path}: an input file is .npy, .npz or .pb (ONNX TensorProto), got {suffix!r}")
     except CaseError:

@@ -148,6 +148,36 @@ def test_an_input_file_that_changed_since_its_golden_is_bad_data(project, tmp_pa
     _one_error_line(capsys.readouterr().err, "input file", "changed since its golden was made")
 
 
+def test_a_pb_input_with_external_data_is_read_beside_it_confined_and_pinned(project, tmp_path, capsys, monkeypatch):
+    """Its location was read relative to the current folder, and its sha256 pin did not cover
+    the data file: golden verify passed after that file changed."""
+    import onnx
+    from onnx import numpy_helper
+
+    folder = tmp_path / "acts"
+    folder.mkdir()
+    tensor = numpy_helper.from_array(np.ones((2, 3, 16), np.float32), "x")
+    onnx.external_data_helper.set_external_data(tensor, "acts.bin")
+    (folder / "acts.bin").write_bytes(tensor.raw_data)
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    (folder / "acts.pb").write_bytes(tensor.SerializeToString())
+    (project.cases_dir / "ext.toml").write_text(f'preset = "tiny"\n[input]\nfile = "{folder / "acts.pb"}"\n')
+    monkeypatch.chdir(tmp_path)  # not the .pb's folder
+    assert main(["golden", "regenerate", "--case", "ext", *project.cli_args()]) == 0
+    assert main(["golden", "verify", *project.cli_args()]) == 0
+    (folder / "acts.bin").write_bytes(np.full((2, 3, 16), 2, np.float32).tobytes())  # the data, the same size
+    capsys.readouterr()
+    assert main(["golden", "verify", *project.cli_args()]) == 2
+    assert "changed since its golden was made" in capsys.readouterr().err
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            entry.value = str(tmp_path / "elsewhere.bin")  # an absolute location
+    (folder / "acts.pb").write_bytes(tensor.SerializeToString())
+    assert main(["golden", "verify", *project.cli_args()]) == 2
+    assert "leaves its folder" in capsys.readouterr().err
+
+
 # --- several layers --------------------------------------------------------------------------
 STACK = 'preset = "tiny"\nlayers = 3\n[config]\noutput_dim = 16\n[input]\nshape = [2, 3, 16]\nseed = 4\n'
 
