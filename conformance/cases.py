@@ -340,6 +340,8 @@ def read_input_file(path: Path, key: str | None = None) -> np.ndarray:
                 if name not in data.files:
                     raise CaseError(f"{path}: no array {name!r}; it holds {sorted(data.files)}")
                 x = data[name]
+                if not isinstance(x, np.ndarray):  # a member that is not a .npy file reads as bytes
+                    raise CaseError(f"{path}: {name!r} is not an array (.npy) member of the .npz")
         elif suffix == ".pb":
             import onnx
             from onnx import numpy_helper

@@ -56,6 +56,10 @@ def read_json(path: Path) -> dict:
         raise MergeError(
             f"{path} is not valid JSON (truncated?): {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from exc
+    except RecursionError:  # thousands of nested arrays: no report is made of those
+        raise MergeError(f"{path}: nested too deeply to be a report") from None
+    except ValueError as exc:  # an integer of thousands of digits
+        raise MergeError(f"{path}: not a report's JSON ({str(exc).split(';')[0]})") from None
     if not isinstance(data, dict):
         raise MergeError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data

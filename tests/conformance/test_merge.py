@@ -193,6 +193,9 @@ def test_a_report_without_golden_digests_is_refused(cpu_report, tmp_path, capsys
             "malformed reason, tensors or seconds",
         ),
         ("MISSING", "cannot read"),
+        # these gave a raw RecursionError and ValueError
+        ("[" * 100000 + "]" * 100000, "nested too deeply to be a report"),
+        ('{"cases": [], "environment": {}, "x": ' + "9" * 5000 + "}", "Exceeds the limit (4300 digits)"),
         # a name with a newline or '|' broke the merged markdown and terminal tables
         (
             '{"cases": [{"name": "tiny", "golden": {"sha256": "a"}, "paths": [{"name": "x\\n| y", '

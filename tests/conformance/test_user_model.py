@@ -119,12 +119,17 @@ def _bad_inputs(tmp_path):
     np.save(tmp_path / "wide.npy", np.ones((2, 3, 17), np.float32))
     np.savez(tmp_path / "two.npz", a=x, b=x)
     (tmp_path / "junk.pb").write_bytes(b"\x08\x01garbage")
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "text.npz", "w") as z:  # gave a raw AttributeError
+        z.writestr("notes.txt", "not an array")
     return {
         "nan.npy": "1 NaN and 0 Inf",
         "f64.npy": "must be float32, got float64",
         "wide.npy": "last dimension is 17, the model's input_dim is 16",
         "two.npz": "say which with [input] key",
         "junk.pb": "cannot read the input",
+        "text.npz": "'notes.txt' is not an array (.npy) member",
         "absent.npy": "does not exist",
     }
 
