@@ -51,6 +51,15 @@ RENAMES = {
     **{f"{m}.{s}": f"{m}.{s}" for m in ("value_proj", "swilu_projection", "gating") for s in ("weight", "bias")},
 }
 IGNORED = ("query_proj.query_mlps.1.num_batches_tracked",)
+# the rank of each tensor of a memory layer (ours' names): matrices, else vectors
+MATRICES = (
+    "keys",
+    "values.weight",
+    "query_proj.0.weight",
+    "value_proj.weight",
+    "swilu_projection.weight",
+    "gating.weight",
+)
 PEER_NAMES = ("values_u.weight", "values_v.weight")
 # productkey_args that must have these values for the layer to be ours
 FIXED = {"peer_variant": (False,), "mem_query_bias": (True,)}
@@ -136,6 +145,8 @@ def memories_in(state: Mapping[str, Any], params: Mapping[str, Any], path: Path)
             )
         out[name] = {RENAMES[k]: v for k, v in theirs.items()}
         renamed[name] = {RENAMES[k]: f"layers.{name}.feed_forward.{k}" for k in theirs}
+        for ours, tensor in out[name].items():
+            _check_tensor(tensor, ours, f"{path}: {renamed[name][ours]}", torch)
     dtypes = {n: str(out[n]["values.weight"].dtype).replace("torch.", "") for n in names if "values.weight" in out[n]}
     if len(set(dtypes.values())) > 1:  # one value_dtype is the model's: the others would be rounded, or not
         listed = ", ".join(f"layers.{n} {d}" for n, d in dtypes.items())
@@ -190,6 +201,25 @@ def _share_values(out, renamed, params, path, notes, torch) -> bool:
         renamed[n]["values.weight"] = f"layers.{names[0]}.feed_forward.values.weight"
     notes.append(f"one value table shared by memory layers {names} ({dtype}), held once")
     return True
+
+
+def _check_tensor(tensor, ours: str, where: str, torch) -> None:
+    """A tensor of the rank its role needs, no dimension 0, and no more elements than the
+    file holds for it (a stride-0 view of one number declared as 2^34 elements would be
+    made whole in float32)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise ConversionError(f"{where}: expected a tensor, got {type(tensor).__name__}")
+    rank = 2 if ours in MATRICES else 1
+    shape = tuple(tensor.shape)
+    if len(shape) != rank or 0 in shape:
+        kind = "a matrix" if rank == 2 else "a vector"
+        raise ConversionError(f"{where}: expected {kind} with no empty dimension, got shape {list(shape)}")
+    held = tensor.untyped_storage().nbytes() - tensor.storage_offset() * tensor.element_size()
+    if tensor.numel() * tensor.element_size() > held:
+        raise ConversionError(
+            f"{where}: declares {tensor.numel():,} elements of shape {list(shape)} but the file holds "
+            f"{max(held, 0) // tensor.element_size():,} for it (strides {list(tensor.stride())}): refused"
+        )
 
 
 def _same_table(a, b) -> bool:

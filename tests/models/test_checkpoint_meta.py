@@ -155,10 +155,26 @@ def test_unshared_tables_stay_per_layer(tmp_path):
         # "true" as a string was read as not declared, "4" as a knn that contradicts 4
         ({"mem_share_values": "true"}, None, r"params.json: productkey_args.mem_share_values must be true or false"),
         ({"mem_knn": "4"}, None, r"params.json: productkey_args.mem_knn must be an integer, got '4'"),
+        # these gave a raw ZeroDivisionError or ValueError, or made a 64 GiB array
+        ({}, "keys-0-columns", r"keys: expected a matrix with no empty dimension, got shape \[32, 0\]"),
+        ({}, "query-0-rows", r"query_mlps.0.weight: expected a matrix with no empty dimension, got shape \[0, 32\]"),
+        ({}, "query-1-d", r"query_mlps.0.weight: expected a matrix with no empty dimension, got shape \[32\]"),
+        ({}, "values-1-d", r"values.weight: expected a matrix with no empty dimension, got shape \[256\]"),
+        ({}, "stride-0", r"declares 17,179,869,184 elements of shape \[131072, 131072\] but the file holds 1"),
     ],
 )
 def test_refusals_name_the_problem(tmp_path, params, change, message):
-    state = _state(shared=change not in ("unshare", "mixed"))
+    state = _state(shared=change not in ("unshare", "mixed", "values-1-d", "stride-0"))
+    bad = {
+        "keys-0-columns": ("keys", torch.zeros(32, 0)),
+        "query-0-rows": ("query_proj.query_mlps.0.weight", torch.zeros(0, 32)),
+        "query-1-d": ("query_proj.query_mlps.0.weight", torch.zeros(32)),
+        "values-1-d": ("values.weight", torch.zeros(256, dtype=torch.bfloat16)),
+        "stride-0": ("values.weight", torch.zeros(1, dtype=torch.bfloat16).expand(1 << 17, 1 << 17)),
+    }
+    if change in bad:
+        name, tensor = bad[change]
+        state[f"layers.1.feed_forward.{name}"] = tensor
     if change == "mixed":
         state["layers.3.feed_forward.values.weight"] = state["layers.3.feed_forward.values.weight"].float()
     if change == "peer":
