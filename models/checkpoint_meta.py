@@ -89,6 +89,8 @@ def read_params(path: Path) -> dict[str, Any]:
         params = json.loads(read_small_text(file))
     except SmallFileError as exc:  # a FIFO, a device, a 1 GB file
         raise ConversionError(str(exc)) from None
+    except RecursionError:
+        raise ConversionError(f"{file}: the run's params are nested too deeply to be read") from None
     except (OSError, ValueError) as exc:
         raise ConversionError(f"{file}: the run's params are not readable JSON ({exc})") from exc
     if not isinstance(params, Mapping) or not isinstance(params.get("model", {}), Mapping):
@@ -128,7 +130,12 @@ def memories_in(state: Mapping[str, Any], params: Mapping[str, Any], path: Path)
     if not memories:
         raise ConversionError(f"{path}: no memory layer (layers.<i>.feed_forward.keys)")
     names = sorted(memories, key=int)
-    wanted = [s.strip() for s in str(params.get("layers", "")).split(",") if s.strip()]
+    given = params.get("layers", "")
+    if isinstance(given, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in given):
+        given = ",".join(map(str, given))
+    wanted = [s.strip() for s in str(given).split(",") if s.strip()] if isinstance(given, str | int) else None
+    if wanted is None or not all(s.isdigit() for s in wanted) or isinstance(given, bool):
+        raise ConversionError(f'{where}: productkey_args.layers = {given!r}: expected layer numbers, e.g. "4,12,20"')
     if wanted and sorted(wanted, key=int) != names:
         raise ConversionError(
             f"{where}: productkey_args.layers = {params['layers']!r}, but the state_dict has memory layers {names}"

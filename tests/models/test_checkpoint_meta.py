@@ -130,6 +130,11 @@ def test_picked_by_index_without_params(tmp_path):
         read_checkpoint(ckpt.path)
 
 
+def test_layers_given_as_a_list_of_numbers_is_read_as_the_string_would_be(tmp_path):
+    ckpt = read_checkpoint(_write(tmp_path, _state(), {"mem_knn": KNN, "layers": [1, 3, 5]}))
+    assert ckpt.memories == ("1", "3", "5")
+
+
 def test_unshared_tables_stay_per_layer(tmp_path):
     ckpt = read_checkpoint(_write(tmp_path, _state(shared=False), {"mem_knn": KNN, "mem_share_values": False}))
     assert not ckpt.config.share_values
@@ -155,6 +160,8 @@ def test_unshared_tables_stay_per_layer(tmp_path):
         # "true" as a string was read as not declared, "4" as a knn that contradicts 4
         ({"mem_share_values": "true"}, None, r"params.json: productkey_args.mem_share_values must be true or false"),
         ({"mem_knn": "4"}, None, r"params.json: productkey_args.mem_knn must be an integer, got '4'"),
+        ({"layers": "all"}, None, r"productkey_args.layers = 'all': expected layer numbers"),
+        ({"layers": [1, "x"]}, None, r"productkey_args.layers = \[1, 'x'\]: expected layer numbers"),
         # these gave a raw ZeroDivisionError or ValueError, or made a 64 GiB array
         ({}, "keys-0-columns", r"keys: expected a matrix with no empty dimension, got shape \[32, 0\]"),
         ({}, "query-0-rows", r"query_mlps.0.weight: expected a matrix with no empty dimension, got shape \[0, 32\]"),
@@ -196,6 +203,7 @@ def test_refusals_name_the_problem(tmp_path, params, change, message):
         ("FIFO", "a FIFO, where a regular file is expected"),
         ("ZERO", "a character device, where a regular file is expected"),
         ("HUGE", "1,073,741,824 bytes; a file of this kind is at most"),
+        ("DEEP", "nested too deeply to be read"),
     ],
 )
 def test_params_that_are_not_an_object_are_refused_not_ignored(tmp_path, params, message):
@@ -209,6 +217,8 @@ def test_params_that_are_not_an_object_are_refused_not_ignored(tmp_path, params,
         os.mkfifo(file)
     elif params == "ZERO":
         file.symlink_to("/dev/zero")
+    elif params == "DEEP":
+        file.write_text("[" * 100000 + "]" * 100000)
     elif params == "HUGE":
         with open(file, "wb") as f:
             f.truncate(1 << 30)  # sparse: no disk used
