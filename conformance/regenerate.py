@@ -18,6 +18,7 @@ import numpy as np
 
 from conformance.cases import Case
 from conformance.compare import compare_case
+from conformance.files import staging_dir
 from conformance.golden import GoldenError, GoldenStore
 from conformance.results import Comparison
 from conformance.spec import read_weights_dir
@@ -69,8 +70,10 @@ def regenerate(
     (:func:`regenerate_cases` does)."""
     say = progress or (lambda _: None)
     case.check_fits()
-    with tempfile.TemporaryDirectory(prefix=f"pkm-{case.name}-weights-") as tmp:
-        # written once and memory-mapped: the reference and the drift check share one copy
+    # written once and memory-mapped: the reference and the drift check share one copy; the
+    # folder is held by a lock while this process lives, so the next command removes one a
+    # killed regeneration left
+    with staging_dir(Path(tempfile.gettempdir()), "pkm-weights-") as tmp:
         weights = read_weights_dir(case.spec.write_weights(Path(tmp)), writable=True)
         try:
             return _regenerate(case, store, policy, accept_drift, say, weights)

@@ -30,6 +30,7 @@ from conformance.cases import Case
 from conformance.compare import check_checkable, compare_case, judge
 from conformance.environment import environment
 from conformance.export import ExportUnsupported
+from conformance.files import staging_dir
 from conformance.golden import Golden, GoldenStore, check_golden_matches_case
 from conformance.isolation import run_json_worker
 from conformance.memory import Admission, available_bytes, estimate_bytes, estimate_export_bytes
@@ -42,6 +43,8 @@ from pkm_models.errors import PKMError
 
 Progress = Callable[[str], None]
 ISOLATIONS = ("family", "path")
+
+WEIGHTS_PREFIX = "pkm-weights-"  # a run's weights folder in the temporary folder
 
 
 def default_jobs() -> int:
@@ -543,11 +546,10 @@ def run_conformance(
     for case in cases:
         case.check_fits()
     goldens = read_goldens(cases, store, options.progress)
-    weights_root = Path(tempfile.mkdtemp(prefix="pkm-weights-"))
-    try:
+    # a private folder in the temporary folder, held by a lock while this run lives: the
+    # next run removes one a killed run left (xlm's weights: 800 MB)
+    with staging_dir(Path(tempfile.gettempdir()), WEIGHTS_PREFIX) as weights_root:
         return _run_cases(cases, paths, goldens, weights_root, policy, options)
-    finally:
-        shutil.rmtree(weights_root, ignore_errors=True)
 
 
 def case_weights(case: Case, golden: Golden, folder: Path) -> dict[str, np.ndarray]:

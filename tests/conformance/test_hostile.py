@@ -355,3 +355,31 @@ def test_a_case_file_that_is_not_utf8_is_named(project, capsys):
     assert main(["run", "--case", "tiny", "--path", "torch-eager-cpu", *project.cli_args()]) == 2
     err = capsys.readouterr().err
     assert "tiny.toml: not UTF-8 text" in err and "Traceback" not in err
+
+
+def test_the_weights_folder_a_killed_run_left_is_removed_by_the_next_run(project, tmp_path, monkeypatch):
+    """A SIGKILL of run or regenerate left its weights folder in the temporary folder (about
+    800 MB for xlm); a live run's folder, whose lock is held, stays."""
+    import fcntl
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead, live = tmp_path / "pkm-weights-dead", tmp_path / "pkm-weights-live"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "values.weight.npy").write_bytes(b"\0" * 4096)
+        Path(f"{folder}.lock").touch()
+    held = os.open(f"{live}.lock", os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)  # as the live run's process holds it
+    try:
+        args = ["run", "--case", "tiny", "--path", "torch-eager-cpu", "--in-process", *project.cli_args()]
+        assert main(args) == 0
+        assert not dead.exists() and not Path(f"{dead}.lock").exists()
+        assert live.exists()
+        assert main(["golden", "regenerate", "--case", "tiny", *project.cli_args()]) == 0
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("pkm-weights-")) == [
+            "pkm-weights-live",
+            "pkm-weights-live.lock",
+        ]  # and neither command left its own
+    finally:
+        os.close(held)
