@@ -325,13 +325,15 @@ def _digest(path: Path) -> str:
     return _file_digest(path)[0]
 
 
-def read_input_file(path: Path, key: str | None = None) -> np.ndarray:
+def read_input_file(path: Path, key: str | None = None, mapped: bool = False) -> np.ndarray:
     """Activations from ``.npy``, ``.npz`` (``key`` names the array; optional when there is
-    one) or an ONNX TensorProto ``.pb``: float32, finite, at least 2-D, never unpickled."""
+    one) or an ONNX TensorProto ``.pb``: float32, finite, at least 2-D, never unpickled.
+    ``mapped``: a ``.npy`` is memory-mapped, not read into memory (loading a case only
+    checks it: a 2 GiB input cost 2.6 GB to list the cases), and checked in blocks."""
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
-            x = np.load(path, allow_pickle=False)
+            x = np.load(path, allow_pickle=False, mmap_mode="r" if mapped else None)
         elif suffix == ".npz":
             with np.load(path, allow_pickle=False) as data:
                 if key is None and len(data.files) != 1:
@@ -362,9 +364,42 @@ def read_input_file(path: Path, key: str | None = None) -> np.ndarray:
         raise CaseError(f"{path}: the input must be float32, got {x.dtype} (convert it with .astype('float32'))")
     if x.ndim < 2 or x.size == 0:
         raise CaseError(f"{path}: the input must be (..., input_dim) with at least one token, got shape {x.shape}")
-    if not np.all(np.isfinite(x)):
-        raise CaseError(f"{path}: the input holds {int(np.isnan(x).sum())} NaN and {int(np.isinf(x).sum())} Inf values")
+    nan, inf = _npy_non_finite(path, x) if isinstance(x, np.memmap) else _non_finite(x)
+    if nan or inf:
+        raise CaseError(f"{path}: the input holds {nan} NaN and {inf} Inf values")
     return x
+
+
+def _npy_non_finite(path: Path, x: np.memmap, block: int = 1 << 22) -> tuple[int, int]:
+    """:func:`_non_finite` of a mapped ``.npy``, read from the file block by block into one
+    buffer (touching the mapping would make the whole file resident in this process)."""
+    nan = inf = 0
+    buffer = np.empty(min(block, x.size), x.dtype)
+    with open(path, "rb") as f:
+        f.seek(x.offset)
+        left = x.size
+        while left:
+            part = buffer[: min(block, left)]
+            if f.readinto(memoryview(part).cast("B")) != part.nbytes:
+                raise CaseError(f"{path}: shorter than its header says (truncated?)")
+            if not np.isfinite(part).all():
+                nan += int(np.isnan(part).sum())
+                inf += int(np.isinf(part).sum())
+            left -= part.size
+    return nan, inf
+
+
+def _non_finite(x: np.ndarray, block: int = 1 << 22) -> tuple[int, int]:
+    """(NaN count, Inf count) of ``x``, read in blocks of elements (a mapped file is never
+    held whole, nor a mask of its size)."""
+    flat = x.reshape(-1)
+    nan = inf = 0
+    for first in range(0, flat.size, block):
+        part = np.asarray(flat[first : first + block])
+        if not np.isfinite(part).all():
+            nan += int(np.isnan(part).sum())
+            inf += int(np.isinf(part).sum())
+    return nan, inf
 
 
 def _checkpoint(path: Path, weights: dict, config_table: dict, layers_given) -> tuple[PKMConfig, CheckpointRef]:
@@ -490,7 +525,7 @@ def load_case(path: Path) -> Case:
         key = given.get("key")
         if key is not None and not isinstance(key, str):
             raise CaseError(f"{path}: [input] key must be a string, got {key!r}")
-        x = read_input_file(file, key)
+        x = read_input_file(file, key, mapped=True)
         if x.shape[-1] != config.input_dim:
             raise CaseError(
                 f"{file}: the input's last dimension is {x.shape[-1]}, the model's input_dim is {config.input_dim}"

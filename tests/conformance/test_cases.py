@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conformance.cases import CaseError, load_case, load_cases
@@ -94,3 +95,23 @@ def main_regenerate(project, args):
     from conformance.cli import main
 
     return main(["golden", "regenerate", *args, *project.cli_args()])
+
+
+def test_listing_a_case_does_not_read_its_input_file_into_memory(tmp_path):
+    """A 2 GiB sparse .npy cost 2.6 GB just to list the cases; the check reads it in blocks."""
+    import subprocess
+    import sys
+
+    big = np.lib.format.open_memmap(tmp_path / "big.npy", "w+", np.float32, ((1 << 28) // 16, 16))  # 256 MiB, sparse
+    big[-1, -1] = np.nan  # the last block is read too
+    del big
+    (tmp_path / "big.toml").write_text(f'preset = "tiny"\n[input]\nfile = "{tmp_path / "big.npy"}"\n')
+    code = (
+        "import resource, sys; from pathlib import Path; from conformance.cases import load_case, CaseError\n"
+        f"try: load_case(Path({str(tmp_path / 'big.toml')!r}))\n"
+        "except CaseError as exc: print(exc)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert "the input holds 1 NaN and 0 Inf values" in out[0]
+    assert int(out[1]) < 160, f"peak {out[1]} MB"  # was the whole file and more
