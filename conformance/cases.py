@@ -137,10 +137,10 @@ class Case:
 
     def memory_bytes(self) -> int:
         """An upper estimate of the memory one path needs for this case: the weights twice
-        (the case's copy and the runtime's), the input, and the largest intermediates of
-        any path per layer (the product-key candidates' scores and indices, the gathered
-        value rows, the output)."""
-        return 2 * self.spec.weight_bytes + self.activation_bytes()
+        (the case's copy and the runtime's), drawing them (a block's float64 draw), the
+        input, and the largest intermediates of any path per layer (the product-key
+        candidates' scores and indices, the gathered value rows, the output)."""
+        return 2 * self.spec.weight_bytes + self.spec.generation_bytes() + self.activation_bytes()
 
     def activation_bytes(self) -> int:
         """The input and twice the largest intermediates of any path per layer (the

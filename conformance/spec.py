@@ -22,7 +22,7 @@ import numpy as np
 
 from pkm_models.config import ConfigError, PKMConfig, Preset, check_stackable, tap_names
 from pkm_models.convert import check_weights, expected_shapes
-from pkm_models.weights import Weights, make_weights, shared_aliases, weight_blocks
+from pkm_models.weights import Weights, generation_bytes, make_weights, shared_aliases, weight_blocks
 
 
 def _write_npy(path: Path, shape: tuple[int, ...], blocks) -> None:
@@ -167,6 +167,13 @@ class ModelSpec:
         table = 4 * int(np.prod(shapes["values.weight"]))
         total = self.layers * sum(4 * int(np.prod(s)) for s in shapes.values())
         return total - (self.layers - 1) * table if self.config.share_values else total
+
+    def generation_bytes(self) -> int:
+        """The transient memory of drawing this model's generated weights, one block at a
+        time (0 for weights read from a file)."""
+        if self.checkpoint is not None or self.weights_file is not None:
+            return 0
+        return generation_bytes(self.config)
 
     def generated_weights(self) -> Weights:
         weights = make_weights(self.config, self.seed, layers=self.layers)

@@ -137,6 +137,19 @@ def _layer_weights(config: PKMConfig, seed: int, prefix: str, skip: str = "") ->
     }
 
 
+# the tensors drawn from a uniform distribution (in float64, then cast), as _draw does
+UNIFORM = (
+    "query_proj.0.weight",
+    "query_proj.0.bias",
+    "query_proj.1.weight",
+    "query_proj.1.running_var",
+    "keys",
+    "value_proj.bias",
+    "swilu_projection.bias",
+    "gating.bias",
+)
+
+
 def _draw(config: PKMConfig, seed: int, prefix: str, name: str, shape: tuple[int, ...], rows: int | None = None):
     """The tensor ``prefix + name`` in blocks of ``rows`` along its first axis (one block if
     None). A generator's draws are sequential, so the blocks concatenated are exactly the
@@ -194,6 +207,20 @@ def weight_blocks(config: PKMConfig, seed: int, *, layers: int = 1, rows: int = 
         for name, shape in weight_shapes(config).items():
             source = "layers.0." if (config.share_values and name == "values.weight" and layers > 1) else prefix
             yield prefix + name, shape, _draw(config, seed, source, name, shape, rows)
+
+
+def generation_bytes(config: PKMConfig, rows: int | None = 1 << 16) -> int:
+    """The most memory drawing one block of :func:`weight_blocks` (``rows`` rows; None:
+    whole tensors, as :func:`make_weights`) holds at once besides what was drawn before:
+    a uniform draw is made in float64 and cast (12 bytes an element), a normal one in
+    float32 (4). A wide query projection is one block whatever ``rows``: input_dim
+    100,000,000 draws 12.8 GB of float64 at once."""
+    peak = 0
+    for name, shape in weight_shapes(config).items():
+        block = min(rows or shape[0], shape[0]) * math.prod(shape[1:])
+        uniform = name in UNIFORM
+        peak = max(peak, block * (12 if uniform else 4))
+    return peak
 
 
 def make_input(shape: tuple[int, ...], seed: int) -> np.ndarray:

@@ -116,3 +116,31 @@ def test_listing_a_case_does_not_read_its_input_file_into_memory(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert "the input holds 1 NaN and 0 Inf values" in out[0]
     assert int(out[1]) < 160, f"peak {out[1]} MB"  # was the whole file and more
+
+
+def test_the_estimate_covers_what_drawing_the_weights_allocates(tmp_path):
+    """input_dim = 100,000,000 on tiny was estimated at 17.5 GiB and admitted; drawing its
+    query projection made a 12.8 GB float64 block first. Measured on a smaller one."""
+    import subprocess
+    import sys
+
+    (tmp_path / "wide.toml").write_text(
+        'preset = "tiny"\n[config]\ninput_dim = 100000000\n[input]\nshape = [1, 1, 100000000]\n'
+    )
+    huge = load_case(tmp_path / "wide.toml")
+    assert huge.memory_bytes() > 2 * huge.spec.weight_bytes + 16 * 100_000_000 * 8  # the float64 block counted
+    with pytest.raises(CaseError, match="this case needs about"):
+        huge.check_fits(available=24 << 30)  # a 24 GB machine: refused before anything is drawn
+    (tmp_path / "wide.toml").write_text(
+        'preset = "tiny"\n[config]\ninput_dim = 2000000\n[input]\nshape = [1, 1, 2000000]\n'
+    )
+    code = (
+        "import sys, tempfile; from pathlib import Path; from conformance.cases import load_case\n"
+        f"case = load_case(Path({str(tmp_path / 'wide.toml')!r}))\n"
+        "case.spec.write_weights(Path(tempfile.mkdtemp(dir=sys.argv[1])))\n"
+        "peak = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) * 1024\n"
+        "print(peak, case.memory_bytes())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    peak, estimate = map(int, done.stdout.split())
+    assert peak < estimate, (peak, estimate)  # the interpreter and numpy (~60 MB) fit in the activations' margin
