@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from pkm_models.config import PKMConfig
+from pkm_models.config import ConfigError, PKMConfig
 from pkm_models.convert import (
     IGNORED_TORCH_NAMES,
     ConversionError,
@@ -622,7 +622,13 @@ def _config(weights: tuple[Weights, ...], names: list[str], found: _Found, knn: 
             f"{path}: knn (value rows read per head) is not recorded in this file and a state_dict cannot "
             "carry it: give it explicitly (convert --knn N, or knn in the case's [config])"
         )
-    configs = [shape_config(layer, knn, f"{path}: memory {name!r}") for name, layer in zip(names, weights, strict=True)]
+    source = f" (knn={knn!r} from {found.recorded_where})" if "knn" in recorded and found.recorded_where else ""
+    try:
+        configs = [
+            shape_config(layer, knn, f"{path}: memory {name!r}") for name, layer in zip(names, weights, strict=True)
+        ]
+    except ConfigError as exc:  # a knn the tensors cannot have, named with the file that gave it
+        raise ConversionError(f"{path}: {exc}{source}") from None
     first = configs[0]
     for name, config in zip(names[1:], configs[1:], strict=True):
         if config != first:

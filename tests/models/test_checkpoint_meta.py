@@ -162,6 +162,8 @@ def test_unshared_tables_stay_per_layer(tmp_path):
         ({"mem_knn": "4"}, None, r"params.json: productkey_args.mem_knn must be an integer, got '4'"),
         ({"layers": "all"}, None, r"productkey_args.layers = 'all': expected layer numbers"),
         ({"layers": [1, "x"]}, None, r"productkey_args.layers = \[1, 'x'\]: expected layer numbers"),
+        # a knn the tensors cannot have was reported without the file that gave it
+        ({"mem_knn": 1000}, None, r"cannot select 1000 of only n_keys=16 sub-keys.*\(knn=1000 from .*params.json\)"),
         # these gave a raw ZeroDivisionError or ValueError, or made a 64 GiB array
         ({}, "keys-0-columns", r"keys: expected a matrix with no empty dimension, got shape \[32, 0\]"),
         ({}, "query-0-rows", r"query_mlps.0.weight: expected a matrix with no empty dimension, got shape \[0, 32\]"),
