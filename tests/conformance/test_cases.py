@@ -144,3 +144,79 @@ def test_the_estimate_covers_what_drawing_the_weights_allocates(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
     peak, estimate = map(int, done.stdout.split())
     assert peak < estimate, (peak, estimate)  # the interpreter and numpy (~60 MB) fit in the activations' margin
+
+
+# --- fuzzing the case-file reader ----------------------------------------------------------
+def _toml_value(value) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value) if value == value and abs(value) != float("inf") else "nan"
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string for what JSON escapes
+    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+
+
+def _toml(data: dict) -> str:
+    top = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    tables = [
+        f"[{k}]\n" + "\n".join(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items())
+        for k, v in data.items()
+        if isinstance(v, dict)
+    ]
+    return "\n".join(top) + "\n" + "\n".join(tables) + "\n"
+
+
+def _case_files():
+    from hypothesis import strategies as st
+
+    scalar = st.one_of(
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.text(max_size=12),
+        st.sampled_from(["tiny", "small", "xlm", "large", "a.npy", "missing.pth", "../x", "/dev/zero", ""]),
+    )
+    value = st.one_of(scalar, st.lists(scalar, max_size=4))
+    fields = [
+        *("shape", "seed", "file", "key", "store", "duplicate_subkeys", "checkpoint", "memories", "tokens"),
+        *("batch", "noise", "sample", "embeddings", "onnx", "precision", "knn", "heads", "input_dim", "layers"),
+    ]
+    table = st.dictionaries(st.sampled_from(fields), value, max_size=4)
+    top = st.fixed_dictionaries(
+        {"preset": st.one_of(st.just("tiny"), scalar)},
+        optional={
+            "seed": value,
+            "layers": value,
+            "group": value,
+            "description": value,
+            "input": table,
+            "config": table,
+            "weights": table,
+            "stream": table,
+            "deploy": table,
+        },
+    )
+    return top
+
+
+def test_no_case_file_makes_the_reader_raise_anything_but_a_case_error(tmp_path_factory):
+    """Whatever a case file holds, reading it ends in a CaseError (a one-line message) or a
+    case, never another exception (a traceback)."""
+    import contextlib
+
+    from hypothesis import HealthCheck, given, settings
+
+    folder = tmp_path_factory.mktemp("fuzz")
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(_case_files())
+    def read(data):
+        path = folder / "fuzzed.toml"
+        path.write_text(_toml(data))
+        with contextlib.suppress(CaseError):
+            load_case(path)
+
+    read()
