@@ -115,6 +115,12 @@ def export(
         data = staged.with_name(staged.name + ".data")
         try:
             if data.exists():
+                # a model and its data are replaced as a pair: the old model leaves first (into
+                # the staging folder, removed with it), so that a process killed between the
+                # two renames leaves no model, never an old model reading new data
+                if path.exists():
+                    os.replace(path, staging / f"replaced-{path.name}")
+                    fsync(out_dir)
                 os.replace(data, path.with_name(data.name))
             os.replace(staged, path)
             fsync(out_dir)

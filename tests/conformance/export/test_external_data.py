@@ -1,8 +1,11 @@
 """Models past protobuf's 2 GB: their tensors gathered into one external-data file."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import helper, numpy_helper
 
 from conformance.export.onnx_files import check_model, gather_external_data
@@ -124,3 +127,31 @@ def test_an_int8_export_past_the_threshold_keeps_its_codes_in_the_data_file(tmp_
     got = [ort.InferenceSession(str(p)).run(None, {"input": x}) for p in (embedded, external)]
     for one, other in zip(*got, strict=True):
         np.testing.assert_array_equal(one, other)
+
+
+def test_replacing_an_export_with_external_data_never_pairs_an_old_model_with_new_data(tmp_path, monkeypatch):
+    """export --force renamed the new .onnx.data in, then the .onnx: a kill between the two
+    left the old model reading the new data."""
+    import conformance.export as export_module
+    import conformance.export.onnx_files as onnx_files
+    import conformance.export.torch_exporters as torch_exporters
+    from conformance.export import ExportError, ModelSpec, export
+    from pkm_models import get_preset
+
+    monkeypatch.setattr(torch_exporters, "EXTERNAL_DATA_THRESHOLD", 1 << 10)
+    monkeypatch.setattr(onnx_files, "EXTERNAL_DATA_THRESHOLD", 1 << 10)
+    out = tmp_path / "out"
+    old = export(ModelSpec("tiny", get_preset("tiny").config, seed=0), "torch-fast", out, tapped=True).path
+    assert old.with_name(old.name + ".data").exists()
+    real = export_module.os.replace
+
+    def killed_after_the_data(src, dst):
+        if str(dst).endswith(".onnx") and not str(dst).endswith(".data") and Path(dst).parent == out:
+            raise OSError(5, "killed here")  # the data is in; the model is not
+        return real(src, dst)
+
+    monkeypatch.setattr(export_module.os, "replace", killed_after_the_data)
+    with pytest.raises(ExportError, match="killed here"):
+        export(ModelSpec("tiny", get_preset("tiny").config, seed=1), "torch-fast", out, tapped=True)
+    assert not old.exists()  # no model rather than the old one on the new data
+    assert sorted(p.name for p in out.iterdir()) == ["torch-fast.onnx.data"]
