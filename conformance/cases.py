@@ -69,6 +69,7 @@ from conformance.files import FileProblem, confined, user_file
 from conformance.spec import CheckpointRef, ModelSpec
 from conformance.stream import StreamError, StreamSpec, open_stream_file
 from pkm_models.config import ConfigError, PKMConfig, get_preset
+from pkm_models.convert import ConversionError
 from pkm_models.errors import PKMError
 from pkm_models.small_files import SmallFileError, read_small, read_small_text
 from pkm_models.weights import make_input
@@ -335,6 +336,9 @@ def read_input_file(path: Path, key: str | None = None, mapped: bool = False) ->
         if suffix == ".npy":
             x = np.load(path, allow_pickle=False, mmap_mode="r" if mapped else None)
         elif suffix == ".npz":
+            from pkm_models.checkpoint import check_npz_members
+
+            check_npz_members(path, available_memory())  # before any member is read
             with np.load(path, allow_pickle=False) as data:
                 if key is None and len(data.files) != 1:
                     raise CaseError(f'{path}: holds {sorted(data.files)}; say which with [input] key = "..."')
@@ -356,6 +360,8 @@ def read_input_file(path: Path, key: str | None = None, mapped: bool = False) ->
             raise CaseError(f"{path}: an input file is .npy, .npz or .pb (ONNX TensorProto), got {suffix!r}")
     except CaseError:
         raise
+    except ConversionError as exc:  # an archive refused before it is read
+        raise CaseError(str(exc)) from None
     except Exception as exc:
         raise CaseError(f"{path}: cannot read the input ({type(exc).__name__}: {exc})") from exc
     if key is not None and suffix != ".npz":

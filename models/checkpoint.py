@@ -362,7 +362,40 @@ def _found_in_flat(state: Mapping[str, Any], kind: str) -> _Found:
     return _Found(kind=kind, memories=memories, source_names=sources, recorded={})
 
 
+# a member of an .npz that inflates more than this many times, and is this large, is refused
+# before it is read: float weights compress little; a zip bomb (9 MB to 2.7 GB) a lot
+NPZ_MAX_RATIO, NPZ_RATIO_FROM_BYTES = 100, 64 << 20
+
+
+def check_npz_members(path: Path, available: int | None = None) -> None:
+    """Refuse (ConversionError) an ``.npz`` whose members would inflate far past the file
+    before any is read: from the archive's declared sizes, each member against
+    :data:`NPZ_MAX_RATIO`, and all of them against ``available`` bytes of memory."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ConversionError(f"{path}: cannot read as .npz (truncated or corrupt?): {exc}") from None
+    total = 0
+    for m in members:
+        total += m.file_size
+        ratio = m.file_size / max(m.compress_size, 1)
+        if m.file_size > NPZ_RATIO_FROM_BYTES and ratio > NPZ_MAX_RATIO:
+            raise ConversionError(
+                f"{path}: member {m.filename!r} declares {m.file_size:,} bytes from {m.compress_size:,} "
+                f"({ratio:,.0f}x): not a tensor's data; refused before reading it (save with np.savez)"
+            )
+    if available is not None and total > available:
+        raise ConversionError(
+            f"{path}: its members declare {total / 2**30:,.1f} GiB once read, more than the "
+            f"{available / 2**30:,.1f} GiB of memory available; refused before reading them"
+        )
+
+
 def _found_in_npz(path: Path) -> _Found:
+    check_npz_members(path, _available_memory())
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
@@ -373,6 +406,18 @@ def _found_in_npz(path: Path) -> _Found:
     if not arrays:
         raise ConversionError(f"{path}: the .npz holds no arrays")
     return _found_in_flat(arrays, "npz")
+
+
+def _available_memory() -> int | None:
+    """MemAvailable in bytes (None where /proc/meminfo cannot say)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _found_in_keras(path: Path) -> _Found:

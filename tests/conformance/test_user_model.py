@@ -123,6 +123,9 @@ def _bad_inputs(tmp_path):
 
     with zipfile.ZipFile(tmp_path / "text.npz", "w") as z:  # gave a raw AttributeError
         z.writestr("notes.txt", "not an array")
+    from tests.models.test_checkpoint import _npz_bomb
+
+    _npz_bomb(tmp_path / "bomb.npz")
     return {
         "nan.npy": "1 NaN and 0 Inf",
         "f64.npy": "must be float32, got float64",
@@ -130,6 +133,7 @@ def _bad_inputs(tmp_path):
         "two.npz": "say which with [input] key",
         "junk.pb": "cannot read the input",
         "text.npz": "'notes.txt' is not an array (.npy) member",
+        "bomb.npz": "refused before reading it",
         "absent.npy": "does not exist",
     }
 

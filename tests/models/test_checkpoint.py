@@ -518,3 +518,35 @@ def test_training_is_deterministic_and_reproduces_the_shipped_files(tmp_path):
         assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
     # the shipped input is the same real activations (the weights may differ across CPUs' float sums)
     np.testing.assert_array_equal(np.load(tmp_path / "a" / "trained-input.npy"), np.load(CASES / "trained-input.npy"))
+
+
+def _npz_bomb(path, elements: int = 25_000_000) -> None:
+    """An .npz whose one member inflates ~1,000 times: a float32 array of zeros, deflated."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (elements,)})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive, archive.open("values.weight.npy", "w") as f:
+        f.write(header.getvalue())
+        for _ in range(elements * 4 // (1 << 22)):
+            f.write(bytes(1 << 22))
+
+
+def test_an_npz_bomb_is_refused_before_a_member_is_read(tmp_path, capsys):
+    """A 9 MB .npz made convert use 2.7 GB; this one (100 MB from ~100 KB) is refused from the
+    archive's declared sizes."""
+    _npz_bomb(tmp_path / "bomb.npz")
+    assert main(["convert", str(tmp_path / "bomb.npz"), str(tmp_path / "out.npz"), "--knn", "4"]) == 2
+    err = capsys.readouterr().err
+    import re
+
+    said = r"member 'values.weight.npy' declares [\d,]+ bytes from [\d,]+ \(1,0\d\dx\): not a tensor's data"
+    assert re.search(said, err), err
+    assert "refused before reading it" in err and err.count("\n") == 1
+    from pkm_models.checkpoint import check_npz_members
+
+    np.savez(tmp_path / "plain.npz", a=np.zeros(10, np.float32))
+    check_npz_members(tmp_path / "plain.npz", available=1 << 30)
+    with pytest.raises(ConversionError, match=r"more than the 0\.0 GiB of memory available"):
+        check_npz_members(tmp_path / "plain.npz", available=10)
