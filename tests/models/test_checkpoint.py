@@ -550,3 +550,47 @@ def test_an_npz_bomb_is_refused_before_a_member_is_read(tmp_path, capsys):
     check_npz_members(tmp_path / "plain.npz", available=1 << 30)
     with pytest.raises(ConversionError, match=r"more than the 0\.0 GiB of memory available"):
         check_npz_members(tmp_path / "plain.npz", available=10)
+
+
+# --- fuzzing the checkpoint reader -----------------------------------------------------------
+def test_no_state_dict_makes_the_reader_raise_anything_but_a_pkm_error(tmp_path_factory):
+    """Whatever tensors a PyTorch file or an .npz holds under whatever of the names a PKM
+    checkpoint uses (XLM's, Meta's, ours), reading it ends in a checkpoint or a PKMError
+    (one line), never another exception."""
+    import contextlib
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from pkm_models.errors import PKMError
+
+    names = [
+        *("keys", "values.weight", "query_proj.0.weight", "query_proj.0.bias", "query_proj.1.running_var"),
+        *("layers.0.keys", "layers.1.values.weight", "memories.0_in.keys", "memories.0_in.values.weight"),
+        *("layers.3.feed_forward.keys", "layers.3.feed_forward.values.weight"),
+        *("layers.3.feed_forward.query_proj.query_mlps.0.weight", "layers.3.feed_forward.query_proj.query_mlps.0.bias"),
+        "junk",
+    ]
+    shapes = st.lists(st.integers(0, 9), min_size=0, max_size=4).map(tuple)
+    dtypes = st.sampled_from([torch.float32, torch.bfloat16, torch.float64, torch.int64, torch.bool])
+    tensor = st.builds(lambda s, d: torch.zeros(s, dtype=d), shapes, dtypes)
+    state = st.dictionaries(st.sampled_from(names), tensor, max_size=6)
+    wrapper = st.sampled_from(["plain", "model", "xlm", "npz"])
+    folder = tmp_path_factory.mktemp("fuzz")
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(state, wrapper)
+    def read(state, wrapper):
+        if wrapper == "npz":
+            path = folder / "fuzzed.npz"
+            np.savez(path, **{k: v.float().numpy() for k, v in state.items()})
+        else:
+            path = folder / "fuzzed.pth"
+            obj = {"model": state} if wrapper == "model" else state
+            if wrapper == "xlm":
+                obj = {"model": state, "params": {"mem_knn": 2}}
+            torch.save(obj, path)
+        with contextlib.suppress(PKMError):
+            read_checkpoint(path, knn=2)
+
+    read()
