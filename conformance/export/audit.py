@@ -14,7 +14,9 @@ but only where an export's value stage can be cut out; the audit reads what ever
 
 Float32 initializers must match exactly; fp16 and bf16 ones within a unit roundoff of each
 value (fp16's subnormal spacing included); an int8 value table (``uint8`` codes with a
-float32 scale and offset per row) within half a step of its row. A table is compared in
+float32 scale and offset per row) within half a step of its row; a weight ONNX Runtime's
+quantizer stored for ``DequantizeLinear`` (``<name>_quantized``, ``_scale``,
+``_zero_point``) within half a step of its scale. A table is compared in
 blocks of rows from the memory-mapped external data, never copied whole. A tensor that no
 initializer holds (an exporter may fold the query projection into another constant) is
 listed as not found, and so is a query-projection or batchnorm tensor whose named
@@ -244,6 +246,14 @@ def audit_file(path: Path, weights: dict[str, np.ndarray], shared_values: bool =
                     else:
                         result.differing.append({"name": name, "initializer": codes, **bad})
                     continue
+            linear = _linear_quantized(inits, arrays, want, name, used)
+            if linear is not None:  # ONNX Runtime's quantize_dynamic: X_quantized, X_scale, X_zero_point
+                codes, bad = linear
+                if bad is None:
+                    result.tensors += 1
+                else:
+                    result.differing.append({"name": name, "initializer": codes, **bad})
+                continue
             if first_bad is not None and (table or name.endswith("keys")):
                 result.differing.append(first_bad)
             elif _same_values(inits, arrays, want, used):
@@ -253,6 +263,38 @@ def audit_file(path: Path, weights: dict[str, np.ndarray], shared_values: bool =
             else:
                 result.not_found.append(name)
     return result
+
+
+def _linear_quantized(inits: dict, arrays, want: np.ndarray, name: str, used: set) -> tuple[str, dict | None] | None:
+    """``want`` stored as ``DequantizeLinear`` reads it, by ONNX Runtime's quantizer's names
+    (``<name>_quantized`` codes, ``<name>_scale``, ``<name>_zero_point``, per tensor or per
+    channel of the last axis): (the codes' name, None) when every dequantised value
+    ``(q - zero_point) * scale`` is within half a step (and float32 rounding) of the
+    reference, else the first that is not; None where no such initializers hold it."""
+    found = [k for k in inits if k.endswith("_quantized") and k.removesuffix("_quantized").endswith(name)]
+    for codes in found:
+        base = codes.removesuffix("_quantized")
+        if f"{base}_scale" not in inits or tuple(inits[codes].dims) not in (want.shape, want.shape[::-1]):
+            continue
+        q = np.asarray(arrays(codes), np.float64)
+        scale = np.asarray(arrays(f"{base}_scale"), np.float64)
+        zero = np.asarray(arrays(f"{base}_zero_point"), np.float64) if f"{base}_zero_point" in inits else 0.0
+        stored = (q - zero) * scale
+        step = np.broadcast_to(np.abs(scale), stored.shape)
+        reference = np.asarray(want, np.float64)
+        # as stored, or transposed (a MatMul's weight; a square one may be either)
+        layouts = [(g, h) for g, h in ((stored, step), (stored.T, step.T)) if g.shape == reference.shape]
+        used.update({codes, f"{base}_scale", f"{base}_zero_point"})
+        first = None
+        for got, half in layouts:
+            bad = ~(np.abs(got - reference) <= half / 2 * (1 + 1e-6) + U32 * np.abs(reference))
+            if not bad.any():
+                return codes, None
+            if first is None:
+                index = tuple(int(i) for i in np.argwhere(bad)[0])
+                first = {"index": list(index), "obtained": float(got[index]), "expected": float(reference[index])}
+        return codes, first
+    return None
 
 
 def _same_values(inits: dict, arrays, want: np.ndarray, used: set) -> bool:

@@ -82,6 +82,28 @@ def test_a_dynamically_quantized_model_is_judged_and_its_difference_named(projec
     # int8 query projection and sub-keys: the scores move, and with them the selection and the output
     assert result["status"] == "fail" and code == 1
     assert result["reason"].startswith("output:")
+    # its weights are the case's, each within half a step of its int8 quantization (DequantizeLinear)
+    assert result["audit"]["differing"] == [] and "query_proj.0.weight" not in result["audit"]["not_found"]
+
+
+def test_a_quantized_weight_that_is_not_the_cases_fails_the_audit(project, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    plain = _stock_export(project, tmp_path / "plain.onnx")
+    quantize_dynamic(str(plain), str(tmp_path / "q.onnx"), weight_type=QuantType.QInt8)
+    model = onnx.load(tmp_path / "q.onnx")
+    for i, t in enumerate(model.graph.initializer):
+        if t.name == "query_proj.0.weight_quantized":
+            codes = numpy_helper.to_array(t).copy()
+            codes.flat[5] = codes.flat[5] + (3 if codes.flat[5] < 120 else -3)  # three steps off
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(codes, t.name))
+    onnx.save(model, tmp_path / "changed.onnx")
+    _, paths = _run(project, tmp_path, "--model", str(tmp_path / "changed.onnx"), "--path", "ort-cpu[file:*]")
+    audit = paths["ort-cpu[file:changed]"]["audit"]
+    assert audit["differing"] == ["query_proj.0.weight"]
+    assert audit["first_difference"]["initializer"] == "query_proj.0.weight_quantized"
 
 
 def test_a_file_with_a_wrong_row_fails_and_the_audit_names_the_tensor(project, tmp_path):
