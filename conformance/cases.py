@@ -68,6 +68,7 @@ from conformance.deploy import DeployError, ModelFile, deploy_table
 from conformance.files import FileProblem, confined, user_file
 from conformance.spec import CheckpointRef, ModelSpec
 from conformance.stream import StreamError, StreamSpec, open_stream_file
+from pkm_models.checkpoint import available_memory
 from pkm_models.config import ConfigError, PKMConfig, get_preset
 from pkm_models.convert import ConversionError
 from pkm_models.errors import PKMError
@@ -261,17 +262,6 @@ class Case:
             stream=None,
             deploy=(),
         )
-
-
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo, in bytes (None where there is none)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _resolve(source: Path, name: str) -> Path:

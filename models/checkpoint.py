@@ -395,7 +395,7 @@ def check_npz_members(path: Path, available: int | None = None) -> None:
 
 
 def _found_in_npz(path: Path) -> _Found:
-    check_npz_members(path, _available_memory())
+    check_npz_members(path, available_memory())
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
@@ -408,8 +408,9 @@ def _found_in_npz(path: Path) -> _Found:
     return _found_in_flat(arrays, "npz")
 
 
-def _available_memory() -> int | None:
-    """MemAvailable in bytes (None where /proc/meminfo cannot say)."""
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where there is none): the one reader
+    of it (``conformance.cases`` and ``conformance.memory`` ask here)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
