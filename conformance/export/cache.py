@@ -159,14 +159,10 @@ def _manifest(folder: Path) -> dict:
     return out
 
 
-@functools.lru_cache(maxsize=256)
 def _entry_file_sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
-    """sha256 of a cache entry's file, once per process while it stays the same file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """sha256 of a cache entry's file, once per process while it stays the same file (the
+    weights' hasher, keyed by inode as well)."""
+    return _sha256_of(path, ((Path(path).name, size, (mtime_ns, inode)),))
 
 
 def _made(found: Path) -> bool:
