@@ -236,19 +236,14 @@ def audit_file(path: Path, weights: dict[str, np.ndarray], shared_values: bool =
             if first_bad is None:
                 first_bad = {"name": name, "initializer": k, **bad}
         else:
-            if table:
-                layer = re.match(r"^(layers\.\d+\.)?", name).group(1) or ""
-                int8 = _int8_table(inits, arrays, want, layer, used)
-                if int8 is not None:
-                    codes, bad = int8
-                    if bad is None:
-                        result.tensors += 1
-                    else:
-                        result.differing.append({"name": name, "initializer": codes, **bad})
-                    continue
-            linear = _linear_quantized(inits, arrays, want, name, used)
-            if linear is not None:  # ONNX Runtime's quantize_dynamic: X_quantized, X_scale, X_zero_point
-                codes, bad = linear
+            # stored quantized: an int8 value table (codes, scale and offset per row), or a weight
+            # for DequantizeLinear (ONNX Runtime's quantize_dynamic: X_quantized, X_scale, X_zero_point)
+            layer = re.match(r"^(layers\.\d+\.)?", name).group(1) or ""
+            quantized = (_int8_table(inits, arrays, want, layer, used) if table else None) or _linear_quantized(
+                inits, arrays, want, name, used
+            )
+            if quantized is not None:
+                codes, bad = quantized
                 if bad is None:
                     result.tensors += 1
                 else:
