@@ -21,6 +21,7 @@ its weights. Running it is :mod:`conformance.paths.file_paths`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from pathlib import Path
 
@@ -144,13 +145,24 @@ class FileFacts:
     block_size: int | None = None
 
 
-def read_facts(path: Path):
-    """(the file's graph without its weights, :class:`FileFacts`); a DeployError says why
-    a file cannot be read: not ONNX, truncated, or no graph."""
+def read_facts(path: Path) -> FileFacts:
+    """The file's :class:`FileFacts`, read from its graph without its external data; a
+    DeployError says why a file cannot be read: not ONNX, truncated, or no graph. Read once
+    per process while the file stays the same (selection, availability, preparation and
+    the sweep all ask, and a file may embed a large table)."""
+    try:
+        info = Path(path).stat()
+    except OSError as exc:
+        raise DeployError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return _read_facts(str(path), info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _read_facts(path: str, inode: int, size: int, mtime_ns: int) -> FileFacts:
     import onnx
 
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = onnx.load(path, load_external_data=False)
     except Exception as exc:  # DecodeError, or anything the protobuf parser raises
         raise DeployError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {str(exc)[:200]})") from None
     graph = model.graph
@@ -166,7 +178,7 @@ def read_facts(path: Path):
         )
         inputs.append((value.name, dims))
     precision, block = table_precision(model)
-    return model, FileFacts(tuple(inputs), tuple(o.name for o in graph.output), precision, block)
+    return FileFacts(tuple(inputs), tuple(o.name for o in graph.output), precision, block)
 
 
 def table_precision(model) -> tuple[str, int | None]:

@@ -22,6 +22,7 @@ from conformance.deploy import DeployError, FileFacts, ModelFile, read_facts
 from conformance.paths.base import CaseContext, ExecutionPath, PathUnavailable
 from conformance.paths.ort_paths import OrtPath, provider_problem
 from conformance.precision import REDUCED
+from pkm_models.config import tap_names
 
 KINDS = ("cpu", "cuda", "tensorrt")
 REFERENCE_MAX_BYTES = 8 << 20  # the reference evaluator, for small files only
@@ -35,11 +36,9 @@ def deployed(case, name: str) -> ModelFile:
     raise PathUnavailable(f"case {case.name} names no ONNX file {name!r} (--model, or [deploy] in its case file)")
 
 
-def file_precision(model_file: ModelFile, facts: FileFacts | None = None) -> str:
+def file_precision(model_file: ModelFile) -> str:
     """The precision the file is judged at: declared, else read from its value table."""
-    if model_file.precision:
-        return model_file.precision
-    return (facts or read_facts(model_file.path)[1]).precision
+    return model_file.precision or read_facts(model_file.path).precision
 
 
 class FileIO:
@@ -66,8 +65,6 @@ class FileIO:
                 f"{c.input_dim} features in its last dimension"
             )
         self.rank = len(dims)
-        from pkm_models.config import tap_names
-
         taps = tap_names(case.spec.layers, c)
         self.final = taps[-1]
         self.outputs: dict[str, str] = {}  # the file's output -> the tap it is
@@ -121,7 +118,7 @@ class FileIO:
 
 def _file_and_io(context: CaseContext, name: str) -> tuple[ModelFile, FileIO]:
     model_file = deployed(context.case, name)
-    _, facts = read_facts(model_file.path)
+    facts = read_facts(model_file.path)
     return model_file, FileIO(model_file, facts, context.case)
 
 

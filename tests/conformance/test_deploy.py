@@ -75,7 +75,7 @@ def test_a_dynamically_quantized_model_is_judged_and_its_difference_named(projec
 
     plain = _stock_export(project, tmp_path / "plain.onnx")
     quantize_dynamic(str(plain), str(tmp_path / "dynamic.onnx"), weight_type=QuantType.QInt8)
-    _, facts = read_facts(tmp_path / "dynamic.onnx")
+    facts = read_facts(tmp_path / "dynamic.onnx")
     assert facts.precision == "fp32"  # its value table (the largest tensor) stays float32
     code, paths = _run(project, tmp_path, "--model", str(tmp_path / "dynamic.onnx"), "--path", "ort-cpu[file:*]")
     result = paths["ort-cpu[file:dynamic]"]
