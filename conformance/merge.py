@@ -27,6 +27,7 @@ import json
 import re
 from pathlib import Path
 
+from conformance.cases import NAME as CASE_NAME
 from conformance.files import FileProblem, write_files_together
 from conformance.report import ReportError, junit
 from conformance.results import CaseResult, PathResult, RunResult
@@ -74,9 +75,8 @@ def kind(path: Path, data: dict) -> str:
     raise MergeError(f"{path} is neither a conformance report.json nor a bench.json (it has {sorted(data)[:8]})")
 
 
-# what a case's and a path's names are made of (conformance.cases.NAME; the registry's names,
-# precision suffixes, [file:NAME]); a report from elsewhere is checked against them
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+# what a path's names are made of (the registry's names, precision suffixes, [file:NAME]); a
+# report from elsewhere is checked against it, and its case names against a case file's
 _PATH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@\[\]-]*")
 
 
@@ -92,7 +92,7 @@ def _check_report(path: Path, data: dict) -> None:
             or not isinstance(case.get("paths"), list)
         ):
             raise MergeError(f"{path}: a case entry lacks its 'name' or 'paths'")
-        if not _PLAIN_NAME.fullmatch(case["name"]):
+        if not CASE_NAME.fullmatch(case["name"]):
             raise MergeError(f"{path}: case name {case['name']!r} is not a plain name (letters, digits, '-_.')")
         golden = case.get("golden")
         if not isinstance(golden, dict) or not isinstance(golden.get("sha256"), str):
